@@ -1,0 +1,180 @@
+"""Corpora, tokenisation into fixed-length sequences, splits and calibration sampling.
+
+Corpora (``load_corpus``) are plain text per split. ``wiki`` is the embedded offline default:
+the 106 real Wikipedia articles shipped inside ``gensim``'s test data, cleaned of markup and
+split by article. ``wikitext2``, ``c4`` and ``lambada`` come from the Hugging Face hub.
+
+``make_data`` tokenises a corpus for one model and returns a ``Data`` record of LongTensor
+sequences ``[n, seq_len]``: calibration/training windows drawn reproducibly from the train
+split, and non-overlapping windows covering validation and test (paper protocol: splits joined
+with "\\n\\n", cut into consecutive sequences).
+"""
+from __future__ import annotations
+
+import bz2
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+CORPORA = ("wiki", "wikitext2", "c4", "lambada")
+DEFAULT_CORPUS = "wiki"
+SPLITS = ("train", "validation", "test")
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+MIN_WORDS = 8  # shorter lines are headings, captions or markup left over by filter_wiki
+
+
+class CorpusUnavailableError(RuntimeError):
+    """A hub corpus could not be loaded (typically: no network)."""
+
+
+def _clean_article(text: str) -> str:
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(text)
+    text = re.sub(r"'{2,}", "", text)  # bold / italic quotes
+    lines = [ln.strip() for ln in text.splitlines()]
+    keep = [ln for ln in lines if len(ln.split()) >= MIN_WORDS and not ln.startswith(("|", "{", "!", "="))]
+    return "\n".join(keep)
+
+
+@lru_cache(maxsize=1)
+def wiki_articles() -> tuple[tuple[str, str], ...]:
+    """(title, cleaned text) of the real articles in gensim's Wikipedia dump, in file order."""
+    from gensim.corpora.wikicorpus import extract_pages
+    from gensim.test.utils import datapath
+
+    articles = []
+    with bz2.BZ2File(datapath(WIKI_FILE)) as f:
+        for title, raw, _ in extract_pages(f):
+            if raw.lstrip().upper().startswith("#REDIRECT"):
+                continue
+            text = _clean_article(raw)
+            if text:
+                articles.append((title, text))
+    return tuple(articles)
+
+
+def wiki_splits(titles) -> dict[str, str]:
+    """Deterministic split by article: order titles by sha256, first 10% test, next 10%
+    validation, the rest train. Independent of file order and of the other articles' text."""
+    ranked = sorted(titles, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+    k = max(1, round(len(ranked) / 10))
+    return {t: "test" if i < k else "validation" if i < 2 * k else "train" for i, t in enumerate(ranked)}
+
+
+def _hub_corpus(name: str) -> dict[str, str]:
+    from datasets import load_dataset
+
+    try:
+        if name == "wikitext2":
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1")
+            return {s: "\n\n".join(ds[s]["text"]) for s in SPLITS}
+        if name == "c4":  # GPTQ's protocol: one shard of each split
+            files = {"train": "en/c4-train.00000-of-01024.json.gz",
+                     "validation": "en/c4-validation.00000-of-00008.json.gz"}
+            ds = load_dataset("allenai/c4", data_files=files)
+            val = ds["validation"]["text"]
+            half = len(val) // 2
+            return {"train": "\n\n".join(ds["train"]["text"][:20000]),
+                    "validation": "\n\n".join(val[:half]), "test": "\n\n".join(val[half:])}
+        if name == "lambada":
+            ds = load_dataset("EleutherAI/lambada_openai", "en")["test"]["text"]
+            n = len(ds)
+            return {"train": "\n\n".join(ds[: n // 2]), "validation": "\n\n".join(ds[n // 2: 3 * n // 4]),
+                    "test": "\n\n".join(ds[3 * n // 4:])}
+    except Exception as err:  # datasets raises many types for "no network"
+        raise CorpusUnavailableError(
+            f"could not load corpus {name!r} from the Hugging Face hub ({type(err).__name__}: "
+            f"{str(err)[:200]}). Offline, use the embedded corpus: corpus='{DEFAULT_CORPUS}'."
+        ) from err
+    raise AssertionError(name)
+
+
+def load_corpus(name: str = DEFAULT_CORPUS) -> dict[str, str]:
+    """Text of each split (``train``, ``validation``, ``test``) of a corpus."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)} "
+                         f"('{DEFAULT_CORPUS}' works offline)")
+    if name == "wiki":
+        parts = {s: [] for s in SPLITS}
+        articles = wiki_articles()
+        assignment = wiki_splits([title for title, _ in articles])
+        for title, text in articles:
+            parts[assignment[title]].append(text)
+        return {s: "\n\n".join(p) for s, p in parts.items()}
+    return _hub_corpus(name)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """1-D LongTensor of token ids of ``text`` (no special tokens added)."""
+    if not text or not text.strip():
+        raise ValueError("cannot tokenize an empty text: the corpus split is empty. Check the "
+                         "corpus name and split, or pass a non-empty text.")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_seq_len(seq_len: int, model_max: int) -> None:
+    if not 2 <= seq_len <= model_max:
+        raise ValueError(f"seq_len={seq_len} is outside what the model allows (2..{model_max} "
+                         f"tokens); choose seq_len <= {model_max}.")
+
+
+def consecutive(ids: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows ``[n, seq_len]`` from the start of ``ids`` (tail dropped)."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"the split has {ids.numel()} tokens, fewer than one sequence of "
+                         f"{seq_len}; use a shorter seq_len or a larger corpus.")
+    if limit is not None:
+        n = min(n, limit)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def random_windows(ids: torch.Tensor, seq_len: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` windows ``[n, seq_len]`` at random offsets of ``ids`` (reproducible by ``seed``)."""
+    if ids.numel() <= seq_len:
+        raise ValueError(f"the train split has {ids.numel()} tokens, not more than seq_len={seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
+    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+
+@dataclass
+class Data:
+    """Token sequences for one (model tokenizer, corpus): each a LongTensor [n, seq_len]."""
+
+    calibration: torch.Tensor  # training / calibration windows from the train split
+    validation: torch.Tensor
+    test: torch.Tensor
+    corpus: str
+    seq_len: int
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in ("calibration", "validation", "test"):
+            raise ValueError(f"unknown split {name!r}; use calibration, validation or test")
+        return getattr(self, name)
+
+
+def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_calibration: int = 128,
+              n_eval: int | None = None, seed: int = 0, model_max: int | None = None) -> Data:
+    """Tokenise ``corpus`` and cut it into a ``Data`` record.
+
+    ``n_calibration`` windows of ``seq_len`` tokens are drawn from train with ``seed``;
+    validation and test are consecutive windows, at most ``n_eval`` each (None: whole split).
+    ``model_max`` (the model's maximum length) is checked against ``seq_len`` before any work.
+    """
+    if model_max is not None:
+        check_seq_len(seq_len, model_max)
+    if n_calibration < 1:
+        raise ValueError(f"n_calibration={n_calibration}: need at least one calibration sequence")
+    text = load_corpus(corpus)
+    return Data(
+        calibration=random_windows(tokenize(tokenizer, text["train"]), seq_len, n_calibration, seed),
+        validation=consecutive(tokenize(tokenizer, text["validation"]), seq_len, n_eval),
+        test=consecutive(tokenize(tokenizer, text["test"]), seq_len, n_eval),
+        corpus=corpus, seq_len=seq_len,
+    )

@@ -1,0 +1,233 @@
+"""Experiment config -> cached, resumable result records (JSON) under outputs/.
+
+A record is keyed by a hash of everything that determines it (the ``RunConfig`` minus
+run-time placement, plus the method's version). ``run`` returns the cached record when one
+exists, so a killed batch (``sweep``) resumes where it stopped; records are written atomically
+(temporary file + rename), so an interrupted write never leaves a half record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from repro import data as data_mod
+from repro import evaluate, models
+from repro.methods import METHODS
+from repro.quant import OBSERVERS, check_bits
+
+PARAMS_DIR = Path(__file__).parent / "params"
+TIERS = ("ci", "cpu", "paper")
+HASH_EXCLUDE = ("device", "tier")  # where a run executes does not change what it computes
+
+
+def outputs_dir() -> Path:
+    """Results root: ``$REPRO_OUTPUTS`` or ``./outputs``."""
+    return Path(os.environ.get("REPRO_OUTPUTS", "outputs"))
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines one run. ``options`` holds the method's own settings."""
+
+    method: str = "rtn"
+    bits: int | None = 4  # None for the "fp" reference
+    model: str = models.DEFAULT_MODEL
+    corpus: str = data_mod.DEFAULT_CORPUS
+    observer: str = "histogram"
+    seq_len: int | None = 512  # None: the model's maximum length (paper protocol)
+    n_calibration: int = 128
+    n_eval: int | None = None  # validation/test sequences (None: whole split)
+    batch_size: int = 4
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+    tier: str | None = None
+    device: str | None = None  # None: cuda when available, else cpu
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "fp":
+            self.bits = None
+        else:
+            check_bits(self.bits)
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
+        if self.corpus not in data_mod.CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {', '.join(data_mod.CORPORA)}")
+
+    def key(self) -> str:
+        """Hash of the config (placement excluded) and the method's version."""
+        content = {k: v for k, v in dataclasses.asdict(self).items() if k not in HASH_EXCLUDE}
+        content["method_version"] = METHODS[self.method][1]
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        return "fp" if self.bits is None else f"{self.method} int{self.bits}"
+
+
+def load_tier(tier: str) -> dict:
+    """The parameter set of a tier (``params/<tier>.yaml``) as a dict."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
+    return yaml.safe_load((PARAMS_DIR / f"{tier}.yaml").read_text())
+
+
+def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", options: dict | None = None,
+                **overrides) -> RunConfig:
+    """A ``RunConfig`` from a tier's YAML, the method's options there, then ``overrides``
+    (any ``RunConfig`` field; ``None`` values are ignored so CLI defaults fall through)."""
+    params = load_tier(tier)
+    method_options = dict(params.pop("methods", {}).get(method) or {})
+    method_options.update(options or {})
+    params.pop("bits", None)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    params = {k: v for k, v in params.items() if k in fields}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(method=method, bits=bits, options=method_options, tier=tier, **params)
+
+
+def record_path(config: RunConfig, outputs: Path | None = None) -> Path:
+    outputs = Path(outputs) if outputs is not None else outputs_dir()
+    bits = "fp" if config.bits is None else f"int{config.bits}"
+    model = config.model.replace("/", "--")
+    return outputs / "records" / config.method / f"{model}-{config.corpus}-{bits}-{config.key()}.json"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON so that ``path`` holds either the old or the complete new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Workbench:
+    """A loaded model with its tokenizer, tokenised data and FP weight snapshot."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    data: data_mod.Data
+    fp_weights: dict
+    key: tuple
+
+
+_WORKBENCH: list[Workbench] = []  # the one most recently used (models are large)
+
+
+def workbench(config: RunConfig) -> Workbench:
+    """Load (or reuse) the model and data a config needs; the model is reset to FP."""
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = (config.model, config.corpus, config.seq_len, config.n_calibration, config.n_eval, config.seed, device)
+    if _WORKBENCH and _WORKBENCH[0].key == key:
+        bench = _WORKBENCH[0]
+        models.restore(bench.model, bench.fp_weights)
+        return bench
+    _WORKBENCH.clear()
+    model, tokenizer = models.load_model(config.model, device=device)
+    model_max = models.max_length(model)
+    data = data_mod.make_data(tokenizer, config.corpus, config.seq_len or model_max, config.n_calibration,
+                              config.n_eval, config.seed, model_max=model_max)
+    bench = Workbench(model, tokenizer, data, models.fp_snapshot(model), key)
+    _WORKBENCH.append(bench)
+    return bench
+
+
+def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int, bits: int | None) -> dict:
+    """The metrics every record carries (see ``repro.evaluate`` for definitions)."""
+    nll_val = evaluate.nll(model, data.validation, batch_size, desc="NLL validation")
+    nll_test = evaluate.nll(model, data.test, batch_size, desc="NLL test")
+    if bits is None:
+        mse = dict.fromkeys(models.stack_linears(model), 0.0)
+    else:
+        mse = evaluate.layer_mse(model, fp_weights, data.validation, batch_size)
+    return {
+        "nll_validation": nll_val, "nll_test": nll_test,
+        "ppl_validation": evaluate.perplexity(nll_val), "ppl_test": evaluate.perplexity(nll_test),
+        "layer_mse": mse, "mean_layer_mse": sum(mse.values()) / len(mse),
+        "weight_distance": evaluate.weight_distance(model, fp_weights),
+        "weight_size_gb": models.weight_size_gb(model, bits if bits is not None else 32),
+        "stack_params": models.stack_param_count(model),
+    }
+
+
+def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> dict:
+    """Run one config (or read its cached record) and return the record dict."""
+    path = record_path(config, outputs)
+    if path.exists() and not force:
+        record = json.loads(path.read_text())
+        record["cached"] = True
+        return record
+    bench = workbench(config)
+    torch.manual_seed(config.seed)
+    method, version = METHODS[config.method]
+    start = time.perf_counter()
+    info = method(bench.model, bench.data, config)
+    method_s = time.perf_counter() - start
+    metrics = evaluate_model(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits)
+    record = {
+        "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
+        **metrics, "info": info,
+        "wall_s": {"method": method_s, "evaluate": time.perf_counter() - start - method_s},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "device": str(next(bench.model.parameters()).device)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_json_atomic(path, record)
+    record["cached"] = False
+    return record
+
+
+def sweep(methods=("fp", "rtn"), bits=(8, 6, 4, 3, 2), tier: str = "cpu", outputs: Path | None = None,
+          **overrides) -> list[dict]:
+    """Run every (method, bits) pair (``fp`` once), resuming from cached records."""
+    configs = []
+    for method in methods:
+        for b in ([None] if method == "fp" else bits):
+            configs.append(make_config(method, b, tier, **overrides))
+    records = []
+    for config in tqdm(configs, desc="runs"):
+        records.append(run(config, outputs))
+    return records
+
+
+def summary(record: dict) -> str:
+    """One line: what ran and its headline numbers."""
+    c = record["config"]
+    bits = "fp" if c["bits"] is None else f"int{c['bits']}"
+    return (f"{c['method']} {c['model']} {bits} ({c['observer']}, {c['corpus']}): "
+            f"NLL val {record['nll_validation']:.3f} (ppl {record['ppl_validation']:.1f}), "
+            f"test {record['nll_test']:.3f} | mean layer MSE {record['mean_layer_mse']:.3g} | "
+            f"{record['wall_s']['method']:.1f} s{' [cached]' if record.get('cached') else ''}")
+
+
+def table(records: list[dict]):
+    """Records as a pandas DataFrame, one row per run (no per-layer columns)."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        c = r["config"]
+        rows.append({"method": c["method"], "bits": c["bits"], "observer": c["observer"],
+                     "nll_validation": r["nll_validation"], "ppl_validation": r["ppl_validation"],
+                     "nll_test": r["nll_test"], "mean_layer_mse": r["mean_layer_mse"],
+                     "weight_size_gb": r["weight_size_gb"], "method_s": r["wall_s"]["method"]})
+    return pd.DataFrame(rows)
