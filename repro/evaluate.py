@@ -87,6 +87,13 @@ def layer_mse(model, fp_weights: dict[str, torch.Tensor], sequences: torch.Tenso
 
 
 @torch.no_grad()
+def weight_mse(model, fp_weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer ``mean((Q(W) - W)^2)``: the weight-space error an observer's scale minimises."""
+    return {name: float((m.weight.detach().float().cpu() - fp_weights[name].float()).pow(2).mean())
+            for name, m in stack_linears(model).items()}
+
+
+@torch.no_grad()
 def weight_distance(model, fp_weights: dict[str, torch.Tensor]) -> float:
     """L2 norm ``||w_q - w||`` over the concatenated stack weights (landscape x-axis)."""
     sq = 0.0

@@ -163,6 +163,7 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
         "nll_validation": nll_val, "nll_test": nll_test,
         "ppl_validation": evaluate.perplexity(nll_val), "ppl_test": evaluate.perplexity(nll_test),
         "layer_mse": mse, "mean_layer_mse": sum(mse.values()) / len(mse),
+        "weight_mse": sum(evaluate.weight_mse(model, fp_weights).values()) / len(mse),
         "weight_distance": evaluate.weight_distance(model, fp_weights),
         "weight_size_gb": models.weight_size_gb(model, bits if bits is not None else 32),
         "stack_params": models.stack_param_count(model),
@@ -228,6 +229,6 @@ def table(records: list[dict]):
         c = r["config"]
         rows.append({"method": c["method"], "bits": c["bits"], "observer": c["observer"],
                      "nll_validation": r["nll_validation"], "ppl_validation": r["ppl_validation"],
-                     "nll_test": r["nll_test"], "mean_layer_mse": r["mean_layer_mse"],
+                     "nll_test": r["nll_test"], "mean_layer_mse": r["mean_layer_mse"], "weight_mse": r["weight_mse"],
                      "weight_size_gb": r["weight_size_gb"], "method_s": r["wall_s"]["method"]})
     return pd.DataFrame(rows)

@@ -5,6 +5,8 @@ and ``config`` (a ``repro.runs.RunConfig``; ``config.options`` holds method-spec
 settings), and returns a JSON-able dict of what it wants recorded (e.g. chosen dampings).
 Evaluation is separate (``repro.evaluate``), so methods compose with user code.
 """
+from repro.methods.qaft import qaft
+from repro.methods.gptq import gptq
 from repro.methods.rtn import fp, rtn
 
 # name -> (function, version). Bump a version when a method's results change: the version
@@ -12,4 +14,6 @@ from repro.methods.rtn import fp, rtn
 METHODS = {
     "fp": (fp, 1),
     "rtn": (rtn, 1),
+    "gptq": (gptq, 1),
+    "qaft": (qaft, 1),
 }

@@ -1,0 +1,322 @@
+"""QAFT: quantization-aware fine-tuning of the whole stack on the global NLL (paper §III-D).
+
+The stack's linears go into fake-quant mode (``repro.quant.prepare``: one scale per tensor from
+``config.observer`` on the FP weights, then fixed) and their latent FP weights are trained through
+the straight-through estimator on the calibration sequences; everything else is frozen. AdamW
+(weight decay 0); the learning rate decays linearly from lr0 at the first step to lr0/10 at the
+last (``lr_at``); ``epochs`` passes over the same sequences; validation and test NLL after every
+epoch (epoch 0 = RTN, before training). Every lr0 of the grid starts again from the FP weights;
+the result is the best-validation epoch of the best-validation lr0, baked onto the grid.
+
+Options (``config.options``, defaults in ``DEFAULTS``):
+
+* ``epochs`` - passes over the calibration sequences (paper: 8)
+* ``lr_grid`` - initial learning rates tried (paper: 1e-6, 1e-5, 1e-4, 1e-3)
+* ``batch_size`` - sequences per micro-batch (paper: 1); shuffled by ``config.seed`` + epoch
+* ``grad_accum`` - micro-batches per optimizer step
+* ``mixed_precision`` - ``"no"`` or ``"bf16"`` (autocast around the training forward only;
+  evaluation stays fp32, so the best-epoch pick measures the model that is recorded)
+* ``checkpoint_dir`` - where the resume state lives (default ``checkpoint_dir(config)``)
+
+The same code runs on CPU, on one GPU, or on several with ``accelerate launch script.py``:
+accelerate places the model, wraps it for DDP and shards the batches over the processes (every
+process evaluates the full splits; only the main process writes checkpoints).
+
+Resume: after every epoch the state (latent weights, optimizer, scheduler, RNG, history, the
+best weights so far as int8 codes) is written atomically to ``<checkpoint_dir>/state.pt``. A
+rerun of the same config continues after the last finished epoch and, on CPU, reproduces the
+uninterrupted result exactly (the batch order depends only on seed and epoch). The directory is
+removed once the sweep is done: the run's record then holds the result.
+
+A non-finite loss (or validation NLL) stops that lr0 with a recorded reason; the sweep goes on
+and the stopped lr0 keeps its best epoch before the failure.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from repro.evaluate import model_device, nll, sequence_nll
+from repro.models import cache_dir, stack_linears
+from repro.quant import bake, codes, fp_weight, prepare
+
+DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
+            "mixed_precision": "no"}
+END_FACTOR = 0.1  # the learning rate decays by one order of magnitude over the run
+STATE_FILE = "state.pt"
+
+
+def lr_at(step: int, total_steps: int, lr0: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) out of ``total_steps``.
+
+    Linear from ``lr0`` at the first step to ``lr0 * END_FACTOR`` (= lr0/10) at the last step,
+    and ``lr0/10`` after it.
+    """
+    frac = min(step / max(total_steps - 1, 1), 1.0)
+    return lr0 * (1.0 - (1.0 - END_FACTOR) * frac)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step schedule ``lr_at`` as a torch scheduler (call ``.step()`` after each
+    optimizer step); the optimizer's ``lr`` is lr0."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total_steps, 1.0))
+
+
+def checkpoint_dir(config) -> Path:
+    """Resume directory of a run: ``options["checkpoint_dir"]`` or ``cache_dir()/qaft/<key>``."""
+    if config.options.get("checkpoint_dir"):
+        return Path(config.options["checkpoint_dir"])
+    return cache_dir() / "qaft" / config.key()
+
+
+def qaft_options(config) -> dict:
+    """``DEFAULTS`` updated with ``config.options``, checked."""
+    opts = {**DEFAULTS, **{k: v for k, v in config.options.items() if k != "checkpoint_dir"}}
+    unknown = set(opts) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown QAFT option(s) {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(list(DEFAULTS) + ['checkpoint_dir'])}")
+    for key in ("epochs", "batch_size", "grad_accum"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise ValueError(f"QAFT option {key}={opts[key]!r}: must be an integer >= 1")
+    opts["lr_grid"] = [float(lr) for lr in opts["lr_grid"]]
+    if not opts["lr_grid"] or min(opts["lr_grid"]) <= 0:
+        raise ValueError(f"QAFT option lr_grid={opts['lr_grid']!r}: need one or more positive learning rates")
+    if opts["mixed_precision"] not in ("no", "bf16"):
+        raise ValueError(f"QAFT option mixed_precision={opts['mixed_precision']!r}: use 'no' or 'bf16'")
+    return opts
+
+
+def make_accelerator(cpu: bool, seed: int):
+    """An ``Accelerator`` whose data loaders shuffle by ``seed + epoch`` (resumable order)."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState, PartialState
+
+    # accelerate's state is a process-wide singleton that refuses to switch between CPU and GPU;
+    # in a single-process session (notebook, tests) it is safe to start it again.
+    if PartialState._shared_state and PartialState().num_processes == 1 \
+            and (PartialState().device.type == "cpu") != cpu:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no",
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+    if accelerator.gradient_accumulation_steps != 1:  # e.g. set by an `accelerate config` file
+        raise ValueError("QAFT does its own gradient accumulation: set the QAFT option grad_accum instead of "
+                         "accelerate's gradient_accumulation_steps")
+    return accelerator
+
+
+def save_state(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary file, then rename: ``path`` is always a complete state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def qaft(model, data, config) -> dict:
+    """Quantization-aware fine-tuning of ``model``'s stack in place; see the module docstring.
+
+    Returns per lr0 the history (``[{epoch, nll_validation, nll_test, lr}]``, ``lr`` = the
+    learning rate at the end of that epoch), the stop reason (None when it ran to the end),
+    the best epoch and the seconds per optimizer step; plus the chosen lr0 and its best epoch.
+    """
+    opts = qaft_options(config)
+    path = checkpoint_dir(config) / STATE_FILE
+    accelerator = make_accelerator(cpu=model_device(model).type == "cpu", seed=config.seed)
+    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16,
+                              enabled=opts["mixed_precision"] == "bf16")
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    wrapped = model
+    try:
+        # Fake-quant mode with fixed scales; only the latent stack weights train.
+        prepare(model, config.bits, config.observer)
+        linears = stack_linears(model)
+        latent = {name: fp_weight(m) for name, m in linears.items()}
+        scales = {name: m.parametrizations.weight[0].scale for name, m in linears.items()}
+        fp = {name: w.detach().to("cpu", copy=True) for name, w in latent.items()}  # every lr0 starts here
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in latent.values():
+            w.requires_grad_(True)
+
+        def grid_codes() -> dict:  # the current weights on the grid, as int8 codes (CPU)
+            return {name: codes(w.detach(), scales[name], config.bits).cpu() for name, w in latent.items()}
+
+        def evaluate() -> tuple[float, float]:
+            model.eval()
+            result = (nll(model, data.validation, config.batch_size, desc="QAFT NLL validation"),
+                      nll(model, data.test, config.batch_size, desc="QAFT NLL test"))
+            model.train()
+            return result
+
+        # accelerate places the model (DDP under `accelerate launch`) and shards the batches. The
+        # optimizer stays a plain torch one: DDP all-reduces the gradients in backward, and the
+        # loop below steps it once per accumulation group.
+        loader = DataLoader(data.calibration, batch_size=opts["batch_size"], shuffle=True)
+        wrapped, loader = accelerator.prepare(model, loader)
+        accum = opts["grad_accum"]
+        micro_per_epoch = len(loader)  # micro-batches per epoch on this process
+        steps_per_epoch = math.ceil(micro_per_epoch / accum)
+        total_steps = opts["epochs"] * steps_per_epoch
+
+        state = torch.load(path, weights_only=True) if path.exists() else None
+        if state is not None and state["key"] != config.key():
+            raise ValueError(f"{path} holds the QAFT state of another run (key {state['key']}, this run is "
+                             f"{config.key()}); remove it or set a different options['checkpoint_dir'].")
+        resumed_from = None
+        if state is None:
+            nll_val, nll_test = evaluate()  # epoch 0: RTN
+            state = {"key": config.key(), "rtn": {"nll_validation": nll_val, "nll_test": nll_test},
+                     "runs": [], "best_codes": None, "current": None}
+        else:
+            resumed_from = {"lr_index": len(state["runs"]),
+                            "epoch": state["current"]["run"]["history"][-1]["epoch"] if state["current"] else 0}
+
+        for index, lr0 in enumerate(opts["lr_grid"]):
+            if index < len(state["runs"]):
+                continue  # finished before an interruption
+            with torch.no_grad():
+                for name, w in latent.items():
+                    w.copy_(fp[name])
+            optimizer = torch.optim.AdamW(list(latent.values()), lr=lr0, weight_decay=0.0)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler = make_scheduler(optimizer, total_steps)
+            current, state["current"] = state["current"], None
+            if current is not None:  # resume this lr0 after its last finished epoch
+                with torch.no_grad():
+                    for name, w in latent.items():
+                        w.copy_(current["latent"][name])
+                optimizer.load_state_dict(current["optimizer"])
+                scheduler.load_state_dict(current["scheduler"])
+                _set_rng_state(current["rng"])
+                run, best_codes = current["run"], current["best_codes"]
+            else:
+                torch.manual_seed(config.seed)
+                rtn = state["rtn"]
+                run = {"lr": lr0, "history": [{"epoch": 0, **rtn, "lr": lr0}], "stop_reason": None,
+                       "best_epoch": 0, "best_nll_validation": rtn["nll_validation"], "steps": 0, "train_s": 0.0}
+                best_codes = _rtn_codes(fp, scales, config.bits)
+
+            wrapped.train()
+            bar = tqdm(total=total_steps, initial=run["steps"], desc=f"QAFT int{config.bits} lr0={lr0:g}",
+                       disable=not accelerator.is_local_main_process)
+            for epoch in range(run["history"][-1]["epoch"] + 1, opts["epochs"] + 1):
+                loader.set_epoch(epoch)  # the batch order depends only on (seed, epoch)
+                start = time.perf_counter()
+                for micro, batch in enumerate(loader):
+                    # gradient accumulation: DDP syncs and the optimizer steps on a group's last batch
+                    group_start = micro // accum * accum
+                    group_end = min(group_start + accum, micro_per_epoch)
+                    last_in_group = micro + 1 == group_end
+                    with nullcontext() if last_in_group else accelerator.no_sync(wrapped):
+                        with autocast:
+                            loss_sum, n_tokens = sequence_nll(wrapped, batch)
+                        loss = loss_sum / n_tokens
+                        if not torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all():
+                            run["stop_reason"] = (f"non-finite training loss ({float(loss)}) at epoch {epoch}, "
+                                                  f"step {run['steps'] + 1}")
+                            break
+                        accelerator.backward(loss / (group_end - group_start))
+                    if last_in_group:
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        run["steps"] += 1
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2g}")
+                run["train_s"] += time.perf_counter() - start
+                if run["stop_reason"]:
+                    break
+
+                nll_val, nll_test = evaluate()
+                run["history"].append({"epoch": epoch, "nll_validation": nll_val, "nll_test": nll_test,
+                                       "lr": scheduler.get_last_lr()[0]})
+                if not math.isfinite(nll_val):
+                    run["stop_reason"] = f"non-finite validation NLL ({nll_val}) after epoch {epoch}"
+                    break
+                if nll_val < run["best_nll_validation"]:
+                    run["best_epoch"], run["best_nll_validation"] = epoch, nll_val
+                    best_codes = grid_codes()
+                if epoch < opts["epochs"]:  # after the last epoch the lr0's summary is saved instead
+                    if accelerator.is_main_process:
+                        state["current"] = {"run": run, "best_codes": best_codes,
+                                            "latent": {name: w.detach().cpu() for name, w in latent.items()},
+                                            "optimizer": optimizer.state_dict(),
+                                            "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+                        save_state(path, state)
+                        state["current"] = None
+                    accelerator.wait_for_everyone()
+            bar.close()
+            if run["stop_reason"]:
+                accelerator.print(f"QAFT int{config.bits} lr0={lr0:g} stopped: {run['stop_reason']}")
+
+            run["step_s"] = run["train_s"] / run["steps"] if run["steps"] else None
+            best = min(state["runs"], key=lambda r: r["best_nll_validation"], default=None)
+            if best is None or run["best_nll_validation"] < best["best_nll_validation"]:
+                state["best_codes"] = best_codes  # the best of the sweep so far
+            state["runs"].append(run)
+            if accelerator.is_main_process:
+                save_state(path, state)
+            accelerator.wait_for_everyone()
+
+        # The best lr0's best epoch, exactly on the grid.
+        best = min(state["runs"], key=lambda r: r["best_nll_validation"])
+        with torch.no_grad():
+            for name, w in latent.items():
+                w.copy_(state["best_codes"][name].to(w.device, w.dtype) * scales[name].to(w.dtype))
+        bake(model)
+    finally:
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        model.__dict__.pop("_is_accelerate_prepared", None)  # so that a later prepare wraps it again
+        accelerator.free_memory()
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        model.eval()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(path.parent, ignore_errors=True)
+    steps = sum(r["steps"] for r in state["runs"])
+    train_s = sum(r["train_s"] for r in state["runs"])
+    return {
+        "lr": best["lr"], "best_epoch": best["best_epoch"], "nll_validation": best["best_nll_validation"],
+        "rtn": state["rtn"],
+        "runs": [{k: r[k] for k in ("lr", "history", "stop_reason", "best_epoch", "best_nll_validation",
+                                    "steps", "step_s")} for r in state["runs"]],
+        "step_s": train_s / steps if steps else None,
+        "epochs": opts["epochs"], "steps_per_epoch": steps_per_epoch, "batch_size": opts["batch_size"],
+        "grad_accum": opts["grad_accum"], "mixed_precision": opts["mixed_precision"],
+        "processes": accelerator.num_processes, "resumed_from": resumed_from,
+    }
+
+
+def _rtn_codes(fp: dict, scales: dict, bits: int) -> dict:
+    """Int8 codes of round-to-nearest of the FP weights (every lr0's epoch 0)."""
+    return {name: codes(w, scales[name].cpu(), bits) for name, w in fp.items()}

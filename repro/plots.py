@@ -1,0 +1,100 @@
+"""The papers' figures from result records (the dicts ``repro.runs.run`` returns).
+
+Every function takes a list of records (plus options), draws with matplotlib and returns the
+``Figure``; none of them computes anything a record does not already hold.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import matplotlib.pyplot as plt
+
+METHOD_COLORS = {"fp": "black", "rtn": "tab:blue", "gptq": "tab:orange", "qaft": "tab:green",
+                 "block": "tab:red", "mb": "tab:purple", "la": "tab:brown"}
+OBSERVER_COLORS = {"histogram": "tab:red", "mse": "tab:purple", "minmax": "tab:blue"}
+
+
+def _fp_level(records, metric):
+    levels = [r[metric] for r in records if r["config"]["method"] == "fp"]
+    return levels[0] if levels else None
+
+
+def _quantized(records):
+    return [r for r in records if r["config"]["bits"] is not None]
+
+
+def nll_vs_bits(records, metric: str = "nll_validation", ax=None):
+    """Grouped bars: ``metric`` per bit-width (x) and method (colour); FP as a dashed line."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
+    quant = _quantized(records)
+    bits = sorted({r["config"]["bits"] for r in quant}, reverse=True)
+    methods = list(dict.fromkeys(r["config"]["method"] for r in quant))
+    width = 0.8 / max(len(methods), 1)
+    for j, method in enumerate(methods):
+        values = {r["config"]["bits"]: r[metric] for r in quant if r["config"]["method"] == method}
+        xs = [i + j * width for i, b in enumerate(bits) if b in values]
+        ax.bar(xs, [values[b] for b in bits if b in values], width, label=method,
+               color=METHOD_COLORS.get(method))
+    fp = _fp_level(records, metric)
+    if fp is not None:
+        ax.axhline(fp, color="black", ls="--", lw=1, label=f"FP ({fp:.2f})")
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(bits))], [f"int{b}" for b in bits])
+    ax.set_ylabel(metric.replace("_", " ") + (" (nats/token)" if metric.startswith("nll") else ""))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_index(name: str) -> int:
+    """Block index in a stack linear's full name (``model.layers.7.mlp.up_proj`` -> 7)."""
+    return int(re.search(r"\.(\d+)\.", name).group(1))
+
+
+def layer_mse_profile(records, metric: str = "layer_mse", ax=None, title: str | None = None):
+    """Per-layer values (``layer_mse``, or an ``info`` dict such as ``clipped``) across the
+    stack: one line per record, x = position of the linear in forward order, log y."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(9, 3.5))
+    cmap = plt.get_cmap("viridis")
+    quant = _quantized(records)
+    for i, r in enumerate(quant):
+        values = r[metric] if metric in r else r["info"][metric]
+        names = list(values)
+        c = r["config"]
+        ax.plot(range(len(names)), [max(v, 1e-12) for v in values.values()], lw=1,
+                color=cmap(i / max(len(quant) - 1, 1)), label=f"{c['method']} int{c['bits']} {c['observer']}")
+    if quant:
+        names = list(quant[0][metric] if metric in quant[0] else quant[0]["info"][metric])
+        starts = [k for k, n in enumerate(names) if k == 0 or layer_index(n) != layer_index(names[k - 1])]
+        ax.set_xticks(starts[::5], [str(layer_index(names[k])) for k in starts[::5]])
+    ax.set_yscale("log")
+    ax.set_xlabel("block (linears in forward order within each block)")
+    ax.set_ylabel(metric.replace("_", " "))
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def observer_comparison(records):
+    """Two panels over bits, one line per observer: RTN validation NLL and weight MSE."""
+    fig, (ax_nll, ax_w) = plt.subplots(1, 2, figsize=(10, 3.5))
+    groups = defaultdict(list)
+    for r in _quantized(records):
+        groups[r["config"]["observer"]].append(r)
+    for observer, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["config"]["bits"])
+        bits = [r["config"]["bits"] for r in rs]
+        color = OBSERVER_COLORS.get(observer)
+        ax_nll.plot(bits, [r["nll_validation"] for r in rs], "o-", color=color, label=observer)
+        ax_w.plot(bits, [r["weight_mse"] for r in rs], "o-", color=color, label=observer)
+    fp = _fp_level(records, "nll_validation")
+    if fp is not None:
+        ax_nll.axhline(fp, color="black", ls="--", lw=1, label="FP")
+    ax_nll.set(xlabel="bits", ylabel="validation NLL (nats/token)", title="global loss")
+    ax_w.set(xlabel="bits", ylabel="mean weight MSE", yscale="log", title="what the observer minimises")
+    for ax in (ax_nll, ax_w):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
