@@ -175,8 +175,14 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     return _get_attr_path(model, BLOCK_PATHS[family])
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as [in, out], the transpose of nn.Linear.
+    (By class name, through the MRO: a parametrized module is a subclass of its class.)"""
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+
+
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
@@ -189,11 +195,6 @@ def stack_linears(model: nn.Module) -> dict[str, nn.Module]:
     prefix = BLOCK_PATHS[model.config.model_type]
     return {f"{prefix}.{i}.{name}": m
             for i, block in enumerate(blocks(model)) for name, m in block_linears(block).items()}
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D stores its weight as [in, out], the transpose of nn.Linear."""
-    return type(module).__name__ == "Conv1D"
 
 
 def weight_matrix(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:

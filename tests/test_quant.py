@@ -77,7 +77,9 @@ def test_prepare_then_bake_leaves_grid_weights(family):
     scales = quant.prepare(model, 3, "minmax")
     fq_logits = model(input_ids=ids).logits
     assert not torch.allclose(fp_logits, fq_logits)
+    assert len(scales) == len(before) > 0
     baked_scales = quant.bake(model)
+    assert baked_scales.keys() == before.keys()
     assert torch.allclose(model(input_ids=ids).logits, fq_logits, atol=1e-5)
     for name, m in stack_linears(model).items():
         assert not quant.is_prepared(m)

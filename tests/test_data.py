@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from repro import data
+
+
+def test_wiki_corpus_is_real_and_split_by_article():
+    articles = data.wiki_articles()
+    assert len(articles) == 106
+    assert sum(len(t) for _, t in articles) > 2_000_000  # megabytes of real prose
+    assert articles[0][0] == "Anarchism"
+    assignment = data.wiki_splits([t for t, _ in articles])
+    counts = {s: sum(v == s for v in assignment.values()) for s in data.SPLITS}
+    assert counts == {"train": 84, "validation": 11, "test": 11}
+    corpus = data.load_corpus("wiki")
+    for title, text in articles:  # every article lies whole in exactly its own split
+        first_line = text.splitlines()[0]
+        assert [s for s in data.SPLITS if first_line in corpus[s]] == [assignment[title]]
+    assert data.load_corpus("wiki") == corpus  # deterministic
+    assert "'''" not in corpus["train"] and "[[" not in corpus["train"]
+
+
+class CharTokenizer:
+    """Stands in for an HF tokenizer in pure windowing tests: one id per byte."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": list(text.encode())}
+
+
+def test_windows():
+    ids = torch.arange(1000)
+    seqs = data.consecutive(ids, 64)
+    assert seqs.shape == (15, 64) and torch.equal(seqs.flatten(), ids[:960])
+    assert data.consecutive(ids, 64, limit=3).shape == (3, 64)
+    a = data.random_windows(ids, 64, 8, seed=1)
+    assert a.shape == (8, 64) and torch.equal(a, data.random_windows(ids, 64, 8, seed=1))
+    assert not torch.equal(a, data.random_windows(ids, 64, 8, seed=2))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 63, dtype=torch.long))  # contiguous
+
+
+def test_empty_text_is_a_clear_error():
+    with pytest.raises(ValueError, match="empty"):
+        data.tokenize(CharTokenizer(), "  \n ")
+
+
+def test_sequence_longer_than_model_allows():
+    with pytest.raises(ValueError, match=r"seq_len=4096 .*2\.\.2048"):
+        data.make_data(CharTokenizer(), "wiki", seq_len=4096, model_max=2048)
+
+
+def test_split_shorter_than_one_sequence():
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        data.consecutive(torch.arange(10), 64)
+
+
+def test_unknown_corpus():
+    with pytest.raises(ValueError, match="wiki"):
+        data.load_corpus("shakespeare")
+
+
+def test_hub_corpus_offline_names_the_embedded_corpus(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", "/nonexistent-repro-test-cache")
+    with pytest.raises(data.CorpusUnavailableError, match="corpus='wiki'"):
+        data.load_corpus("wikitext2")

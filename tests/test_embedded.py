@@ -1,0 +1,33 @@
+"""Real behaviour on the embedded SmolLM2-135M and the wiki corpus."""
+import pytest
+
+from repro import models, runs
+
+pytestmark = pytest.mark.embedded
+
+
+def test_embedded_model_structure(embedded):
+    model, tokenizer = embedded
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert len(models.blocks(model)) == 30 and model.config.hidden_size == 576
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert len(models.stack_linears(model)) == 210
+    assert tokenizer.decode(tokenizer("Quantization of weights")["input_ids"]) == "Quantization of weights"
+
+
+def test_rtn_int8_near_fp_and_int2_far_worse(tmp_path):
+    # 512-token contexts (the cpu tier's length), few sequences: the paper's premise that int8
+    # is nearly lossless, under the embedded tiers' observer
+    kw = dict(tier="ci", seq_len=512, n_eval=4)
+    fp = runs.run(runs.make_config("fp", None, **kw), tmp_path)
+    int8 = runs.run(runs.make_config("rtn", 8, **kw), tmp_path)
+    int2 = runs.run(runs.make_config("rtn", 2, **kw), tmp_path)
+    assert int8["config"]["observer"] == runs.load_tier("cpu")["observer"]
+    assert int8["nll_validation"] <= 1.03 * fp["nll_validation"]
+    assert int2["nll_validation"] > fp["nll_validation"] + 3
+    assert int2["mean_layer_mse"] > 10 * int8["mean_layer_mse"]
+
+
+def test_sequence_longer_than_model_allows_is_rejected_before_work(tmp_path):
+    with pytest.raises(ValueError, match="seq_len=9000.*8192"):
+        runs.run(runs.make_config("rtn", 4, tier="ci", seq_len=9000), tmp_path)

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from repro import cli, runs
+from repro.methods import METHODS
+
+
+def test_config_hash_covers_what_determines_a_run():
+    a = runs.make_config("rtn", 4, tier="ci")
+    assert a.key() == runs.make_config("rtn", 4, tier="ci").key()
+    assert a.key() == runs.make_config("rtn", 4, tier="ci", device="cuda:1").key()  # placement only
+    for other in (runs.make_config("rtn", 3, tier="ci"), runs.make_config("rtn", 4, tier="ci", seed=1),
+                  runs.make_config("rtn", 4, tier="ci", observer="mse"), runs.make_config("rtn", 4, tier="cpu")):
+        assert other.key() != a.key()
+
+
+def test_bad_config_values_fail_early():
+    with pytest.raises(ValueError, match="2..8"):
+        runs.make_config("rtn", 1, tier="ci")
+    with pytest.raises(ValueError, match="unknown method 'awq'"):
+        runs.make_config("awq", 4, tier="ci")
+    with pytest.raises(ValueError, match="unknown tier"):
+        runs.make_config("rtn", 4, tier="huge")
+    assert cli.main(["run", "--bits", "9", "--tier", "ci"]) == 2
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "r.json"
+    runs.write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        runs.write_json_atomic(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+@pytest.mark.embedded
+def test_interrupted_sweep_resumes_from_records(tmp_path, monkeypatch, embedded):
+    fn, version = METHODS["rtn"]
+    calls = []
+
+    def flaky(model, data, config):
+        calls.append(config.bits)
+        if config.bits == 4 and len(calls) < 3:
+            raise KeyboardInterrupt  # killed mid-batch
+        return fn(model, data, config)
+
+    monkeypatch.setitem(METHODS, "rtn", (flaky, version))
+    with pytest.raises(KeyboardInterrupt):
+        runs.sweep(methods=("rtn",), bits=(8, 4), tier="ci", outputs=tmp_path)
+    assert len(list(tmp_path.glob("records/rtn/*.json"))) == 1
+    records = runs.sweep(methods=("rtn",), bits=(8, 4), tier="ci", outputs=tmp_path)
+    assert [r["cached"] for r in records] == [True, False]
+    assert calls == [8, 4, 4]
+
+
+@pytest.mark.embedded
+def test_cli_run_writes_record_and_summary(tmp_path, capsys, embedded):
+    argv = ["run", "--method", "rtn", "--bits", "6", "--tier", "ci", "--outputs", str(tmp_path)]
+    assert cli.main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("rtn smollm2-135m int6 (minmax, wiki): NLL val ")
+    (path,) = tmp_path.glob("records/rtn/*.json")
+    record = json.loads(path.read_text())
+    assert record["config"]["bits"] == 6 and record["nll_validation"] > 0
+    assert len(record["layer_mse"]) == 210
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.strip().endswith("[cached]")
