@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-NOTEBOOKS = ("00_quickstart",)
+NOTEBOOKS = ("00_quickstart", "01_misalignment", "06_hyperparameters")
 
 
 def _run(args) -> int:

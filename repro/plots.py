@@ -98,3 +98,98 @@ def observer_comparison(records):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _by_method_bits(records):
+    table = defaultdict(dict)
+    for r in _quantized(records):
+        table[r["config"]["method"]][r["config"]["bits"]] = r
+    return table
+
+
+def misalignment(records, methods=("rtn", "gptq", "qaft")):
+    """Paper Fig. 1: global NLL (upper) and mean layer-wise MSE (lower) per bit-width and method."""
+    fig, (ax_nll, ax_mse) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    table = _by_method_bits(records)
+    for method in methods:
+        rs = sorted(table.get(method, {}).items())
+        if not rs:
+            continue
+        bits = [b for b, _ in rs]
+        style = dict(marker="o", color=METHOD_COLORS.get(method), label=method)
+        ax_nll.plot(bits, [r["nll_validation"] for _, r in rs], **style)
+        ax_mse.plot(bits, [r["mean_layer_mse"] for _, r in rs], **style)
+    fp = _fp_level(records, "nll_validation")
+    if fp is not None:
+        ax_nll.axhline(fp, color="black", ls="--", lw=1, label="FP")
+    ax_nll.set(ylabel="validation NLL (nats/token)", title="global objective")
+    ax_mse.set(ylabel="mean layer-wise MSE", yscale="log", xlabel="bits", title="local objective")
+    ax_mse.invert_xaxis()
+    ax_nll.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def qaft_epochs(records):
+    """Paper Fig. 7: test NLL after each QAFT epoch (epoch 0 = RTN) of the chosen LR, one panel
+    per bit-width, GPTQ's test NLL as a horizontal red line."""
+    table = _by_method_bits(records)
+    bits = sorted(table.get("qaft", {}), reverse=True)
+    fig, axes = plt.subplots(1, max(len(bits), 1), figsize=(3.2 * max(len(bits), 1), 3), squeeze=False)
+    for ax, b in zip(axes[0], bits):
+        info = table["qaft"][b]["info"]
+        run = next(r for r in info["runs"] if r["lr"] == info["lr"])
+        ax.plot([h["epoch"] for h in run["history"]], [h["nll_test"] for h in run["history"]], "o-",
+                color=METHOD_COLORS["qaft"], label=f"QAFT lr {info['lr']:g}")
+        if b in table.get("gptq", {}):
+            ax.axhline(table["gptq"][b]["nll_test"], color="red", label="GPTQ")
+        ax.set(title=f"int{b}", xlabel="epoch")
+    axes[0][0].set_ylabel("test NLL (nats/token)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def lr_sweep(records):
+    """Paper Fig. 6: best validation NLL per initial LR (left, RTN level dashed) and the
+    chosen LR per bit-width (right), from QAFT records."""
+    fig, (ax, ax_best) = plt.subplots(1, 2, figsize=(10, 3.5))
+    table = _by_method_bits(records)
+    cmap = plt.get_cmap("plasma")
+    bits = sorted(table.get("qaft", {}), reverse=True)
+    for i, b in enumerate(bits):
+        info = table["qaft"][b]["info"]
+        color = cmap(i / max(len(bits), 1))
+        runs_ = sorted(info["runs"], key=lambda r: r["lr"])
+        ax.plot([r["lr"] for r in runs_], [r["best_nll_validation"] for r in runs_], "o-", color=color,
+                label=f"int{b}")
+        ax.axhline(info["rtn"]["nll_validation"], color=color, ls="--", lw=1)
+    ax.set(xscale="log", xlabel="initial learning rate", ylabel="validation NLL after QAFT",
+           title="dashed: RTN")
+    ax.legend(fontsize=8)
+    ax_best.plot(bits, [table["qaft"][b]["info"]["lr"] for b in bits], "o-")
+    ax_best.set(yscale="log", xlabel="bits", ylabel="best initial LR")
+    ax_best.invert_xaxis()
+    fig.tight_layout()
+    return fig
+
+
+def damping_plot(records):
+    """Paper App. C: GPTQ's chosen damping per linear across the stack (one line per record,
+    log y) and how often each grid value was chosen."""
+    fig, (ax, ax_hist) = plt.subplots(1, 2, figsize=(12, 3.5), gridspec_kw={"width_ratios": [3, 1]})
+    gptq = [r for r in records if r["config"]["method"] == "gptq"]
+    for i, r in enumerate(gptq):
+        layers = r["info"]["layers"]
+        chosen = [v["damping"] for v in layers.values()]
+        color = plt.get_cmap("viridis")(i / max(len(gptq) - 1, 1))
+        ax.plot(range(len(chosen)), [c if c is not None else float("nan") for c in chosen], ".", ms=4,
+                color=color, label=f"int{r['config']['bits']}")
+        grid = [float(g) for g in next(iter(layers.values()))["losses"]]
+        counts = [sum(c == g for c in chosen) for g in grid]
+        ax_hist.plot(grid, counts, "o-", color=color)
+    ax.set(yscale="log", xlabel="linear (forward order)", ylabel="chosen damping λ")
+    ax_hist.set(xscale="log", xlabel="damping λ", ylabel="layers choosing it")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

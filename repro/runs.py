@@ -197,9 +197,11 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
     return record
 
 
-def sweep(methods=("fp", "rtn"), bits=(8, 6, 4, 3, 2), tier: str = "cpu", outputs: Path | None = None,
+def sweep(methods=("fp", "rtn"), bits=None, tier: str = "cpu", outputs: Path | None = None,
           **overrides) -> list[dict]:
-    """Run every (method, bits) pair (``fp`` once), resuming from cached records."""
+    """Run every (method, bits) pair (``fp`` once), resuming from cached records.
+    ``bits=None`` takes the tier's list."""
+    bits = load_tier(tier)["bits"] if bits is None else bits
     configs = []
     for method in methods:
         for b in ([None] if method == "fp" else bits):
