@@ -45,7 +45,8 @@ def build(arch: str, device: str, seq_len: int, batch_size: int, seed: int):
     n_embd, n_layer, n_head = GPT2_SHAPES[arch]
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head)).to(device)
-    batch = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
     return model, batch
 
 
@@ -84,9 +85,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, batch = build(args.arch, args.device, args.seq_len, args.batch_size, args.seed)
     model.train()

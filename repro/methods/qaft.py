@@ -25,7 +25,7 @@ process evaluates the full splits; only the main process writes checkpoints).
 Resume: after every epoch the state (latent weights, optimizer, scheduler, RNG, history, the
 best weights so far as int8 codes) is written atomically to ``<checkpoint_dir>/state.pt``. A
 rerun of the same config continues after the last finished epoch and, on CPU, reproduces the
-uninterrupted result exactly (the batch order depends only on seed and epoch). The directory is
+uninterrupted result exactly (the batch order depends only on seed and epoch). The state file is
 removed once the sweep is done: the run's record then holds the result.
 
 A non-finite loss (or validation NLL) stops that lr0 with a recorded reason; the sweep goes on
@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -171,8 +171,9 @@ def qaft(model, data, config) -> dict:
 
         def evaluate() -> tuple[float, float]:
             model.eval()
-            result = (nll(model, data.validation, config.batch_size, desc="QAFT NLL validation"),
-                      nll(model, data.test, config.batch_size, desc="QAFT NLL test"))
+            with parametrize.cached():  # quantize each weight once, not once per batch
+                result = (nll(model, data.validation, config.batch_size, desc="QAFT NLL validation"),
+                          nll(model, data.test, config.batch_size, desc="QAFT NLL test"))
             model.train()
             return result
 
@@ -186,7 +187,7 @@ def qaft(model, data, config) -> dict:
         steps_per_epoch = math.ceil(micro_per_epoch / accum)
         total_steps = opts["epochs"] * steps_per_epoch
 
-        state = torch.load(path, weights_only=True) if path.exists() else None
+        state = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
         if state is not None and state["key"] != config.key():
             raise ValueError(f"{path} holds the QAFT state of another run (key {state['key']}, this run is "
                              f"{config.key()}); remove it or set a different options['checkpoint_dir'].")
@@ -240,8 +241,8 @@ def qaft(model, data, config) -> dict:
                             loss_sum, n_tokens = sequence_nll(wrapped, batch)
                         loss = loss_sum / n_tokens
                         if not torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all():
-                            run["stop_reason"] = (f"non-finite training loss ({float(loss)}) at epoch {epoch}, "
-                                                  f"step {run['steps'] + 1}")
+                            run["stop_reason"] = (f"non-finite training loss ({float(loss.detach())}) at "
+                                                  f"epoch {epoch}, step {run['steps'] + 1}")
                             break
                         accelerator.backward(loss / (group_end - group_start))
                     if last_in_group:
@@ -250,7 +251,7 @@ def qaft(model, data, config) -> dict:
                         optimizer.zero_grad(set_to_none=True)
                         run["steps"] += 1
                         bar.update(1)
-                        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2g}")
+                        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2g}")
                 run["train_s"] += time.perf_counter() - start
                 if run["stop_reason"]:
                     break
@@ -301,8 +302,10 @@ def qaft(model, data, config) -> dict:
         model.eval()
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(path.parent, ignore_errors=True)
+    if accelerator.is_main_process:  # the record holds the result now
+        path.unlink(missing_ok=True)
+        with suppress(OSError):
+            path.parent.rmdir()  # only when empty: checkpoint_dir may be a user's directory
     steps = sum(r["steps"] for r in state["runs"])
     train_s = sum(r["train_s"] for r in state["runs"])
     return {
