@@ -5,9 +5,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from repro.models import stack_linears, weight_matrix
+from repro.progress import progress
 
 
 def model_device(model) -> torch.device:
@@ -17,7 +17,7 @@ def model_device(model) -> torch.device:
 def batches(sequences: torch.Tensor, batch_size: int, desc: str | None = None):
     """Yield ``[b, seq_len]`` slices of ``sequences`` with a progress bar when ``desc`` is set."""
     starts = range(0, len(sequences), batch_size)
-    for s in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+    for s in progress(starts, enabled=desc is not None, desc=desc, leave=False):
         yield sequences[s: s + batch_size]
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from repro import data as data_mod
 from repro import evaluate, models
 from repro.methods import METHODS
+from repro.progress import progress
 from repro.quant import OBSERVERS, check_bits
 
 PARAMS_DIR = Path(__file__).parent / "params"
@@ -207,7 +207,7 @@ def sweep(methods=("fp", "rtn"), bits=None, tier: str = "cpu", outputs: Path | N
         for b in ([None] if method == "fp" else bits):
             configs.append(make_config(method, b, tier, **overrides))
     records = []
-    for config in tqdm(configs, desc="runs"):
+    for config in progress(configs, desc="runs"):
         records.append(run(config, outputs))
     return records
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from repro.evaluate import batches, model_device
 from repro.models import BLOCK_PATHS, block_linears, blocks, weight_matrix
+from repro.progress import progress
 from repro.quant import compute_scale, quantize
 
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -237,7 +237,7 @@ def gptq(model, data, config) -> dict:
     try:
         inputs = _block_inputs(model, data.calibration, config.batch_size)
         wall = {"capture": time.perf_counter() - start, "hessian": 0.0, "solve": 0.0, "propagate": 0.0}
-        for b, block in enumerate(tqdm(blocks(model), desc="GPTQ blocks")):
+        for b, block in enumerate(progress(blocks(model), desc="GPTQ blocks")):
             linears = block_linears(block)
             t0 = time.perf_counter()
             hessians = dict.fromkeys(linears, (None, 0))

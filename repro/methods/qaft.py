@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from repro.evaluate import model_device, nll, sequence_nll
 from repro.models import cache_dir, stack_linears
+from repro.progress import progress
 from repro.quant import bake, codes, fp_weight, prepare
 
 DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
@@ -226,8 +226,8 @@ def qaft(model, data, config) -> dict:
                 best_codes = _rtn_codes(fp, scales, config.bits)
 
             wrapped.train()
-            bar = tqdm(total=total_steps, initial=run["steps"], desc=f"QAFT int{config.bits} lr0={lr0:g}",
-                       disable=not accelerator.is_local_main_process)
+            bar = progress(total=total_steps, initial=run["steps"], desc=f"QAFT int{config.bits} lr0={lr0:g}",
+                           enabled=accelerator.is_local_main_process)
             for epoch in range(run["history"][-1]["epoch"] + 1, opts["epochs"] + 1):
                 loader.set_epoch(epoch)  # the batch order depends only on (seed, epoch)
                 start = time.perf_counter()
