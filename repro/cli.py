@@ -35,6 +35,22 @@ def _notebooks(args) -> int:
     return 0
 
 
+def _figures(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from repro import plots, widgets
+
+    records = [r for r in widgets.load_records(args.outputs) if r["config"]["tier"] == args.tier
+               and (args.model is None or r["config"]["model"] == args.model)]
+    if not records:
+        raise SystemExit(f"no records for tier {args.tier} under {args.outputs}/records; "
+                         f"run `repro run --tier {args.tier} ...` or `repro notebooks --tier {args.tier}` first")
+    for path in plots.save_figures(records, Path(args.outputs) / "figures", suffix=f"_{args.tier}"):
+        print(path)
+    return 0
+
+
 def main(argv=None) -> int:
     from repro.data import CORPORA
     from repro.methods import METHODS
@@ -65,6 +81,12 @@ def main(argv=None) -> int:
     p.add_argument("--notebook-dir", default="notebooks")
     p.add_argument("--outputs", default="outputs")
     p.set_defaults(func=_notebooks)
+
+    p = sub.add_parser("figures", help="save the figures of the cached records as PNG under OUTPUTS/figures")
+    p.add_argument("--tier", choices=TIERS, default="cpu")
+    p.add_argument("--model", help="only this model's records (default: all)")
+    p.add_argument("--outputs", default="outputs")
+    p.set_defaults(func=_figures)
 
     args = parser.parse_args(argv)
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 
@@ -193,3 +194,25 @@ def damping_plot(records):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def save_figures(records, directory: Path | str, suffix: str = "") -> list[Path]:
+    """Draw every figure the records support and save each as ``directory/<name><suffix>.png``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    methods = {r["config"]["method"] for r in records}
+    figures = {"nll_vs_bits": lambda: nll_vs_bits(records)}
+    if methods & {"gptq", "qaft"}:
+        figures["misalignment"] = lambda: misalignment(records)
+    if "gptq" in methods:
+        figures["damping"] = lambda: damping_plot(records)
+    if "qaft" in methods:
+        figures["qaft_epochs"] = lambda: qaft_epochs(records)
+        figures["lr_sweep"] = lambda: lr_sweep(records)
+    paths = []
+    for name, draw in figures.items():
+        fig = draw()
+        paths.append(directory / f"{name}{suffix}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

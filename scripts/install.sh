@@ -13,8 +13,10 @@ TORCH="torch==2.13.0"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
 if ! pip show torch 2>/dev/null | grep -q '^Version: 2.13.0'; then
-  if pip install -q --no-index "$TORCH" 2>/dev/null; then
+  # --no-deps: torch's own dependencies are not on local disk; they come from PyPI just below.
+  if pip install -q --no-index --no-deps "$TORCH" 2>/dev/null; then
     echo "torch: local wheel"
+    pip install -q "$TORCH"
   elif command -v nvidia-smi >/dev/null 2>&1; then
     pip install -q "$TORCH"
   else
