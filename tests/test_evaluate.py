@@ -4,7 +4,7 @@ import torch
 
 from repro import evaluate, models, quant
 
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 
 def test_nll_equals_hf_loss(family_model):

@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from tiny_models import FAMILIES, tiny_model
 
 from repro import evaluate
 from repro.methods.gptq import (accumulate_hessian, damping_search, gptq, gptq_quantize,

@@ -3,7 +3,7 @@ import torch
 
 from repro import models
 
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 EXPECTED_LINEARS = {
     "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],

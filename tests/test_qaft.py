@@ -11,7 +11,7 @@ from repro.data import Data
 from repro.methods.qaft import lr_at, make_scheduler, qaft
 from repro.runs import RunConfig
 
-from conftest import VOCAB, tiny_model
+from tiny_models import VOCAB, tiny_model
 
 qaft_mod = importlib.import_module("repro.methods.qaft")  # the module (repro.methods.qaft is the function)
 BITS = 3

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from repro import quant
 from repro.models import stack_linears
 
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 bits_st = st.integers(min_value=2, max_value=8)
 

@@ -1,0 +1,33 @@
+"""Tiny randomly initialised models of the four families, built from configs (no download)."""
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM)
+
+VOCAB = 128
+
+
+def tiny_model(family: str, layers: int = 2, hidden: int = 32, seed: int = 0):
+    """A randomly initialised causal LM of ``family`` built from a config (no download)."""
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=hidden, n_layer=layers, n_head=4)
+        model = GPT2LMHeadModel(cfg)
+    elif family == "opt":
+        cfg = OPTConfig(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, ffn_dim=2 * hidden, word_embed_proj_dim=hidden)
+        model = OPTForCausalLM(cfg)
+    elif family == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden)
+        model = LlamaForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = MistralConfig(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden)
+        model = MistralForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    model.config.use_cache = False
+    return model.eval()
+
+
+FAMILIES = ("gpt2", "opt", "llama", "mistral")
