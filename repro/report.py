@@ -43,7 +43,8 @@ def first_epoch_summary(records) -> str:
             continue
         gptq = table["gptq"][b]["nll_test"]
         verdict = "beats" if after_one < gptq else "does not beat"
-        lines.append(f"- int{b}: after 1 epoch QAFT test NLL {after_one:.3f} {verdict} GPTQ's {gptq:.3f}.")
+        lines.append(f"- int{b}: after 1 epoch QAFT test NLL {after_one:.3f} {verdict} GPTQ's {gptq:.3f} "
+                     f"(Δ {after_one - gptq:+.4f}).")
     return "\n".join(lines) or "No QAFT/GPTQ pairs yet."
 
 

@@ -15,7 +15,7 @@ def rtn(model, data, config) -> dict:
     info = {
         "scales": {name: float(s) for name, s in scales.items()},
         "clipped": {name: clipped_fraction(fp_weight(m), scales[name], config.bits) for name, m in linears.items()},
-        "clip_ratio": {name: float(fp_weight(m).abs().max() / (q * scales[name])) for name, m in linears.items()},
+        "clip_ratio": {name: float(fp_weight(m).detach().abs().max() / (q * scales[name])) for name, m in linears.items()},
     }
     bake(model)
     return info
