@@ -39,10 +39,12 @@ def _figures(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from repro import plots, widgets
+    from repro import plots, runs
 
-    records = [r for r in widgets.load_records(args.outputs) if r["config"]["tier"] == args.tier
-               and (args.model is None or r["config"]["model"] == args.model)]
+    # the records the notebooks show: the tier's configs, not every record on disk (the
+    # quickstart's observer comparison, for one, leaves RTN records of other observers there)
+    configs = runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=args.model)
+    records = [r for r in (runs.read_record(c, args.outputs) for c in configs) if r is not None]
     if not records:
         raise SystemExit(f"no records for tier {args.tier} under {args.outputs}/records; "
                          f"run `repro run --tier {args.tier} ...` or `repro notebooks --tier {args.tier}` first")
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("figures", help="save the figures of the cached records as PNG under OUTPUTS/figures")
     p.add_argument("--tier", choices=TIERS, default="cpu")
-    p.add_argument("--model", help="only this model's records (default: all)")
+    p.add_argument("--model", help="embedded name or hub id; default: the tier's")
     p.add_argument("--outputs", default="outputs")
     p.set_defaults(func=_figures)
 

@@ -46,9 +46,8 @@ def qmax(bits: int) -> int:
 def quantize(w: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
     """Round-to-nearest onto the grid ``scale * {-q..q}``; same shape and dtype as ``w``."""
     q = qmax(bits)
-    # in place on one temporary: QAFT quantizes every stack weight on every step, and each
-    # fresh full-size temporary costs page faults (measured: 4 allocations -> 1 saves ~1/4 of
-    # the fake-quant overhead on CPU)
+    # in place on one temporary rather than four: QAFT quantizes every stack weight on every
+    # step, and each fresh full-size temporary costs an allocation and its page faults
     return (w / scale).round_().clamp_(-q, q).mul_(scale)
 
 

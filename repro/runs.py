@@ -170,12 +170,18 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
     }
 
 
+def read_record(config: RunConfig, outputs: Path | None = None) -> dict | None:
+    """The cached record of ``config`` (marked ``cached``), or ``None`` if it has not run."""
+    path = record_path(config, outputs)
+    if not path.exists():
+        return None
+    return {**json.loads(path.read_text()), "cached": True}
+
+
 def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> dict:
     """Run one config (or read its cached record) and return the record dict."""
-    path = record_path(config, outputs)
-    if path.exists() and not force:
-        record = json.loads(path.read_text())
-        record["cached"] = True
+    record = None if force else read_record(config, outputs)
+    if record is not None:
         return record
     bench = workbench(config)
     torch.manual_seed(config.seed)
@@ -192,24 +198,24 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
                         "device": str(next(bench.model.parameters()).device)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_json_atomic(path, record)
+    write_json_atomic(record_path(config, outputs), record)
     record["cached"] = False
     return record
+
+
+def sweep_configs(methods=("fp", "rtn"), bits=None, tier: str = "cpu", **overrides) -> list[RunConfig]:
+    """The configs of every (method, bits) pair (``fp`` once); ``bits=None`` takes the tier's list."""
+    bits = load_tier(tier)["bits"] if bits is None else bits
+    return [make_config(method, b, tier, **overrides)
+            for method in methods for b in ([None] if method == "fp" else bits)]
 
 
 def sweep(methods=("fp", "rtn"), bits=None, tier: str = "cpu", outputs: Path | None = None,
           **overrides) -> list[dict]:
     """Run every (method, bits) pair (``fp`` once), resuming from cached records.
     ``bits=None`` takes the tier's list."""
-    bits = load_tier(tier)["bits"] if bits is None else bits
-    configs = []
-    for method in methods:
-        for b in ([None] if method == "fp" else bits):
-            configs.append(make_config(method, b, tier, **overrides))
-    records = []
-    for config in progress(configs, desc="runs"):
-        records.append(run(config, outputs))
-    return records
+    configs = sweep_configs(methods, bits, tier, **overrides)
+    return [run(config, outputs) for config in progress(configs, desc="runs")]
 
 
 def summary(record: dict) -> str:
