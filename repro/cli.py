@@ -35,21 +35,56 @@ def _notebooks(args) -> int:
     return 0
 
 
+def _read_records(configs, outputs) -> list[dict]:
+    from repro import runs
+
+    return [r for r in (runs.read_record(c, outputs) for c in configs) if r is not None]
+
+
+def _tier_records(args) -> list[dict]:
+    """The records the notebooks show: the tier's sweep (fp, rtn, gptq, qaft at the tier's bits),
+    not every record on disk (the quickstart's observer comparison, for one, leaves RTN records of
+    other observers there). Exits with the command to run when there are none."""
+    from repro import runs
+
+    configs = runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=args.model)
+    records = _read_records(configs, args.outputs)
+    if not records:
+        raise SystemExit(f"no records for tier {args.tier} under {args.outputs}/records; "
+                         f"run `repro run --tier {args.tier} ...` or `repro notebooks --tier {args.tier}` first")
+    return records
+
+
 def _figures(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from repro import plots, runs
+    from repro import plots
 
-    # the records the notebooks show: the tier's configs, not every record on disk (the
-    # quickstart's observer comparison, for one, leaves RTN records of other observers there)
-    configs = runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=args.model)
-    records = [r for r in (runs.read_record(c, args.outputs) for c in configs) if r is not None]
-    if not records:
-        raise SystemExit(f"no records for tier {args.tier} under {args.outputs}/records; "
-                         f"run `repro run --tier {args.tier} ...` or `repro notebooks --tier {args.tier}` first")
+    records = _tier_records(args)
     for path in plots.save_figures(records, Path(args.outputs) / "figures", suffix=f"_{args.tier}"):
         print(path)
+    return 0
+
+
+def _report(args) -> int:
+    from repro import report, runs
+    from repro.quant import OBSERVERS
+
+    records = _tier_records(args)
+    observer_records = _read_records([runs.make_config("rtn", b, args.tier, model=args.model, observer=obs)
+                                      for obs in OBSERVERS for b in runs.load_tier(args.tier)["bits"]],
+                                     args.outputs)
+    command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
+    sections = report.readme_sections(records, observer_records, tier=args.tier, command=command)
+    for name, body in sections.items():
+        print(f"<!-- report:{name} -->\n{body}\n<!-- /report:{name} -->\n")
+    if args.readme:
+        path = Path(args.readme)
+        if not path.is_file():
+            raise SystemExit(f"{path} not found")
+        report.write_text_atomic(path, report.update_markdown(path.read_text(), sections))
+        print(f"updated {', '.join(sections)} in {path}", file=sys.stderr)
     return 0
 
 
@@ -89,6 +124,16 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="embedded name or hub id; default: the tier's")
     p.add_argument("--outputs", default="outputs")
     p.set_defaults(func=_figures)
+
+    p = sub.add_parser("report", help="print the README's result tables from the cached records as markdown",
+                       description="Tables of the tier's records (and RTN at every observer), each with a "
+                                   "provenance line; --readme rewrites the sections between "
+                                   "<!-- report:NAME --> and <!-- /report:NAME --> markers of that file.")
+    p.add_argument("--tier", choices=TIERS, default="cpu")
+    p.add_argument("--model", help="embedded name or hub id; default: the tier's")
+    p.add_argument("--outputs", default="outputs")
+    p.add_argument("--readme", help="markdown file whose marker sections to rewrite (e.g. README.md)")
+    p.set_defaults(func=_report)
 
     args = parser.parse_args(argv)
     try:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from repro.models import stack_linears, weight_matrix
+from repro.quant import is_prepared
 from repro.progress import progress
 
 
@@ -49,37 +51,76 @@ def perplexity(nll_value: float) -> float:
     return math.exp(min(nll_value, 700.0))
 
 
+LAYER_INPUTS = ("own", "fp")
+
+
+@contextmanager
+def exchanged_weights(model, snapshot: dict[str, torch.Tensor]):
+    """Swap the stack's weights with ``snapshot``'s, layer by layer, in place; swap back on exit.
+
+    Inside the block the model runs with the snapshot's weights and ``snapshot`` holds the
+    model's (same dict object). One layer's temporary at a time, no second copy of the stack.
+    """
+    linears = stack_linears(model)
+    if any(is_prepared(m) for m in linears.values()):
+        raise ValueError("the model is in fake-quant mode; call repro.quant.bake(model) first")
+
+    def exchange():
+        for name, m in linears.items():
+            current = m.weight.detach().to(snapshot[name].device, copy=True)
+            m.weight.copy_(snapshot[name])
+            snapshot[name] = current
+
+    with torch.no_grad():
+        exchange()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            exchange()
+
+
 @torch.no_grad()
-def layer_mse(model, fp_weights: dict[str, torch.Tensor], sequences: torch.Tensor,
-              batch_size: int = 4, desc: str | None = "layer MSE") -> dict[str, float]:
+def layer_mse(model, fp_weights: dict[str, torch.Tensor], sequences: torch.Tensor, batch_size: int = 4,
+              inputs: str = "own", desc: str | None = "layer MSE") -> dict[str, float]:
     """Layer-wise output MSE of every quantized stack linear, name -> float.
 
     For layer l with FP weight ``W`` (from ``fp_weights``, as stored by
     ``repro.models.fp_snapshot``) and current weight ``Q(W)`` (the quantized model being
-    measured): ``mean((Q(W) x - W x)^2)`` over all tokens and output features, where ``x`` is
-    the input the layer receives when ``sequences`` flow through the *quantized* model (the
-    GPTQ objective, paper eq. 2). Bias cancels. Units: squared activation units.
+    measured): ``mean(((Q(W) - W) x)^2)`` over all tokens of ``sequences`` ``[n, seq_len]`` and
+    all output features. Bias cancels. Units: squared activation units. ``x`` is the input the
+    layer receives when ``sequences`` flow through
+
+    * ``inputs="fp"``: the full-precision network (the paper's eq. 2: x_l is defined by f), or
+    * ``inputs="own"``: the quantized model itself (what a sequential method such as GPTQ
+      calibrates on: block i sees the outputs of the already-quantized blocks 0..i-1).
+
+    The two agree for the first layer of block 0 and drift apart with depth as the quantized
+    activations move away from the FP ones. ``Q(W) - W`` is formed one layer at a time in the
+    hook, never for the whole stack at once; for ``"fp"`` the weights are exchanged in place
+    with ``fp_weights`` during the pass (``exchanged_weights``) and restored after it.
     """
+    if inputs not in LAYER_INPUTS:
+        raise ValueError(f"inputs={inputs!r}: use 'own' (the quantized model's inputs) or 'fp' (the FP model's)")
     linears = stack_linears(model)
     sums = dict.fromkeys(linears, 0.0)
     counts = dict.fromkeys(linears, 0)
-    deltas = {}
-    for name, m in linears.items():
-        w_fp = weight_matrix(m, fp_weights[name].to(m.weight.device))
-        deltas[name] = (weight_matrix(m) - w_fp).float()
 
     def hook(name):
-        def record(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            err = x @ deltas[name].t()
+        def record(module, args, output):
+            other = fp_weights[name].to(module.weight.device)
+            delta = (weight_matrix(module) - weight_matrix(module, other)).float()  # sign: irrelevant
+            err = args[0].reshape(-1, args[0].shape[-1]).float() @ delta.t()
             sums[name] += float(err.pow(2).sum())
             counts[name] += err.numel()
         return record
 
+    context = exchanged_weights(model, fp_weights) if inputs == "fp" else nullcontext()
     handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
     try:
-        for batch in batches(sequences, batch_size, desc):
-            model(input_ids=batch.to(model_device(model)))
+        with context:
+            for batch in batches(sequences, batch_size, desc):
+                model(input_ids=batch.to(model_device(model)))
     finally:
         for h in handles:
             h.remove()

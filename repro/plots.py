@@ -9,6 +9,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib.ticker
 import matplotlib.pyplot as plt
 
 METHOD_COLORS = {"fp": "black", "rtn": "tab:blue", "gptq": "tab:orange", "qaft": "tab:green",
@@ -108,25 +109,122 @@ def _by_method_bits(records):
     return table
 
 
+METRIC_LABELS = {"nll_test": "test NLL", "nll_validation": "validation NLL",
+                 "layer_mse_fp_inputs": "layer MSE, FP inputs (paper eq. 2)",
+                 "layer_mse": "layer MSE, own inputs"}
+
+
+def _format_colors(records):
+    """One colour per bit-width found in ``records`` (the same in every panel of a figure)."""
+    bits = sorted({r["config"]["bits"] for r in _quantized(records)}, reverse=True)
+    cmap = plt.get_cmap("plasma")
+    return {b: cmap(i / max(len(bits), 1)) for i, b in enumerate(bits)}
+
+
+def _square(ax, values, log: bool):
+    """Same limits on both axes (padded around ``values``; log: at least a decade, so a labelled
+    power of ten shows, minor ticks unlabelled), equal aspect, gray identity diagonal."""
+    lo, hi = min(values), max(values)
+    if log:
+        pad = max((hi / lo) ** 0.05, (10 * lo / hi) ** 0.5)
+        lo, hi = lo / pad, hi * pad
+        ax.set(xscale="log", yscale="log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    else:
+        pad = 0.05 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 0.1
+        lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, zorder=0)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi))
+    ax.set_aspect("equal", adjustable="box")
+
+
+def misalignment_scatter(records, metric_rows=("nll_test", "layer_mse_fp_inputs", "layer_mse"),
+                         local: str = "gptq", global_: str = "qaft"):
+    """Paper Fig. 1 in its own layout: one column per model, one row per metric, ``local``
+    (x) against ``global_`` (y) at each bit-width both have.
+
+    A scalar metric (``nll_test``) draws one dot per format at (local, global) with a line from
+    it to (RTN, RTN) on the diagonal, and a black dot at (FP, FP). A per-layer metric
+    (``layer_mse*``) draws one small dot per linear at (local's MSE, global's MSE), log-log.
+    Below the diagonal the global method is the better one, above it the local one.
+    """
+    models = list(dict.fromkeys(r["config"]["model"] for r in records))
+    fig, axes = plt.subplots(len(metric_rows), max(len(models), 1), squeeze=False, layout="constrained",
+                             figsize=(3.6 * max(len(models), 1), 3.4 * len(metric_rows)))
+    colors = _format_colors(records)
+    handles = {}
+    for col, model in enumerate(models):
+        recs = [r for r in records if r["config"]["model"] == model]
+        table = _by_method_bits(recs)
+        bits = sorted(set(table.get(local, {})) & set(table.get(global_, {})), reverse=True)
+        for row, metric in enumerate(metric_rows):
+            ax = axes[row][col]
+            label = METRIC_LABELS.get(metric, metric.replace("_", " "))
+            ax.set_title(f"{model}\n{label}" if row == 0 else label, fontsize=9)
+            ax.set_xlabel(f"{local.upper()} {label}", fontsize=8)
+            ax.set_ylabel(f"{global_.upper()} {label}", fontsize=8)
+            pairs = [(b, table[local][b].get(metric), table[global_][b].get(metric)) for b in bits]
+            pairs = [(b, x, y) for b, x, y in pairs if x is not None and y is not None]
+            per_layer = bool(pairs) and isinstance(pairs[0][1], dict)
+            values = []
+            for b, x, y in pairs:
+                if per_layer:  # the linears both records measured (log axes: positive values only)
+                    xy = [(x[n], y[n]) for n in x if n in y and x[n] > 0 and y[n] > 0]
+                    if xy:
+                        handles[b] = ax.scatter(*zip(*xy), s=8, alpha=0.7, color=colors[b], label=f"int{b}")
+                        values += [v for p in xy for v in p]
+                    continue
+                handles[b] = ax.scatter([x], [y], s=30, color=colors[b], zorder=3, label=f"int{b}")
+                values += [x, y]
+                rtn = table.get("rtn", {}).get(b, {}).get(metric)
+                if rtn is not None:
+                    ax.plot([x, rtn], [y, rtn], color=colors[b], lw=1.2, label=f"_rtn int{b}")
+                    values.append(rtn)
+            if not values:
+                ax.text(0.5, 0.5, f"no {local.upper()}/{global_.upper()} pair\nwith {metric}",
+                        transform=ax.transAxes, ha="center", va="center", fontsize=8, color="gray")
+                continue
+            fp = None if per_layer else _fp_level(recs, metric)
+            if fp is not None:
+                handles["fp"] = ax.scatter([fp], [fp], s=30, color="black", zorder=3, label="FP")
+                values.append(fp)
+            _square(ax, values, log=per_layer)
+    ordered = [handles[b] for b in colors if b in handles] + ([handles["fp"]] if "fp" in handles else [])
+    if ordered:
+        fig.legend(handles=ordered, loc="outside upper center", ncol=len(ordered), fontsize=8,
+                   title="lines end at (RTN, RTN)", title_fontsize=8)
+    return fig
+
+
 def misalignment(records, methods=("rtn", "gptq", "qaft")):
-    """Paper Fig. 1: global NLL (upper) and mean layer-wise MSE (lower) per bit-width and method."""
-    fig, (ax_nll, ax_mse) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    """Fig. 1's data as lines over bits, one per method: test NLL (top), mean layer-wise MSE
+    with FP inputs (paper eq. 2, middle) and with the quantized model's own inputs (bottom)."""
+    rows = (("nll_test", "test NLL (nats/token)"),
+            ("mean_layer_mse_fp_inputs", "mean layer MSE,\nFP inputs (eq. 2)"),
+            ("mean_layer_mse", "mean layer MSE,\nown inputs"))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(6, 8), sharex=True)
     table = _by_method_bits(records)
     for method in methods:
         rs = sorted(table.get(method, {}).items())
         if not rs:
             continue
         bits = [b for b, _ in rs]
-        style = dict(marker="o", color=METHOD_COLORS.get(method), label=method)
-        ax_nll.plot(bits, [r["nll_validation"] for _, r in rs], **style)
-        ax_mse.plot(bits, [r["mean_layer_mse"] for _, r in rs], **style)
-    fp = _fp_level(records, "nll_validation")
+        for ax, (key, _) in zip(axes, rows):
+            ax.plot(bits, [r.get(key, float("nan")) for _, r in rs], marker="o",
+                    color=METHOD_COLORS.get(method), label=method)
+    fp = _fp_level(records, "nll_test")
     if fp is not None:
-        ax_nll.axhline(fp, color="black", ls="--", lw=1, label="FP")
-    ax_nll.set(ylabel="validation NLL (nats/token)", title="global objective")
-    ax_mse.set(ylabel="mean layer-wise MSE", yscale="log", xlabel="bits", title="local objective")
-    ax_mse.invert_xaxis()
-    ax_nll.legend(fontsize=8)
+        axes[0].axhline(fp, color="black", ls="--", lw=1, label="FP")
+    for ax, (_, ylabel) in zip(axes, rows):
+        ax.set_ylabel(ylabel)
+    axes[0].set_title("global objective")
+    axes[1].set_title("local objectives")
+    for ax in axes[1:]:
+        ax.set_yscale("log")
+    axes[-1].set_xlabel("bits")
+    axes[-1].invert_xaxis()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -175,10 +273,35 @@ def lr_sweep(records):
     return fig
 
 
+def _held_out(layer) -> dict | None:
+    """A GPTQ layer's held-out losses, or None where none were recorded (old or holdout-0 runs)."""
+    held = layer.get("held_out_losses") or {}
+    return held if any(v is not None for v in held.values()) else None
+
+
+def _normalised_losses(layers, kind: str):
+    """Per grid value (float), the mean over linears of ``layer[kind][value]`` divided by that
+    linear's smallest held-out loss (smallest in-sample loss where it has no held-out losses);
+    linears or values without a loss, or with a non-positive reference, are left out."""
+    ratios = defaultdict(list)
+    for layer in layers.values():
+        ref = [v for v in (_held_out(layer) or layer["losses"]).values() if v is not None]
+        if not ref or min(ref) <= 0:
+            continue
+        for g, v in (layer.get(kind) or {}).items():
+            if v is not None:
+                ratios[float(g)].append(v / min(ref))
+    return {g: sum(rs) / len(rs) for g, rs in sorted(ratios.items())}
+
+
 def damping_plot(records):
-    """Paper App. C: GPTQ's chosen damping per linear across the stack (one line per record,
-    log y) and how often each grid value was chosen."""
-    fig, (ax, ax_hist) = plt.subplots(1, 2, figsize=(12, 3.5), gridspec_kw={"width_ratios": [3, 1]})
+    """Paper App. C, one colour per GPTQ record (bit-width): the chosen damping per linear across
+    the stack (left, log y); how often each grid value was chosen (middle); per grid value the
+    mean over linears of the held-out (solid) and in-sample (dashed) layer loss, each normalised
+    per linear by its smallest held-out loss (right, log-log; records without held-out losses
+    draw the in-sample line only, normalised by the smallest in-sample loss)."""
+    fig, (ax, ax_hist, ax_loss) = plt.subplots(1, 3, figsize=(15, 3.5),
+                                               gridspec_kw={"width_ratios": [3, 1, 1.3]})
     gptq = [r for r in records if r["config"]["method"] == "gptq"]
     for i, r in enumerate(gptq):
         layers = r["info"]["layers"]
@@ -187,10 +310,18 @@ def damping_plot(records):
         ax.plot(range(len(chosen)), [c if c is not None else float("nan") for c in chosen], ".", ms=4,
                 color=color, label=f"int{r['config']['bits']}")
         grid = [float(g) for g in next(iter(layers.values()))["losses"]]
-        counts = [sum(c == g for c in chosen) for g in grid]
-        ax_hist.plot(grid, counts, "o-", color=color)
+        ax_hist.plot(grid, [sum(c == g for c in chosen) for g in grid], "o-", color=color)
+        kinds = ("held_out_losses", "losses") if any(map(_held_out, layers.values())) else ("losses",)
+        for kind in kinds:
+            curve = _normalised_losses(layers, kind)
+            ax_loss.plot(list(curve), list(curve.values()), "o-" if kind == "held_out_losses" else "o--",
+                         ms=3, color=color)
     ax.set(yscale="log", xlabel="linear (forward order)", ylabel="chosen damping λ")
     ax_hist.set(xscale="log", xlabel="damping λ", ylabel="layers choosing it")
+    ax_loss.set(xscale="log", yscale="log", xlabel="damping λ",
+                ylabel="layer loss / min held-out loss\n(mean over linears)")
+    ax_loss.legend([plt.Line2D([], [], color="gray"), plt.Line2D([], [], color="gray", ls="--")],
+                   ["held-out", "in-sample"], fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -204,6 +335,8 @@ def save_figures(records, directory: Path | str, suffix: str = "") -> list[Path]
     figures = {"nll_vs_bits": lambda: nll_vs_bits(records)}
     if methods & {"gptq", "qaft"}:
         figures["misalignment"] = lambda: misalignment(records)
+    if {"gptq", "qaft"} <= methods:
+        figures["misalignment_scatter"] = lambda: misalignment_scatter(records)
     if "gptq" in methods:
         figures["damping"] = lambda: damping_plot(records)
     if "qaft" in methods:

@@ -4,9 +4,12 @@ A weight tensor ``W`` is mapped to ``Q_a(W) = a * clamp(round(W / a), -q, q)`` w
 ``q = 2**(B-1) - 1`` (the symmetric integer range, no -2**(B-1) code) and one scale ``a``
 per tensor. The scale comes from an *observer*:
 
-* ``histogram`` - torch's ``HistogramObserver``, used as the paper did (approximate MSE
-  minimisation over a histogram; note that its greedy range search is built for affine
-  8-bit grids and lands well above the exact optimum for a symmetric 4- or 3-bit grid),
+* ``histogram`` - torch's ``HistogramObserver``, used as the paper did. It minimises the
+  quantization error of a histogram, but always for a 256-level grid: torch sets its target
+  bin count from the dtype (``2 ** 8`` for qint8) and ignores ``quant_min``/``quant_max``, so
+  it returns the *same clip range* at every bit-width (``tests/test_quant.py`` pins this).
+  Divided by q, that range is right for int8 and far too wide for int4/3/2, which is why it
+  lands 2-8x above the MSE optimum at 4 and 3 bits (and often does not clip at all),
 * ``mse``       - exact search of ``argmin_a ||Q_a(W) - W||^2`` on the full tensor,
 * ``minmax``    - ``a = max|W| / q`` (no clipping).
 

@@ -1,36 +1,249 @@
-"""Conclusions computed from records (so notebook prose never carries hand-typed numbers)."""
+"""Conclusions and README tables computed from records (so no prose carries hand-typed numbers).
+
+Table functions are pure: a list of records in, a markdown string out. Units: NLL in nats/token
+(3 decimals), layer MSE in squared activation units (3 significant digits), times in seconds.
+Layer MSEs are measured on the test split, in two readings: ``mean_layer_mse_fp_inputs`` (each
+layer fed the FP model's inputs, the paper's eq. 2) and ``mean_layer_mse`` (fed the quantized
+model's own inputs). ``update_markdown`` writes tables between ``<!-- report:NAME -->`` markers.
+"""
 from __future__ import annotations
 
+import math
+import os
+import re
+import tempfile
 from collections import defaultdict
+from pathlib import Path
+
+METHODS = ("rtn", "gptq", "qaft")
+MSE_READINGS = (("FP inputs", "mean_layer_mse_fp_inputs"), ("own inputs", "mean_layer_mse"))
+DASH = "—"
+
+
+def _nll(x) -> str:
+    return DASH if x is None else f"{x:.3f}"
+
+
+def _g(x) -> str:
+    return DASH if x is None else f"{x:.3g}"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _markdown(header, rows) -> str:
+    return "\n".join([_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)])
 
 
 def _table(records):
+    """``{method: {bits: record}}`` for the quantized records (FP under ``None``)."""
     table = defaultdict(dict)
     for r in records:
-        if r["config"]["bits"] is not None:
-            table[r["config"]["method"]][r["config"]["bits"]] = r
+        table[r["config"]["method"]][r["config"]["bits"]] = r
     return table
 
 
+def _bits(table, methods=METHODS):
+    return sorted({b for m in methods for b in table.get(m, {}) if b is not None}, reverse=True)
+
+
+def _fp(records):
+    return next((r for r in records if r["config"]["method"] == "fp"), None)
+
+
+def _chosen_run(info):
+    """QAFT: the run of the chosen lr0."""
+    return next((r for r in info.get("runs", []) if math.isclose(r["lr"], info["lr"])), None)
+
+
+def _chosen_epoch(info):
+    return info.get("epoch", info.get("best_epoch"))
+
+
+def _seconds(r) -> str:
+    return DASH if r is None or not r.get("wall_s") else f"{r['wall_s']['method']:.0f}"
+
+
+def _bold_min(values, fmt=_nll):
+    """Formatted ``values`` with the smallest (ties: all of them) in bold; ``None`` -> dash."""
+    low = min((v for v in values if v is not None), default=None)
+    return [DASH if v is None else f"**{fmt(v)}**" if v == low else fmt(v) for v in values]
+
+
+def fig1_table(records) -> str:
+    """Paper Fig. 1, one row per bit-width (high to low), FP first: test NLL (nats/token) of RTN,
+    GPTQ and QAFT; their mean layer MSE on test (squared activation units) with FP inputs (eq. 2)
+    and with their own inputs; QAFT's lr0 and epoch (chosen on validation); GPTQ's and QAFT's
+    method time (s)."""
+    t = _table(records)
+    names = [m.upper() for m in METHODS]
+    header = ["bits", *(f"{n} test NLL" for n in names),
+              *(f"{n} MSE, {reading}" for reading, _ in MSE_READINGS for n in names),
+              "QAFT lr0", "QAFT epoch", "GPTQ s", "QAFT s"]
+    rows = []
+    fp = t.get("fp", {}).get(None)
+    if fp is not None:
+        rows.append(["FP", *[_nll(fp["nll_test"])] * len(METHODS),
+                     *(_g(fp.get(key)) for _, key in MSE_READINGS for _ in METHODS), *[DASH] * 4])
+    for b in _bits(t):
+        recs = [t.get(m, {}).get(b) for m in METHODS]
+        info = (recs[2] or {}).get("info") or {}
+        epoch = _chosen_epoch(info)
+        rows.append([f"int{b}", *(_nll(r and r["nll_test"]) for r in recs),
+                     *(_g(r and r.get(key)) for _, key in MSE_READINGS for r in recs),
+                     f"{info['lr']:g}" if "lr" in info else DASH, DASH if epoch is None else epoch,
+                     _seconds(recs[1]), _seconds(recs[2])])
+    return _markdown(header, rows) if rows else "No records yet."
+
+
+def qaft_epochs_table(records) -> str:
+    """Paper Fig. 7: QAFT's test NLL (nats/token) after each epoch at the chosen lr0 (epoch 0 =
+    RTN; **bold** = the epoch chosen on validation), next to GPTQ's test NLL, per bit-width."""
+    t = _table(records)
+    hists = {}
+    for b, rec in t.get("qaft", {}).items():
+        run = _chosen_run(rec["info"]) or {}
+        hist = {h["epoch"]: h.get("nll_test") for h in run.get("history", [])}
+        hist.setdefault(0, (rec["info"].get("rtn") or {}).get("nll_test"))
+        hists[b] = hist
+    if not hists:
+        return "No QAFT records yet."
+    epochs = sorted({e for h in hists.values() for e in h})
+    header = ["bits", *("test NLL, epoch 0 (RTN)" if e == 0 else f"epoch {e}" for e in epochs), "GPTQ test NLL"]
+    rows = []
+    for b in sorted(hists, reverse=True):
+        chosen = _chosen_epoch(t["qaft"][b]["info"])
+        cells = [DASH if hists[b].get(e) is None else f"**{_nll(hists[b][e])}**" if e == chosen
+                 else _nll(hists[b][e]) for e in epochs]
+        gptq = t.get("gptq", {}).get(b)
+        rows.append([f"int{b}", *cells, _nll(gptq and gptq["nll_test"])])
+    return _markdown(header, rows)
+
+
+def lr_table(records) -> str:
+    """Paper Fig. 6: QAFT's validation NLL (nats/token, best epoch) per initial LR lr0 and
+    bit-width. lr0 and epoch are selected on validation; **bold** = the chosen lr0."""
+    qaft = _table(records).get("qaft", {})
+    if not qaft:
+        return "No QAFT records yet."
+    lrs = sorted({run["lr"] for r in qaft.values() for run in r["info"].get("runs", [])})
+    header = ["bits", *(f"validation NLL, lr0 {lr:g}" for lr in lrs)]
+    rows = []
+    for b in sorted(qaft, reverse=True):
+        info = qaft[b]["info"]
+        best = {run["lr"]: run.get("best_nll_validation") for run in info.get("runs", [])}
+        rows.append([f"int{b}", *(DASH if best.get(lr) is None else f"**{_nll(best[lr])}**"
+                                  if math.isclose(lr, info["lr"]) else _nll(best[lr]) for lr in lrs)])
+    return _markdown(header, rows)
+
+
+def rtn_table(records) -> str:
+    """FP and RTN per bit-width: validation NLL (nats/token), validation perplexity, test NLL,
+    mean layer MSE on test (squared activation units) with FP inputs (eq. 2) and with own inputs."""
+    t = _table(records)
+    header = ["", "validation NLL", "validation ppl", "test NLL",
+              *(f"mean layer MSE, {reading}" for reading, _ in MSE_READINGS)]
+    recs = [("FP", t.get("fp", {}).get(None)), *((f"int{b}", t["rtn"][b]) for b in _bits(t, ("rtn",)))]
+    rows = [[label, _nll(r["nll_validation"]), _g(r.get("ppl_validation")), _nll(r["nll_test"]),
+             *(_g(r.get(key)) for _, key in MSE_READINGS)] for label, r in recs if r is not None]
+    return _markdown(header, rows) if rows else "No FP/RTN records yet."
+
+
+def observer_table(records) -> str:
+    """RTN per scale observer (rows) and bit-width (columns): validation NLL (nats/token) with its
+    change vs FP's validation NLL in %, and test NLL; **bold** = the lowest of each column."""
+    fp = _fp(records)
+    rtn = {(r["config"]["observer"], r["config"]["bits"]): r for r in records if r["config"]["method"] == "rtn"}
+    if not rtn:
+        return "No RTN records yet."
+    observers = list(dict.fromkeys(o for o, _ in rtn))
+    bits = sorted({b for _, b in rtn}, reverse=True)
+    columns = []
+    for b in bits:
+        recs = [rtn.get((o, b)) for o in observers]
+        val = _bold_min([r and r["nll_validation"] for r in recs])
+        if fp is not None:
+            val = [v if r is None else f"{v} ({100 * (r['nll_validation'] / fp['nll_validation'] - 1):+.1f}%)"
+                   for v, r in zip(val, recs)]
+        columns += [val, _bold_min([r and r["nll_test"] for r in recs])]
+    vs = " (vs FP)" if fp is not None else ""
+    header = ["observer", *(h for b in bits for h in (f"int{b} validation NLL{vs}", f"int{b} test NLL"))]
+    return _markdown(header, [[o, *(col[i] for col in columns)] for i, o in enumerate(observers)])
+
+
+def observer_choice(records, used: dict) -> str:
+    """Markdown list, per bit-width: the observer a tier uses (``used``: bits -> observer) and the
+    one whose RTN record has the lowest *validation* NLL (nats/token), with both values."""
+    rtn = defaultdict(dict)
+    for r in records:
+        if r["config"]["method"] == "rtn":
+            rtn[r["config"]["bits"]][r["config"]["observer"]] = r["nll_validation"]
+    lines = []
+    for b in sorted(rtn, reverse=True):
+        best = min(rtn[b], key=rtn[b].get)
+        tier = used.get(b)
+        verdict = "the validation best" if tier == best else f"validation best: **{best}** {rtn[b][best]:.3f}"
+        value = f" {rtn[b][tier]:.3f}" if tier in rtn[b] else ""
+        lines.append(f"- int{b}: tier uses **{tier}**{value} — {verdict}")
+    return "\n".join(lines) or "No RTN records yet."
+
+
+def damping_table(records) -> str:
+    """GPTQ's per-layer damping search (paper App. C), one row per bit-width: how many layers chose
+    each grid value λ (damping = λ · mean diag H, chosen by in-sample layer loss), layers that fell
+    back to RTN, and how many layers' held-out loss would have chosen the same λ."""
+    gptq = _table(records).get("gptq", {})
+    if not gptq:
+        return "No GPTQ records yet."
+    grid = set()
+    for r in gptq.values():
+        grid |= {f"{float(d):g}" for d in (r["info"].get("options") or {}).get("damping_grid", [])}
+        grid |= {k for layer in r["info"]["layers"].values() for k in layer.get("losses", {})}
+    grid = sorted(grid, key=float)
+    rows, any_fallback = [], False
+    for b in sorted(gptq, reverse=True):
+        layers = gptq[b]["info"]["layers"].values()
+        chosen = [None if la["damping"] is None else f"{la['damping']:g}" for la in layers]
+        agree = total = 0
+        for la, c in zip(layers, chosen):
+            held = {k: v for k, v in (la.get("held_out_losses") or {}).items() if v is not None}
+            if held:
+                total += 1
+                agree += min(held, key=held.get) == c
+        any_fallback |= None in chosen
+        rows.append([f"int{b}", *(chosen.count(k) for k in grid), chosen.count(None), len(chosen),
+                     f"{agree}/{total}" if total else DASH])
+    header = ["bits", *(f"λ {k}" for k in grid), "fallback (RTN)", "layers", "held-out best = chosen"]
+    if not any_fallback:
+        header, rows = header[:-3] + header[-2:], [r[:-3] + r[-2:] for r in rows]
+    return _markdown(header, rows)
+
+
 def misalignment_summary(records, local: str = "gptq", global_: str = "qaft") -> str:
-    """Markdown: per bit-width, which method wins the global NLL and which the layer MSE."""
+    """Markdown: per bit-width, which method has the lower test NLL (nats/token) and which the
+    lower mean layer MSE (test split; with FP inputs, eq. 2, when recorded, and with own inputs),
+    and whether the two winners are aligned."""
     table = _table(records)
     lines = []
-    for b in sorted(set(table.get(local, {})) & set(table.get(global_, {})), reverse=True):
+    for b in sorted(set(table.get(local, {})) & set(table.get(global_, {})) - {None}, reverse=True):
         lo, gl = table[local][b], table[global_][b]
-        nll_winner = global_ if gl["nll_validation"] < lo["nll_validation"] else local
-        mse_winner = local if lo["mean_layer_mse"] < gl["mean_layer_mse"] else global_
-        aligned = "aligned" if nll_winner == mse_winner else "**misaligned**"
+        nll_winner = global_ if gl["nll_test"] < lo["nll_test"] else local
+        readings = []
+        for reading, key in MSE_READINGS:
+            if lo.get(key) is None or gl.get(key) is None:
+                continue
+            mse_winner = local if lo[key] < gl[key] else global_
+            aligned = "aligned" if nll_winner == mse_winner else "**misaligned**"
+            readings.append(f"{reading}: {mse_winner.upper()} lower ({lo[key]:.3g} {local.upper()} vs "
+                            f"{gl[key]:.3g} {global_.upper()}), {aligned}")
         lines.append(
-            f"- int{b}: {nll_winner.upper()} has the lower validation NLL "
-            f"({lo['nll_validation']:.3f} {local.upper()} vs {gl['nll_validation']:.3f} {global_.upper()}, "
-            f"Δ {gl['nll_validation'] - lo['nll_validation']:+.3f}); {mse_winner.upper()} has the lower mean "
-            f"layer MSE ({lo['mean_layer_mse']:.3g} vs {gl['mean_layer_mse']:.3g}) — {aligned}.")
+            f"- int{b}: {nll_winner.upper()} has the lower test NLL ({lo['nll_test']:.3f} {local.upper()} vs "
+            f"{gl['nll_test']:.3f} {global_.upper()}, Δ {gl['nll_test'] - lo['nll_test']:+.3f}). "
+            f"Mean layer MSE (test) — {'; '.join(readings) or 'not recorded'}.")
     if not lines:
         return f"No bit-width has both {local} and {global_} records yet."
     return "\n".join(lines)
-
-
 def first_epoch_summary(records) -> str:
     """Markdown: does one epoch of QAFT already beat GPTQ (test NLL), per bit-width?"""
     table = _table(records)
@@ -60,3 +273,70 @@ def lr_summary(records) -> str:
     lines.append(f"\nLower bit-widths {'do' if monotone else 'do not all'} prefer equal or higher learning "
                  f"rates here (paper App. A: int3/int2 prefer high LRs).")
     return "\n".join(lines)
+
+
+# README marker name -> (table function, methods of the records it draws on)
+SECTIONS = {
+    "fig1": (fig1_table, ("fp", *METHODS)),
+    "qaft-epochs": (qaft_epochs_table, ("gptq", "qaft")),
+    "lr": (lr_table, ("qaft",)),
+    "rtn": (rtn_table, ("fp", "rtn")),
+    "observers": (observer_table, ("fp", "rtn")),
+    "damping": (damping_table, ("gptq",)),
+    "misalignment": (misalignment_summary, ("gptq", "qaft")),
+}
+
+
+def provenance(records, tier: str, command: str) -> str:
+    """One italic line: tier, model(s), the distinct code hashes of ``records`` and the command."""
+    models = sorted({r["config"]["model"] for r in records}) or ["none"]
+    codes = sorted({(r.get("versions") or {}).get("code") or "unknown" for r in records}) or ["none"]
+    return (f"*Generated from {len(records)} records by `{command}`: tier {tier}, model {', '.join(models)}, "
+            f"code {', '.join(codes)}.*")
+
+
+def readme_sections(records, observer_records=(), tier: str = "cpu", command: str | None = None) -> dict:
+    """``{marker name: markdown}``, each table followed by its provenance line. ``records``: the
+    tier's sweep (fp, rtn, gptq, qaft); ``observer_records``: RTN at every observer (for
+    ``observers``, with the sweep's FP as reference)."""
+    command = command or f"repro report --tier {tier}"
+    fp = [r for r in records if r["config"]["method"] == "fp"]
+    sections = {}
+    for name, (table, methods) in SECTIONS.items():
+        pool = [*fp, *observer_records] if name == "observers" else records
+        used = [r for r in pool if r["config"]["method"] in methods]
+        sections[name] = f"{table(used)}\n\n{provenance(used, tier, command)}"
+    return sections
+
+
+def _marker_re(name: str) -> re.Pattern:
+    name = re.escape(name)
+    return re.compile(rf"(^[ \t]*<!-- report:{name} -->[ \t]*\n)(.*?)(^[ \t]*<!-- /report:{name} -->[ \t]*$)",
+                      re.M | re.S)
+
+
+def update_markdown(text: str, sections: dict) -> str:
+    """``text`` with the content between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``
+    (lines of their own, kept) replaced by ``sections[NAME]``; other markers are left alone.
+    Raises ValueError naming every section without its pair of markers."""
+    missing = [name for name in sections if not _marker_re(name).search(text)]
+    if missing:
+        raise ValueError(f"no <!-- report:NAME --> ... <!-- /report:NAME --> markers for: {', '.join(missing)}")
+    for name, body in sections.items():
+        text = _marker_re(name).sub(lambda m: f"{m.group(1)}\n{body.strip()}\n\n{m.group(3)}", text)
+    return text
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (keeping the file mode)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

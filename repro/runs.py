@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+import repro
 from repro import data as data_mod
 from repro import evaluate, models
 from repro.methods import METHODS
@@ -29,6 +30,20 @@ from repro.quant import OBSERVERS, check_bits
 PARAMS_DIR = Path(__file__).parent / "params"
 TIERS = ("ci", "cpu", "paper")
 HASH_EXCLUDE = ("device", "tier")  # where a run executes does not change what it computes
+# Versions of the code every record shares, part of every record's key: bump one when what it
+# computes changes, so stale records are recomputed rather than re-read. (Methods carry their own.)
+SHARED_VERSIONS = {"evaluation": 2,  # 2: layer MSE on test, both input readings
+                   "data": 1}
+
+
+def code_hash() -> str:
+    """sha256 (12 hex) of the package's sources and tier files: which code produced a record."""
+    digest = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted([*root.rglob("*.py"), *PARAMS_DIR.glob("*.yaml")]):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def outputs_dir() -> Path:
@@ -70,6 +85,7 @@ class RunConfig:
         """Hash of the config (placement excluded) and the method's version."""
         content = {k: v for k, v in dataclasses.asdict(self).items() if k not in HASH_EXCLUDE}
         content["method_version"] = METHODS[self.method][1]
+        content.update(SHARED_VERSIONS)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def label(self) -> str:
@@ -91,6 +107,12 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
     method_options = dict(params.pop("methods", {}).get(method) or {})
     method_options.update(options or {})
     params.pop("bits", None)
+    if isinstance(params.get("observer"), dict):  # chosen per bit-width (fp: the highest width's)
+        by_bits = params["observer"]
+        if bits is not None and bits not in by_bits:
+            raise ValueError(f"tier {tier!r} chooses an observer per bit-width for {sorted(by_bits)} only, not "
+                             f"int{bits}; pass observer=... (CLI: --observer) or add int{bits} to params/{tier}.yaml")
+        params["observer"] = by_bits[bits if bits is not None else max(by_bits)]
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     params = {k: v for k, v in params.items() if k in fields}
     params.update({k: v for k, v in overrides.items() if v is not None})
@@ -152,18 +174,27 @@ def workbench(config: RunConfig) -> Workbench:
 
 
 def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int, bits: int | None) -> dict:
-    """The metrics every record carries (see ``repro.evaluate`` for definitions)."""
+    """The metrics every record carries (definitions in ``repro.evaluate``).
+
+    Validation NLL is for selection (QAFT's lr0 and epoch); every comparison across methods
+    uses the test split, so the layer-wise MSEs, both readings, are measured on test.
+    """
     nll_val = evaluate.nll(model, data.validation, batch_size, desc="NLL validation")
     nll_test = evaluate.nll(model, data.test, batch_size, desc="NLL test")
-    if bits is None:
-        mse = dict.fromkeys(models.stack_linears(model), 0.0)
-    else:
-        mse = evaluate.layer_mse(model, fp_weights, data.validation, batch_size)
+    mse = {}
+    for inputs, key in (("own", "layer_mse"), ("fp", "layer_mse_fp_inputs")):
+        if bits is None:
+            mse[key] = dict.fromkeys(models.stack_linears(model), 0.0)
+        else:
+            mse[key] = evaluate.layer_mse(model, fp_weights, data.test, batch_size, inputs=inputs,
+                                          desc=f"layer MSE ({inputs} inputs)")
+    n_layers = len(mse["layer_mse"])
     return {
         "nll_validation": nll_val, "nll_test": nll_test,
         "ppl_validation": evaluate.perplexity(nll_val), "ppl_test": evaluate.perplexity(nll_test),
-        "layer_mse": mse, "mean_layer_mse": sum(mse.values()) / len(mse),
-        "weight_mse": sum(evaluate.weight_mse(model, fp_weights).values()) / len(mse),
+        **{k: v for key, values in mse.items()
+           for k, v in ((key, values), (f"mean_{key}", sum(values.values()) / n_layers))},
+        "weight_mse": sum(evaluate.weight_mse(model, fp_weights).values()) / n_layers,
         "weight_distance": evaluate.weight_distance(model, fp_weights),
         "weight_size_gb": models.weight_size_gb(model, bits if bits is not None else 32),
         "stack_params": models.stack_param_count(model),
@@ -192,6 +223,7 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
     metrics = evaluate_model(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits)
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
+        "versions": {"package": repro.__version__, "code": code_hash(), "method": version, **SHARED_VERSIONS},
         **metrics, "info": info,
         "wall_s": {"method": method_s, "evaluate": time.perf_counter() - start - method_s},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
@@ -224,7 +256,8 @@ def summary(record: dict) -> str:
     bits = "fp" if c["bits"] is None else f"int{c['bits']}"
     return (f"{c['method']} {c['model']} {bits} ({c['observer']}, {c['corpus']}): "
             f"NLL val {record['nll_validation']:.3f} (ppl {record['ppl_validation']:.1f}), "
-            f"test {record['nll_test']:.3f} | mean layer MSE {record['mean_layer_mse']:.3g} | "
+            f"test {record['nll_test']:.3f} | mean layer MSE (test) own inputs {record['mean_layer_mse']:.3g}, "
+            f"FP inputs {record.get('mean_layer_mse_fp_inputs', float('nan')):.3g} | "
             f"{record['wall_s']['method']:.1f} s{' [cached]' if record.get('cached') else ''}")
 
 
@@ -237,6 +270,7 @@ def table(records: list[dict]):
         c = r["config"]
         rows.append({"method": c["method"], "bits": c["bits"], "observer": c["observer"],
                      "nll_validation": r["nll_validation"], "ppl_validation": r["ppl_validation"],
-                     "nll_test": r["nll_test"], "mean_layer_mse": r["mean_layer_mse"], "weight_mse": r["weight_mse"],
+                     "nll_test": r["nll_test"], "mean_layer_mse": r["mean_layer_mse"],
+                     "mean_layer_mse_fp_inputs": r.get("mean_layer_mse_fp_inputs"), "weight_mse": r["weight_mse"],
                      "weight_size_gb": r["weight_size_gb"], "method_s": r["wall_s"]["method"]})
     return pd.DataFrame(rows)

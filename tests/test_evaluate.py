@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from repro import evaluate, models, quant
@@ -17,24 +18,51 @@ def test_nll_equals_hf_loss(family_model):
     assert math.isclose(evaluate.nll(model, ids, batch_size=2, desc=None), hf, rel_tol=1e-5)
 
 
-def test_layer_mse_definition():
-    model = tiny_model("gpt2")
-    fp = models.fp_snapshot(model)
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert all(v == 0 for v in evaluate.layer_mse(model, fp, ids, desc=None).values())
-    quant.prepare(model, 3, "minmax")
-    quant.bake(model)
-    mse = evaluate.layer_mse(model, fp, ids, desc=None)
-    assert len(mse) == 8 and all(v > 0 for v in mse.values())
-    # direct check on one layer: the input it receives in the quantized model
-    name, layer = next(iter(models.stack_linears(model).items()))
+def _layer_inputs(model, layer, ids):
     seen = []
     handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     with torch.no_grad():
         model(input_ids=ids)
     handle.remove()
-    x = seen[0].reshape(-1, seen[0].shape[-1])
-    w_q, w = models.weight_matrix(layer), models.weight_matrix(layer, fp[name])
-    expected = (x @ w_q.t() - x @ w.t()).pow(2).mean().item()
-    assert math.isclose(mse[name], expected, rel_tol=1e-4)
+    return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_layer_mse_both_input_readings(family):
+    model = tiny_model(family)
+    fp = models.fp_snapshot(model)
+    reference = tiny_model(family)  # the same FP weights (seeded), never quantized
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    for inputs in ("own", "fp"):
+        assert all(v == 0 for v in evaluate.layer_mse(model, fp, ids, inputs=inputs, desc=None).values())
+    quant.prepare(model, 3, "minmax")
+    quant.bake(model)
+    baked = {n: m.weight.detach().clone() for n, m in models.stack_linears(model).items()}
+    own = evaluate.layer_mse(model, fp, ids, desc=None)
+    fp_in = evaluate.layer_mse(model, fp, ids, inputs="fp", desc=None)
+    assert list(own) == list(models.stack_linears(model)) and all(v > 0 for v in own.values())
+    # the FP pass exchanges weights in place and restores them exactly, snapshot included
+    for n, m in models.stack_linears(model).items():
+        assert torch.equal(m.weight, baked[n]) and not torch.equal(fp[n], baked[n])
+    # block 0's first linear sees the embeddings in both readings; a deep layer does not
+    names = list(own)
+    assert own[names[0]] == pytest.approx(fp_in[names[0]], rel=1e-6)
+    deep = names[-1]  # last linear of the last block
+    w_q, w = models.weight_matrix(models.stack_linears(model)[deep]), models.weight_matrix(
+        models.stack_linears(model)[deep], fp[deep])
+    for inputs, net, mse in (("own", model, own), ("fp", reference, fp_in)):
+        x = _layer_inputs(net, models.stack_linears(net)[deep], ids)
+        expected = (x @ (w_q - w).t()).pow(2).mean().item()
+        assert mse[deep] == pytest.approx(expected, rel=1e-4), inputs
+    assert own[deep] != pytest.approx(fp_in[deep], rel=1e-3)  # the readings differ at depth
     assert evaluate.weight_distance(model, fp) > 0
+    with pytest.raises(ValueError, match="inputs"):
+        evaluate.layer_mse(model, fp, ids, inputs="quantized", desc=None)
+
+
+def test_layer_mse_refuses_a_model_in_fake_quant_mode():
+    model = tiny_model("opt")
+    fp = models.fp_snapshot(model)
+    quant.prepare(model, 4, "minmax")
+    with pytest.raises(ValueError, match="bake"):
+        evaluate.layer_mse(model, fp, torch.zeros(1, 8, dtype=torch.long), inputs="fp", desc=None)

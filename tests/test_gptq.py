@@ -10,7 +10,7 @@ from tiny_models import FAMILIES, tiny_model
 
 from repro import evaluate
 from repro.methods.gptq import (accumulate_hessian, damping_search, gptq, gptq_quantize,
-                                inverse_cholesky, layer_loss)
+                                inverse_cholesky, layer_loss, merge_hessians, split_calibration)
 from repro.models import fp_snapshot, stack_linears, weight_matrix
 from repro.quant import codes, compute_scale, quantize
 from repro.runs import RunConfig
@@ -102,8 +102,8 @@ def test_damping_search_returns_the_argmin_of_its_own_grid():
     W, _, H = correlated_problem(out=48, inp=96, dtype=torch.float32)
     scale = compute_scale(W, 3, "minmax")
     grid = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4]
-    Q, chosen, losses, failures = damping_search(W, H, scale, 3, grid, block_size=32, batch=3)
-    assert failures == [] and list(losses) == grid
+    Q, chosen, losses, held, failures = damping_search(W, H, scale, 3, grid, block_size=32, batch=3)
+    assert failures == [] and list(losses) == grid and all(v is None for v in held.values())
     assert chosen == min(grid, key=losses.get)
     # every grid point's recorded loss is that of plain GPTQ at that damping, scored from H
     for d in grid:
@@ -113,13 +113,58 @@ def test_damping_search_returns_the_argmin_of_its_own_grid():
     assert len(set(losses.values())) > 1  # the grid matters on this problem
 
 
+def test_damping_scored_out_of_sample_does_not_pick_the_floor():
+    """With fewer fit tokens than inputs, the in-sample loss is lowest at the bottom of the grid
+    (the weakest regulariser fits its own tokens best); held-out tokens disagree."""
+    W, X, _ = correlated_problem(out=48, inp=96, tokens=1064, dtype=torch.float64)
+    H_fit, n_fit = accumulate_hessian(None, 0, X[:64])
+    H_held, n_held = accumulate_hessian(None, 0, X[64:])
+    scale = compute_scale(W, 3, "minmax")
+    grid = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+    Q, chosen, losses, held, failures = damping_search(W, H_fit, scale, 3, grid, H_held=H_held)
+    assert failures == []
+    assert min(grid, key=losses.get) <= 1e-2  # in sample: the bottom of the grid wins
+    assert chosen == min(grid, key=held.get) == 1.0  # held out: 100x stronger damping
+    assert held[chosen] < 0.6 * held[grid[0]]
+    for d in grid:  # the held-out score of a candidate is its layer loss on the held-out Hessian
+        Q_d = gptq_quantize(W, H_fit, scale, 3, d)
+        assert held[d] == pytest.approx(float(layer_loss(Q_d - W, H_held)), rel=1e-6)
+    # merging the two running means gives the Hessian of all tokens
+    H_all, _ = accumulate_hessian(None, 0, X)
+    torch.testing.assert_close(merge_hessians(H_fit, n_fit, H_held, n_held), H_all)
+
+
+def test_split_calibration():
+    seqs = torch.arange(32).reshape(8, 4)
+    fit, held = split_calibration(seqs, 0.25, [0.01, 1.0])
+    assert torch.equal(fit, seqs[:6]) and torch.equal(held, seqs[6:])
+    fit, held = split_calibration(seqs, 0.25, [1.0])  # nothing to choose: nothing held out
+    assert torch.equal(fit, seqs) and len(held) == 0
+    assert len(split_calibration(seqs, 0.0, [0.01, 1.0])[1]) == 0
+    with pytest.raises(ValueError, match="holdout"):
+        split_calibration(seqs[:1], 0.5, [0.01, 1.0])
+    with pytest.raises(ValueError, match="holdout"):
+        split_calibration(seqs, 1.0, [0.01, 1.0])
+
+
+@pytest.mark.parametrize("options, match", [({"damping_grid": []}, "damping_grid"),
+                                            ({"damping_grid": [0.01, 0.0]}, "damping_grid"),
+                                            ({"damping_grid": [float("nan")]}, "damping_grid"),
+                                            ({"dampinggrid": [0.01]}, "unknown GPTQ option")])
+def test_bad_gptq_options_fail_before_any_work(options, match):
+    model = tiny_model("llama", hidden=48)
+    config = RunConfig(method="gptq", bits=3, observer="minmax", options=options)
+    with pytest.raises(ValueError, match=match):
+        gptq(model, types.SimpleNamespace(calibration=torch.zeros(2, 8, dtype=torch.long)), config)
+
+
 def test_partial_cholesky_failures_are_recorded_and_skipped():
     W, _, _ = correlated_problem(out=16, inp=32, dtype=torch.float32)
     H = torch.eye(32)
     H[3, 3] = -0.5  # indefinite: needs damping * mean(diag H) > 0.5 to become positive definite
     scale = compute_scale(W, 4, "minmax")
     grid = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
-    Q, chosen, losses, failures = damping_search(W, H, scale, 4, grid)
+    Q, chosen, losses, _, failures = damping_search(W, H, scale, 4, grid)
     assert [losses[d] is None for d in grid] == [True, True, True, False, False]
     assert len(failures) == 3 and all(f.startswith("damping ") for f in failures)
     assert chosen in (1.0, 10.0)
@@ -137,7 +182,7 @@ def test_unfactorable_hessian_falls_back_to_rtn_with_a_warning(case):
     else:
         H = torch.full((24, 24), float("nan"))
     scale = compute_scale(W, 4, "minmax")
-    Q, chosen, losses, failures = damping_search(W, H, scale, 4, grid)
+    Q, chosen, losses, _, failures = damping_search(W, H, scale, 4, grid)
     assert chosen is None
     assert torch.equal(Q, quantize(W, scale, 4))
     assert all(v is None for v in losses.values())
@@ -154,7 +199,7 @@ def test_whole_model_gptq_on_tiny_models(family):
     calibration = torch.randint(0, 128, (5, 40), generator=torch.Generator().manual_seed(1))
     data = types.SimpleNamespace(calibration=calibration)
     config = RunConfig(method="gptq", bits=3, observer="minmax", batch_size=2,
-                       options={"damping_grid": [1e-2, 1.0, 100.0], "block_size": 16})
+                       options={"damping_grid": [1e-2, 1.0, 100.0], "block_size": 16, "holdout": 0})
     info = gptq(model, data, config)
 
     linears = stack_linears(model)
@@ -162,7 +207,7 @@ def test_whole_model_gptq_on_tiny_models(family):
     assert len(info["blocks"]) == 2 and set(info["wall_s"]) == {"capture", "hessian", "solve", "propagate"}
     for name, m in linears.items():
         rec = info["layers"][name]
-        assert rec["tokens"] == calibration.numel()
+        assert rec["tokens"] == calibration.numel() and rec["held_out_tokens"] == 0
         assert rec["damping"] == min((d for d in (1e-2, 1.0, 100.0)), key=lambda d: rec["losses"][f"{d:g}"])
         scale = torch.tensor(rec["scale"])
         assert torch.allclose(scale, compute_scale(fp[name], 3, "minmax"))
@@ -207,6 +252,36 @@ def test_whole_model_single_damping_and_conv1d_layout():
     torch.testing.assert_close(weight_matrix(m).detach(), Q, rtol=0, atol=1e-5)
 
 
+def test_whole_model_held_out_damping_then_all_tokens():
+    """Default scoring: the grid is solved on the fit sequences, the damping chosen by the
+    held-out ones, and the layer solved once more at that damping on all sequences."""
+    model = tiny_model("llama", hidden=48)
+    fp = fp_snapshot(model)
+    calibration = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(3))
+    grid = [1e-3, 1e-1, 10.0]
+    config = RunConfig(method="gptq", bits=3, observer="minmax", batch_size=3,
+                       options={"damping_grid": grid, "block_size": 16, "holdout": 0.25})
+    info = gptq(model, types.SimpleNamespace(calibration=calibration), config)
+    for rec in info["layers"].values():
+        assert rec["tokens"] == 6 * 24 and rec["held_out_tokens"] == 2 * 24
+        assert rec["damping"] == min(grid, key=lambda d: rec["held_out_losses"][f"{d:g}"])
+    # block 0's first linear sees FP inputs: re-solve it by hand from the merged Hessian
+    name = next(iter(stack_linears(model)))
+    hold = []
+    model_fp = tiny_model("llama", hidden=48)
+    first = stack_linears(model_fp)[name]
+    handle = first.register_forward_hook(lambda mod, args, out: hold.append(args[0]))
+    with torch.no_grad():
+        model_fp(input_ids=calibration[:6])
+        model_fp(input_ids=calibration[6:])
+    handle.remove()
+    (H_fit, n_fit), (H_held, n_held) = accumulate_hessian(None, 0, hold[0]), accumulate_hessian(None, 0, hold[1])
+    rec = info["layers"][name]
+    scale = compute_scale(fp[name], 3, "minmax")
+    Q = gptq_quantize(fp[name], merge_hessians(H_fit, n_fit, H_held, n_held), scale, 3, rec["damping"], 16)
+    torch.testing.assert_close(stack_linears(model)[name].weight.detach(), Q, rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- embedded model
 @pytest.mark.embedded
 def test_embedded_gptq_beats_rtn_layer_mse(tmp_path):
@@ -219,3 +294,19 @@ def test_embedded_gptq_beats_rtn_layer_mse(tmp_path):
         info = gptq_record["info"]
         assert info["fallbacks"] == [] and len(info["layers"]) == 30 * 7
         assert all(rec["damping"] in info["options"]["damping_grid"] for rec in info["layers"].values())
+
+
+@pytest.mark.embedded
+def test_embedded_gptq_is_deterministic(tmp_path):
+    """Two runs of the same config (fresh outputs, same process) give identical records."""
+    from repro.runs import make_config, run
+
+    config = make_config("gptq", 3, tier="ci")
+    first, second = (run(config, outputs=tmp_path / name) for name in ("a", "b"))
+    volatile = ("wall_s", "created", "cached")
+    strip = lambda r: {k: v for k, v in r.items() if k not in volatile}  # noqa: E731
+    for r in (first, second):
+        for layer in r["info"]["layers"].values():
+            layer.pop("solve_s")
+        r["info"].pop("blocks"), r["info"].pop("wall_s")
+    assert strip(first) == strip(second)

@@ -14,6 +14,6 @@ from repro.methods.rtn import fp, rtn
 METHODS = {
     "fp": (fp, 1),
     "rtn": (rtn, 1),
-    "gptq": (gptq, 1),
+    "gptq": (gptq, 2),  # 2: damping scored on held-out calibration sequences
     "qaft": (qaft, 1),
 }

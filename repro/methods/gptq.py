@@ -10,9 +10,13 @@ as pure functions on tensors (usable without a model):
 * ``inverse_cholesky(H, damping)`` the upper Cholesky factor of ``(H + damping*mean(diag H) I)^-1``;
 * ``gptq_quantize(W, H, scale, bits, damping, ...)`` one layer -> ``Q`` (lazy batched updates);
 * ``layer_loss(dW, H)``            the layer's output MSE on the calibration inputs, from ``H``;
-* ``damping_search(W, H, scale, bits, grid)`` the paper's change: solve at every damping value
-  of ``grid`` with the same ``H``, keep the ``Q`` with the lowest ``layer_loss``; Cholesky
-  failures are recorded and skipped, and if every value fails the layer falls back to RTN.
+* ``damping_search(W, H, scale, bits, grid, H_held=...)`` the paper's change: solve at every
+  damping value of ``grid`` with the same ``H``, keep the ``Q`` with the lowest ``layer_loss``;
+  Cholesky failures are recorded and skipped, and if every value fails the layer falls back to
+  RTN. The paper scores candidates on the ``H`` they were solved with; here, by default, they
+  are scored out of sample: the driver holds out a fraction of the calibration sequences
+  (option ``holdout``), solves the grid on the rest, picks the damping by the held-out
+  ``layer_loss`` and solves once more at that damping with the Hessian of all sequences.
 
 The grid is ``repro.quant``'s per-tensor symmetric one; its scale comes from the observer on
 the FP weight and stays fixed during the solve. ``gptq(model, data, config)`` runs the whole
@@ -21,7 +25,9 @@ stack sequentially: block ``i`` is calibrated on the outputs of the already-quan
 """
 from __future__ import annotations
 
+import math
 import time
+import warnings
 
 import torch
 
@@ -32,7 +38,8 @@ from repro.quant import compute_scale, quantize
 
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 DEFAULTS = {"damping_grid": list(DAMPING_GRID), "block_size": 128, "act_order": False,
-            "search_batch": None}  # grid points solved together (None: all; bounds memory)
+            "search_batch": None,  # grid points solved together (None: all; bounds memory)
+            "holdout": 0.25}  # fraction of calibration sequences that score the damping candidates
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -144,20 +151,26 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale, bits: int, damping: f
 
 
 def damping_search(W: torch.Tensor, H: torch.Tensor, scale, bits: int, grid=DAMPING_GRID,
-                   block_size: int = 128, act_order: bool = False, batch: int | None = None):
-    """GPTQ at every damping value of ``grid``, one ``H`` for all; keep the best by ``layer_loss``.
+                   block_size: int = 128, act_order: bool = False, batch: int | None = None,
+                   H_held: torch.Tensor | None = None):
+    """GPTQ at every damping value of ``grid``, one ``H`` for all; keep the best candidate.
 
-    Candidates are scored from ``H`` (no pass over the data). Up to ``batch`` grid points
-    (default: all) are solved together as one batched sweep. Returns
-    ``(Q, chosen, losses, failures)``: the best ``Q``; its damping (``None`` on fallback);
-    ``{damping: layer MSE or None}`` for every grid point; a list of messages, one per grid
-    point whose Cholesky failed, plus a ``"fallback: ..."`` warning when all failed and ``Q``
-    is plain RTN (``repro.quant.quantize``). Never raises for a bad ``H``.
+    Every candidate is solved with ``H`` and scored by ``layer_loss`` on ``H`` (in sample) and,
+    when given, on ``H_held`` (a Hessian of held-out calibration tokens, same layer). The pick
+    is by the held-out loss when ``H_held`` is given, else by the in-sample one (the paper's
+    App. C, which nearly always favours the smallest damping: a weaker regulariser always fits
+    its own data better). No pass over the data. Up to ``batch`` grid points (default: all) are
+    solved together as one batched sweep. Returns ``(Q, chosen, losses, held_losses, failures)``:
+    the best ``Q``; its damping (``None`` on fallback); ``{damping: loss or None}`` in sample
+    and held out (all ``None`` without ``H_held``); a list of messages, one per grid point whose
+    Cholesky failed, plus a ``"fallback: ..."`` warning when all failed and ``Q`` is plain RTN
+    (``repro.quant.quantize``). Never raises for a bad ``H``.
     """
     grid = list(grid)
     Wp, Hp, perm = _prepare(W, H, act_order)
     W0, H0 = W.to(Wp.dtype), H.to(Wp.dtype)
-    losses, failures = dict.fromkeys(grid), []
+    losses, held_losses, failures = dict.fromkeys(grid), dict.fromkeys(grid), []
+    score = losses if H_held is None else held_losses
     best_Q, chosen = None, None
     batch = batch or len(grid)
     for start in range(0, len(grid), batch):
@@ -172,15 +185,22 @@ def damping_search(W: torch.Tensor, H: torch.Tensor, scale, bits: int, grid=DAMP
         Qs = gptq_solve(Wp.repeat(len(factors), 1, 1), torch.stack(list(factors.values())),
                         scale, bits, block_size)
         Qs = _unpermute(Qs, perm)
-        for damping, Q, loss in zip(factors, Qs, layer_loss(Qs - W0, H0).tolist()):
-            losses[damping] = loss
-            if chosen is None or loss < losses[chosen]:
+        losses.update(zip(factors, layer_loss(Qs - W0, H0).tolist()))
+        if H_held is not None:
+            held_losses.update(zip(factors, layer_loss(Qs - W0, H_held.to(Wp.dtype)).tolist()))
+        for damping, Q in zip(factors, Qs):
+            if chosen is None or score[damping] < score[chosen]:
                 best_Q, chosen = Q, damping
     if chosen is None:
         failures.append(f"fallback: Cholesky failed at all {len(grid)} damping values; "
                         f"the layer is quantized by RTN")
-        return quantize(W, scale, bits), None, losses, failures
-    return best_Q.to(W.dtype), chosen, losses, failures
+        return quantize(W, scale, bits), None, losses, held_losses, failures
+    return best_Q.to(W.dtype), chosen, losses, held_losses, failures
+
+
+def merge_hessians(H_a: torch.Tensor, n_a: int, H_b: torch.Tensor, n_b: int) -> torch.Tensor:
+    """The ``accumulate_hessian`` mean over both token sets: ``(n_a H_a + n_b H_b) / (n_a + n_b)``."""
+    return H_a * (n_a / (n_a + n_b)) + H_b * (n_b / (n_a + n_b))
 
 
 # ----------------------------------------------------------------------------- model driver
@@ -218,39 +238,73 @@ def _forward(block, inputs: list) -> None:
         item[0] = out[0] if isinstance(out, (tuple, list)) else out
 
 
+def split_calibration(calibration: torch.Tensor, holdout: float, grid: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, held)``: the last ``round(holdout * n)`` (at least one) calibration sequences
+    score the damping candidates, the rest fit them. Nothing is held out when there is nothing
+    to choose (one damping value) or ``holdout == 0`` (the paper's in-sample scoring)."""
+    if not 0 <= holdout < 1:
+        raise ValueError(f"GPTQ option holdout={holdout!r}: a fraction of the calibration sequences in [0, 1)")
+    if len(grid) == 1 or holdout == 0:
+        return calibration, calibration[:0]
+    n_held = max(1, round(holdout * len(calibration)))
+    if n_held >= len(calibration):
+        raise ValueError(f"GPTQ option holdout={holdout}: {len(calibration)} calibration sequence(s) leave none to "
+                         f"fit the damping candidates on; use more sequences or holdout=0")
+    return calibration[:-n_held], calibration[-n_held:]
+
+
+def gptq_options(config) -> dict:
+    """``DEFAULTS`` updated with ``config.options``, checked."""
+    opts = {**DEFAULTS, **(config.options or {})}
+    unknown = set(opts) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown GPTQ option(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
+    opts["damping_grid"] = [float(d) for d in opts["damping_grid"]]
+    if not opts["damping_grid"] or not all(math.isfinite(d) and d > 0 for d in opts["damping_grid"]):
+        raise ValueError(f"GPTQ option damping_grid={opts['damping_grid']!r}: need one or more finite "
+                         f"values > 0 (the paper's grid: {list(DAMPING_GRID)})")
+    return opts
+
+
 @torch.no_grad()
 def gptq(model, data, config) -> dict:
     """Quantize the stack by GPTQ, block by block, with the per-layer damping search.
 
     Options (``config.options``, defaults in ``DEFAULTS``): ``damping_grid`` (one value = plain
-    GPTQ), ``block_size`` (lazy-update width), ``act_order``, ``search_batch``. Returns, per
-    layer, the scale, chosen damping, layer MSE per grid point, failures and solve time; per
-    block and in total, the wall time of the Hessian pass, the solves and the propagation.
+    GPTQ), ``holdout`` (fraction of calibration sequences that score the candidates; 0 = score
+    in sample, as the paper), ``block_size`` (lazy-update width), ``act_order``,
+    ``search_batch``. Returns, per layer, the scale, chosen damping, layer MSE per grid point
+    in sample and held out, failures and solve time; per block and in total, the wall time of
+    the Hessian pass, the solves and the propagation.
     """
-    opts = {**DEFAULTS, **(config.options or {})}
-    grid = [float(d) for d in opts["damping_grid"]]
+    opts = gptq_options(config)
+    grid = opts["damping_grid"]
     prefix = BLOCK_PATHS[model.config.model_type]
     was_training = model.training
     model.eval()
     layers, block_times, fallbacks = {}, [], []
     start = time.perf_counter()
     try:
-        inputs = _block_inputs(model, data.calibration, config.batch_size)
+        parts = dict(zip(("fit", "held"), split_calibration(data.calibration, opts["holdout"], grid)))
+        inputs = {part: _block_inputs(model, seqs, config.batch_size) for part, seqs in parts.items()}
         wall = {"capture": time.perf_counter() - start, "hessian": 0.0, "solve": 0.0, "propagate": 0.0}
         for b, block in enumerate(progress(blocks(model), desc="GPTQ blocks")):
             linears = block_linears(block)
             t0 = time.perf_counter()
-            hessians = dict.fromkeys(linears, (None, 0))
+            hessians = {part: dict.fromkeys(linears, (None, 0)) for part in inputs}
+            current = []  # the part whose inputs are flowing through the block
 
             def hook(name):
                 def accumulate(module, args, output):
-                    hessians[name] = accumulate_hessian(*hessians[name], args[0].detach())
+                    hessians[current[0]][name] = accumulate_hessian(*hessians[current[0]][name], args[0].detach())
                 return accumulate
 
             handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
             try:
-                for item in inputs:
-                    block(item[0], *item[1], **item[2])
+                for part, items in inputs.items():
+                    current[:] = [part]
+                    for item in items:
+                        block(item[0], *item[1], **item[2])
             finally:
                 for h in handles:
                     h.remove()
@@ -259,29 +313,43 @@ def gptq(model, data, config) -> dict:
                 s = time.perf_counter()
                 W = weight_matrix(m)  # a view: writing into it writes the weight (Conv1D too)
                 scale = compute_scale(m.weight, config.bits, config.observer)
-                if hessians[name][0] is None:  # no calibration input reached this layer
-                    Q, chosen, losses = quantize(W.detach(), scale, config.bits), None, dict.fromkeys(grid)
+                (H, n), (H_held, n_held) = hessians["fit"][name], hessians["held"][name]
+                if H is None:  # no calibration input reached this layer
+                    Q, chosen = quantize(W.detach(), scale, config.bits), None
+                    losses = held_losses = dict.fromkeys(grid)
                     failures = ["fallback: the layer received no calibration inputs; quantized by RTN"]
                 else:
-                    Q, chosen, losses, failures = damping_search(
-                        W.detach(), hessians[name][0], scale, config.bits, grid,
-                        opts["block_size"], opts["act_order"], opts["search_batch"])
+                    Q, chosen, losses, held_losses, failures = damping_search(
+                        W.detach(), H, scale, config.bits, grid, opts["block_size"], opts["act_order"],
+                        opts["search_batch"], H_held=H_held)
+                    if H_held is not None and chosen is not None:  # the chosen damping, all tokens
+                        try:
+                            Q = gptq_quantize(W.detach(), merge_hessians(H, n, H_held, n_held), scale,
+                                              config.bits, chosen, opts["block_size"], opts["act_order"])
+                        except torch.linalg.LinAlgError as err:
+                            failures.append(f"damping {chosen:g} on all tokens: {str(err).splitlines()[0]}; "
+                                            f"kept the solve on the fit tokens")
                 W.copy_(Q)
                 full = f"{prefix}.{b}.{name}"
                 if chosen is None:
                     fallbacks.append(full)
                 layers[full] = {"damping": chosen, "losses": {f"{d:g}": v for d, v in losses.items()},
-                                "failures": failures, "scale": float(scale),
-                                "tokens": hessians[name][1], "solve_s": time.perf_counter() - s}
+                                "held_out_losses": {f"{d:g}": v for d, v in held_losses.items()},
+                                "failures": failures, "scale": float(scale), "tokens": n,
+                                "held_out_tokens": n_held, "solve_s": time.perf_counter() - s}
             del hessians
             t2 = time.perf_counter()
-            _forward(block, inputs)
+            for items in inputs.values():
+                _forward(block, items)
             t3 = time.perf_counter()
             block_times.append({"hessian_s": t1 - t0, "solve_s": t2 - t1, "propagate_s": t3 - t2})
             for key, dt in zip(("hessian", "solve", "propagate"), (t1 - t0, t2 - t1, t3 - t2)):
                 wall[key] += dt
     finally:
         model.train(was_training)
+    if fallbacks:
+        warnings.warn(f"GPTQ: {len(fallbacks)} layer(s) fell back to RTN (Cholesky failed at every damping): "
+                      f"{', '.join(fallbacks)}", stacklevel=2)
     return {"options": opts, "layers": layers, "blocks": block_times, "wall_s": wall,
             "fallbacks": fallbacks,
             "warning": (f"{len(fallbacks)} layer(s) fell back to RTN (Cholesky failed at every "

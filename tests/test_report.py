@@ -1,0 +1,151 @@
+"""repro.report on synthetic records: table cells, bold minima, the FP row, marker rewriting,
+the test-split misalignment summary, and `repro report` end to end on ci-tier record paths."""
+import pytest
+
+from repro import cli, report, runs
+
+LAYERS = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+# test NLL per method and bits; validation = test + 0.5 unless a test overrides it
+TEST_NLL = {"rtn": {8: 3.111, 4: 5.222}, "gptq": {8: 3.055, 4: 4.444}, "qaft": {8: 3.022, 4: 4.111}}
+MSE = {"rtn": 0.0423, "gptq": 0.0122, "qaft": 0.0484}  # own inputs; FP inputs: / 2; per bit-width x 2^(8-b)
+
+
+def record(method, bits=None, observer="minmax", code="abc123def456", **fields):
+    c = {"method": method, "bits": bits, "observer": observer, "model": "m", "corpus": "wiki"}
+    if method == "fp":
+        r = {"config": c, "nll_test": 2.790, "nll_validation": 3.277, "ppl_validation": 26.5,
+             "mean_layer_mse": 0.0, "mean_layer_mse_fp_inputs": 0.0, "wall_s": {"method": 0.0}, "info": {}}
+    else:
+        mse = MSE[method] * 2 ** (8 - bits)
+        r = {"config": c, "nll_test": TEST_NLL[method][bits], "nll_validation": TEST_NLL[method][bits] + 0.5,
+             "ppl_validation": 10.0 * bits, "mean_layer_mse": mse, "mean_layer_mse_fp_inputs": mse / 2,
+             "wall_s": {"method": {"rtn": 1.0, "gptq": 564.4, "qaft": 437.0}[method] + bits}, "info": {}}
+    if method == "gptq":
+        grid = ["0.001", "1", "100"]
+        chosen = [0.001, 0.001, 100.0]  # held-out prefers 1 for the first layer only
+        r["info"] = {"options": {"damping_grid": [float(g) for g in grid]},
+                     "layers": {n: {"damping": d, "losses": dict.fromkeys(grid, 1.0),
+                                    "held_out_losses": {"0.001": 2.0 if i == 0 else 1.0, "1": 1.5, "100": 3.0}}
+                                for i, (n, d) in enumerate(zip(LAYERS, chosen))}}
+    if method == "qaft":
+        nll = TEST_NLL["qaft"][bits]
+        r["info"] = {"lr": 1e-4, "epoch": 1, "rtn": {"nll_validation": TEST_NLL["rtn"][bits] + 0.5},
+                     "runs": [{"lr": lr, "best_nll_validation": nll + 0.5 + (0 if lr == 1e-4 else 0.25),
+                               "history": [{"epoch": 0, "nll_test": TEST_NLL["rtn"][bits]},
+                                           {"epoch": 1, "nll_test": nll}, {"epoch": 2, "nll_test": nll + 0.01}]}
+                              for lr in (1e-4, 1e-3)]}
+    if code is not None:
+        r["versions"] = {"package": "0.1.0", "code": code}
+    r.update(fields)
+    return r
+
+
+def records():
+    return [record("fp")] + [record(m, b) for m in ("rtn", "gptq", "qaft") for b in (8, 4)]
+
+
+def rows(table):
+    """{first cell: [cells]} of a markdown table."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    out = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = cells[1:]
+    return out, [c.strip() for c in lines[0].strip("|").split("|")][1:]
+
+
+def test_fig1_table():
+    body, header = rows(report.fig1_table(records()))
+    assert list(body) == ["FP", "int8", "int4"]  # FP first, then high to low bits
+    assert body["FP"][:3] == ["2.790"] * 3
+    cell = dict(zip(header, body["int4"]))
+    assert (cell["RTN test NLL"], cell["GPTQ test NLL"], cell["QAFT test NLL"]) == ("5.222", "4.444", "4.111")
+    assert cell["GPTQ MSE, FP inputs"] == "0.0976" and cell["GPTQ MSE, own inputs"] == "0.195"  # 3 sig. digits
+    assert (cell["QAFT lr0"], cell["QAFT epoch"], cell["GPTQ s"], cell["QAFT s"]) == ("0.0001", "1", "568", "441")
+
+
+def test_qaft_epochs_and_lr_tables():
+    body, header = rows(report.qaft_epochs_table(records()))
+    assert header == ["test NLL, epoch 0 (RTN)", "epoch 1", "epoch 2", "GPTQ test NLL"]
+    assert body["int4"] == ["5.222", "**4.111**", "4.121", "4.444"]  # bold: the chosen epoch
+    body, header = rows(report.lr_table(records()))
+    assert header == ["validation NLL, lr0 0.0001", "validation NLL, lr0 0.001"]
+    assert body["int8"] == ["**3.522**", "3.772"]
+
+
+def test_rtn_table():
+    body, header = rows(report.rtn_table(records()))
+    assert list(body) == ["FP", "int8", "int4"]
+    assert body["FP"] == ["3.277", "26.5", "2.790", "0", "0"]
+    assert body["int4"] == ["5.722", "40", "5.222", "0.338", "0.677"]
+
+
+def test_observer_table_bolds_column_minimum():
+    recs = [record("fp"), record("rtn", 8, "minmax"), record("rtn", 4, "minmax"),
+            record("rtn", 8, "mse", nll_validation=3.300, nll_test=3.500),
+            record("rtn", 4, "mse", nll_validation=9.0, nll_test=9.5)]
+    body, header = rows(report.observer_table(recs))
+    assert header == ["int8 validation NLL (vs FP)", "int8 test NLL", "int4 validation NLL (vs FP)", "int4 test NLL"]
+    assert body["mse"][:2] == ["**3.300** (+0.7%)", "3.500"]
+    assert body["minmax"][:2] == ["3.611 (+10.2%)", "**3.111**"]
+    assert body["minmax"][2].startswith("**5.722**") and not body["mse"][2].startswith("**")
+
+
+def test_damping_table():
+    body, header = rows(report.damping_table(records()))
+    assert header == ["λ 0.001", "λ 1", "λ 100", "layers", "held-out best = chosen"]
+    assert body["int8"] == ["2", "0", "1", "3", "1/3"]
+    old = record("gptq", 4)
+    for layer in old["info"]["layers"].values():
+        del layer["held_out_losses"]
+    assert rows(report.damping_table([old]))[0]["int4"][-1] == "—"
+
+
+def test_misalignment_summary_uses_test_split():
+    # validation says GPTQ wins int8, test says QAFT: the test winner is reported
+    recs = [record("gptq", 8, nll_validation=3.0), record("qaft", 8, nll_validation=3.5)]
+    text = report.misalignment_summary(recs)
+    assert "QAFT has the lower test NLL (3.055 GPTQ vs 3.022 QAFT" in text
+    assert "FP inputs: GPTQ lower (0.0061 GPTQ vs 0.0242 QAFT), **misaligned**" in text
+    assert "own inputs: GPTQ lower (0.0122 GPTQ vs 0.0484 QAFT), **misaligned**" in text
+    old = [{**r, "mean_layer_mse_fp_inputs": None} for r in recs]
+    assert "FP inputs" not in report.misalignment_summary(old)
+    assert report.first_epoch_summary(records()) and "int4: best initial LR 0.0001" in report.lr_summary(records())
+
+
+def test_update_markdown():
+    text = "a\n<!-- report:x -->\nold\n<!-- /report:x -->\nb\n<!-- report:y -->\nkeep\n<!-- /report:y -->\n"
+    out = report.update_markdown(text, {"x": "| new |"})
+    assert out == text.replace("\nold\n", "\n\n| new |\n\n")  # y (not asked for) untouched
+    assert report.update_markdown(out, {"x": "| new |"}) == out  # idempotent
+    with pytest.raises(ValueError, match="zz"):
+        report.update_markdown(text, {"x": "1", "zz": "2"})
+
+
+def test_cli_report_rewrites_readme(tmp_path, capsys):
+    outputs, readme = tmp_path / "out", tmp_path / "README.md"
+    readme.write_text("# R\n" + "".join(f"<!-- report:{n} -->\nTODO\n<!-- /report:{n} -->\n" for n in report.SECTIONS)
+                      + "tail\n")
+    for method, bits, code in [("fp", None, None), ("rtn", 8, "aaaaaaaaaaaa"), ("rtn", 4, "aaaaaaaaaaaa"),
+                               ("gptq", 8, "bbbbbbbbbbbb"), ("gptq", 4, "bbbbbbbbbbbb"),
+                               ("qaft", 8, "bbbbbbbbbbbb"), ("qaft", 4, "bbbbbbbbbbbb")]:
+        runs.write_json_atomic(runs.record_path(runs.make_config(method, bits, tier="ci"), outputs),
+                               record(method, bits, code=code))
+    mse = record("rtn", 8, "mse", code="cccccccccccc", nll_validation=3.3)
+    runs.write_json_atomic(runs.record_path(runs.make_config("rtn", 8, tier="ci", observer="mse"), outputs), mse)
+    capsys.readouterr()
+    assert cli.main(["report", "--tier", "ci", "--outputs", str(outputs), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "TODO" not in text and text.startswith("# R\n") and text.endswith("tail\n")
+    assert "| int8 | 3.111 | 3.055 | 3.022 |" in text and "**3.300** (+0.7%)" in text
+    fig1 = text.split("<!-- report:fig1 -->")[1].split("<!-- /report:fig1 -->")[0]
+    assert "code aaaaaaaaaaaa, bbbbbbbbbbbb, unknown" in fig1 and "`repro report --tier ci`" in fig1
+    damping = text.split("<!-- report:damping -->")[1].split("<!-- /report:damping -->")[0]
+    assert "code bbbbbbbbbbbb." in damping  # only the records the section draws on
+    assert "cccccccccccc" in text.split("<!-- report:observers -->")[1]
+    assert "| int8 | 3.111 | 3.055 | 3.022 |" in capsys.readouterr().out
+
+
+def test_cli_report_without_records(tmp_path):
+    with pytest.raises(SystemExit, match="repro run --tier ci"):
+        cli.main(["report", "--tier", "ci", "--outputs", str(tmp_path)])
