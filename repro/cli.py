@@ -83,7 +83,7 @@ def _report(args) -> int:
         path = Path(args.readme)
         if not path.is_file():
             raise SystemExit(f"{path} not found")
-        report.write_text_atomic(path, report.update_markdown(path.read_text(), sections))
+        runs.write_text_atomic(path, report.update_markdown(path.read_text(), sections))
         print(f"updated {', '.join(sections)} in {path}", file=sys.stderr)
     return 0
 

@@ -80,6 +80,35 @@ def exchanged_weights(model, snapshot: dict[str, torch.Tensor]):
             exchange()
 
 
+@contextmanager
+def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
+    """Hooks on every stack linear that accumulate ``((Q(W) - W) x)^2`` for the inputs ``x``
+    of whatever forward passes run inside the block; yields a dict that holds, after the
+    block, name -> mean over tokens and output features (see ``layer_mse``). ``Q(W) - W`` is
+    formed one layer at a time in the hook, never for the whole stack at once."""
+    linears = stack_linears(model)
+    sums = dict.fromkeys(linears, 0.0)
+    counts = dict.fromkeys(linears, 0)
+    result = {}
+
+    def hook(name):
+        def record(module, args, output):
+            other = fp_weights[name].to(module.weight.device)
+            delta = (weight_matrix(module) - weight_matrix(module, other)).float()  # sign: irrelevant
+            err = args[0].reshape(-1, args[0].shape[-1]).float() @ delta.t()
+            sums[name] += float(err.pow(2).sum())
+            counts[name] += err.numel()
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    try:
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+    result.update({name: sums[name] / max(counts[name], 1) for name in linears})
+
+
 @torch.no_grad()
 def layer_mse(model, fp_weights: dict[str, torch.Tensor], sequences: torch.Tensor, batch_size: int = 4,
               inputs: str = "own", desc: str | None = "layer MSE") -> dict[str, float]:
@@ -96,35 +125,17 @@ def layer_mse(model, fp_weights: dict[str, torch.Tensor], sequences: torch.Tenso
       calibrates on: block i sees the outputs of the already-quantized blocks 0..i-1).
 
     The two agree for the first layer of block 0 and drift apart with depth as the quantized
-    activations move away from the FP ones. ``Q(W) - W`` is formed one layer at a time in the
-    hook, never for the whole stack at once; for ``"fp"`` the weights are exchanged in place
-    with ``fp_weights`` during the pass (``exchanged_weights``) and restored after it.
+    activations move away from the FP ones. For ``"fp"`` the weights are exchanged in place with
+    ``fp_weights`` during the pass (``exchanged_weights``) and restored after it. The pass stops
+    before the LM head (``model.base_model``), which no stack linear needs.
     """
     if inputs not in LAYER_INPUTS:
         raise ValueError(f"inputs={inputs!r}: use 'own' (the quantized model's inputs) or 'fp' (the FP model's)")
-    linears = stack_linears(model)
-    sums = dict.fromkeys(linears, 0.0)
-    counts = dict.fromkeys(linears, 0)
-
-    def hook(name):
-        def record(module, args, output):
-            other = fp_weights[name].to(module.weight.device)
-            delta = (weight_matrix(module) - weight_matrix(module, other)).float()  # sign: irrelevant
-            err = args[0].reshape(-1, args[0].shape[-1]).float() @ delta.t()
-            sums[name] += float(err.pow(2).sum())
-            counts[name] += err.numel()
-        return record
-
     context = exchanged_weights(model, fp_weights) if inputs == "fp" else nullcontext()
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-    try:
-        with context:
-            for batch in batches(sequences, batch_size, desc):
-                model(input_ids=batch.to(model_device(model)))
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: sums[name] / max(counts[name], 1) for name in linears}
+    with context, recording_layer_mse(model, fp_weights) as mse:
+        for batch in batches(sequences, batch_size, desc):
+            model.base_model(input_ids=batch.to(model_device(model)), use_cache=False)
+    return mse
 
 
 @torch.no_grad()

@@ -126,19 +126,28 @@ def record_path(config: RunConfig, outputs: Path | None = None) -> Path:
     return outputs / "records" / config.method / f"{model}-{config.corpus}-{bits}-{config.key()}.json"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON so that ``path`` holds either the old or the complete new file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` holds either the old or the complete new file (temporary
+    file in the same directory, fsync, rename; an existing file's mode is kept)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """``obj`` as JSON, written atomically (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 @dataclass
@@ -180,14 +189,15 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
     uses the test split, so the layer-wise MSEs, both readings, are measured on test.
     """
     nll_val = evaluate.nll(model, data.validation, batch_size, desc="NLL validation")
-    nll_test = evaluate.nll(model, data.test, batch_size, desc="NLL test")
-    mse = {}
-    for inputs, key in (("own", "layer_mse"), ("fp", "layer_mse_fp_inputs")):
-        if bits is None:
-            mse[key] = dict.fromkeys(models.stack_linears(model), 0.0)
-        else:
-            mse[key] = evaluate.layer_mse(model, fp_weights, data.test, batch_size, inputs=inputs,
-                                          desc=f"layer MSE ({inputs} inputs)")
+    if bits is None:
+        nll_test = evaluate.nll(model, data.test, batch_size, desc="NLL test")
+        zeros = dict.fromkeys(models.stack_linears(model), 0.0)
+        mse = {"layer_mse": zeros, "layer_mse_fp_inputs": zeros}
+    else:  # the test NLL pass also records the own-input layer MSE (one forward, not two)
+        with evaluate.recording_layer_mse(model, fp_weights) as own:
+            nll_test = evaluate.nll(model, data.test, batch_size, desc="NLL test + layer MSE")
+        mse = {"layer_mse": own, "layer_mse_fp_inputs": evaluate.layer_mse(
+            model, fp_weights, data.test, batch_size, inputs="fp", desc="layer MSE (FP inputs)")}
     n_layers = len(mse["layer_mse"])
     return {
         "nll_validation": nll_val, "nll_test": nll_test,

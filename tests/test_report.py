@@ -149,3 +149,18 @@ def test_cli_report_rewrites_readme(tmp_path, capsys):
 def test_cli_report_without_records(tmp_path):
     with pytest.raises(SystemExit, match="repro run --tier ci"):
         cli.main(["report", "--tier", "ci", "--outputs", str(tmp_path)])
+
+
+def test_layer_share_table_counts_layers_not_means():
+    per_layer = {"rtn": [1.0, 1.0, 100.0], "gptq": [0.5, 0.5, 150.0], "qaft": [2.0, 0.9, 90.0]}
+
+    def with_layers(method):
+        values = dict(zip(LAYERS, per_layer[method]))
+        return record(method, 4, layer_mse=values, layer_mse_fp_inputs={n: v / 2 for n, v in values.items()})
+
+    table = report.layer_share_table([with_layers(m) for m in ("rtn", "gptq", "qaft")])
+    lines = [line for line in table.splitlines() if line.startswith("| int4")]
+    # GPTQ lowers 2 of 3 layers although its mean (dominated by the third layer) is higher
+    assert lines[0] == "| int4 | FP inputs | 2/3 | 2/3 | 2/3 |"
+    assert lines[1] == "| int4 | own inputs | 2/3 | 2/3 | 2/3 |"
+    assert "—" in report.layer_share_table(records())  # no per-layer values: a dash, not a crash
