@@ -210,8 +210,9 @@ def observer_choice(records, used: dict) -> str:
 
 def damping_table(records) -> str:
     """GPTQ's per-layer damping search (paper App. C), one row per bit-width: how many layers chose
-    each grid value λ (damping = λ · mean diag H, chosen by in-sample layer loss), layers that fell
-    back to RTN, and how many layers' held-out loss would have chosen the same λ."""
+    each grid value λ (damping = λ · mean diag H, chosen by the held-out layer loss when recorded),
+    layers that fell back to RTN, and in how many layers the in-sample loss (the paper's score)
+    would have chosen the same λ."""
     gptq = _table(records).get("gptq", {})
     if not gptq:
         return "No GPTQ records yet."
@@ -224,16 +225,17 @@ def damping_table(records) -> str:
     for b in sorted(gptq, reverse=True):
         layers = gptq[b]["info"]["layers"].values()
         chosen = [None if la["damping"] is None else f"{la['damping']:g}" for la in layers]
-        agree = total = 0
+        agree = total = 0  # layers where in-sample scoring (the paper's) picks the same λ
         for la, c in zip(layers, chosen):
             held = {k: v for k, v in (la.get("held_out_losses") or {}).items() if v is not None}
-            if held:
+            losses = {k: v for k, v in (la.get("losses") or {}).items() if v is not None}
+            if held and losses:
                 total += 1
-                agree += min(held, key=held.get) == c
+                agree += min(losses, key=losses.get) == c
         any_fallback |= None in chosen
         rows.append([f"int{b}", *(chosen.count(k) for k in grid), chosen.count(None), len(chosen),
                      f"{agree}/{total}" if total else DASH])
-    header = ["bits", *(f"λ {k}" for k in grid), "fallback (RTN)", "layers", "held-out best = chosen"]
+    header = ["bits", *(f"λ {k}" for k in grid), "fallback (RTN)", "layers", "in-sample pick = held-out pick"]
     if not any_fallback:
         header, rows = header[:-3] + header[-2:], [r[:-3] + r[-2:] for r in rows]
     return _markdown(header, rows)

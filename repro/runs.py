@@ -8,6 +8,7 @@ exists, so a killed batch (``sweep``) resumes where it stopped; records are writ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -36,11 +37,17 @@ SHARED_VERSIONS = {"evaluation": 2,  # 2: layer MSE on test, both input readings
                    "data": 1}
 
 
+# The sources that compute a record's numbers (not the plots, tables, widgets or CLI around them).
+COMPUTE_SOURCES = ("models.py", "data.py", "quant.py", "evaluate.py", "runs.py", "methods/*.py", "params/*.yaml")
+
+
+@functools.cache
 def code_hash() -> str:
-    """sha256 (12 hex) of the package's sources and tier files: which code produced a record."""
+    """sha256 (12 hex) of ``COMPUTE_SOURCES`` as this process imported them: the code that
+    produced a record (recorded in it; not part of its key, see ``SHARED_VERSIONS``)."""
     digest = hashlib.sha256()
     root = Path(__file__).parent
-    for path in sorted([*root.rglob("*.py"), *PARAMS_DIR.glob("*.yaml")]):
+    for path in sorted(p for pattern in COMPUTE_SOURCES for p in root.glob(pattern)):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
@@ -108,6 +115,8 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
     method_options.update(options or {})
     params.pop("bits", None)
     if isinstance(params.get("observer"), dict):  # chosen per bit-width (fp: the highest width's)
+        if method != "fp":
+            check_bits(bits)
         by_bits = params["observer"]
         if bits is not None and bits not in by_bits:
             raise ValueError(f"tier {tier!r} chooses an observer per bit-width for {sorted(by_bits)} only, not "

@@ -72,13 +72,13 @@ def test_cli_run_writes_record_and_summary(tmp_path, capsys, embedded):
 def test_figures_draw_the_tiers_records_only(tmp_path, capsys):
     """`repro figures` picks the tier's configs, not every record on disk (e.g. other observers)."""
     tier_config = runs.make_config("rtn", 4, tier="ci")
-    other_observer = runs.make_config("rtn", 4, tier="ci", observer="histogram")
+    other_observer = runs.make_config("rtn", 4, tier="ci", observer="minmax")  # the tier's: histogram
     for config, nll in ((tier_config, 14.9), (other_observer, 10.4)):
         runs.write_json_atomic(runs.record_path(config, tmp_path),
                                {"config": dataclasses.asdict(config), "nll_validation": nll})
     configs = runs.sweep_configs(("fp", "rtn"), tier="ci")
     records = [r for r in (runs.read_record(c, tmp_path) for c in configs) if r is not None]
-    assert [(r["config"]["observer"], r["nll_validation"], r["cached"]) for r in records] == [("minmax", 14.9, True)]
+    assert [(r["config"]["observer"], r["nll_validation"], r["cached"]) for r in records] == [("histogram", 14.9, True)]
     assert cli.main(["figures", "--tier", "ci", "--outputs", str(tmp_path)]) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "figures" / "nll_vs_bits_ci.png")]
     assert (tmp_path / "figures" / "nll_vs_bits_ci.png").stat().st_size > 0
