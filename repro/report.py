@@ -68,21 +68,21 @@ def _bold_min(values, fmt=_nll):
     return [DASH if v is None else f"**{fmt(v)}**" if v == low else fmt(v) for v in values]
 
 
-def fig1_table(records) -> str:
+def fig1_table(records, seconds: bool = True) -> str:
     """Paper Fig. 1, one row per bit-width (high to low), FP first: test NLL (nats/token) of RTN,
     GPTQ and QAFT; their mean layer MSE on test (squared activation units) with FP inputs (eq. 2)
-    and with their own inputs; QAFT's lr0 and epoch (chosen on validation); GPTQ's and QAFT's
-    method time (s)."""
+    and with their own inputs; QAFT's lr0 and epoch (chosen on validation); with ``seconds``,
+    GPTQ's and QAFT's method time (s; wall clock, so leave it out where output is compared)."""
     t = _table(records)
     names = [m.upper() for m in METHODS]
     header = ["bits", *(f"{n} test NLL" for n in names),
               *(f"{n} MSE, {reading}" for reading, _ in MSE_READINGS for n in names),
-              "QAFT lr0", "QAFT epoch", "GPTQ s", "QAFT s"]
+              "QAFT lr0", "QAFT epoch", *(["GPTQ s", "QAFT s"] if seconds else [])]
     rows = []
     fp = t.get("fp", {}).get(None)
     if fp is not None:
         rows.append(["FP", *[_nll(fp["nll_test"])] * len(METHODS),
-                     *(_g(fp.get(key)) for _, key in MSE_READINGS for _ in METHODS), *[DASH] * 4])
+                     *(_g(fp.get(key)) for _, key in MSE_READINGS for _ in METHODS), *[DASH] * (4 if seconds else 2)])
     for b in _bits(t):
         recs = [t.get(m, {}).get(b) for m in METHODS]
         info = (recs[2] or {}).get("info") or {}
@@ -90,7 +90,7 @@ def fig1_table(records) -> str:
         rows.append([f"int{b}", *(_nll(r and r["nll_test"]) for r in recs),
                      *(_g(r and r.get(key)) for _, key in MSE_READINGS for r in recs),
                      f"{info['lr']:g}" if "lr" in info else DASH, DASH if epoch is None else epoch,
-                     _seconds(recs[1]), _seconds(recs[2])])
+                     *([_seconds(recs[1]), _seconds(recs[2])] if seconds else [])])
     return _markdown(header, rows) if rows else "No records yet."
 
 

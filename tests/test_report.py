@@ -164,3 +164,8 @@ def test_layer_share_table_counts_layers_not_means():
     assert lines[0] == "| int4 | FP inputs | 2/3 | 2/3 | 2/3 |"
     assert lines[1] == "| int4 | own inputs | 2/3 | 2/3 | 2/3 |"
     assert "—" in report.layer_share_table(records())  # no per-layer values: a dash, not a crash
+
+
+def test_fig1_table_without_seconds_for_compared_outputs():
+    body, header = rows(report.fig1_table(records(), seconds=False))
+    assert header[-2:] == ["QAFT lr0", "QAFT epoch"] and all(len(v) == len(header) for v in body.values())
