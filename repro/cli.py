@@ -75,8 +75,11 @@ def _report(args) -> int:
     observer_records = _read_records([runs.make_config("rtn", b, args.tier, model=args.model, observer=obs)
                                       for obs in OBSERVERS for b in runs.load_tier(args.tier)["bits"]],
                                      args.outputs)
+    in_sample = _read_records([runs.make_config("gptq", b, args.tier, model=args.model, options={"holdout": 0})
+                               for b in runs.load_tier(args.tier)["bits"]], args.outputs)  # the A/B, if run
     command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
-    sections = report.readme_sections(records, observer_records, tier=args.tier, command=command)
+    sections = report.readme_sections(records, observer_records, tier=args.tier, command=command,
+                                      in_sample_records=in_sample)
     for name, body in sections.items():
         print(f"<!-- report:{name} -->\n{body}\n<!-- /report:{name} -->\n")
     if args.readme:

@@ -241,6 +241,42 @@ def damping_table(records) -> str:
     return _markdown(header, rows)
 
 
+def damping_by_kind_table(records) -> str:
+    """GPTQ's chosen damping λ by kind of linear (the name's last part: ``q_proj``, ``down_proj``
+    ...), one row per bit-width and kind: how many layers chose each grid value. Looks for the
+    pattern the paper did not find (App. C)."""
+    gptq = _table(records).get("gptq", {})
+    counts = defaultdict(lambda: defaultdict(int))
+    for b, r in gptq.items():
+        for name, layer in r["info"]["layers"].items():
+            counts[(b, name.rsplit(".", 1)[-1])][DASH if layer["damping"] is None else f"{layer['damping']:g}"] += 1
+    if not counts:
+        return "No GPTQ records yet."
+    grid = sorted({k for c in counts.values() for k in c}, key=lambda k: float("inf") if k == DASH else float(k))
+    rows = [[f"int{b}", kind, *(counts[(b, kind)].get(k, "") for k in grid)]
+            for b, kind in sorted(counts, key=lambda key: -key[0])]
+    return _markdown(["bits", "linear", *(f"λ {k}" for k in grid)], rows)
+
+
+def damping_scoring_table(records) -> str:
+    """GPTQ's test NLL (nats/token) and mean layer MSE with FP inputs per bit-width, with the damping
+    scored in sample (``holdout`` 0, the paper's App. C) and on held-out calibration sequences."""
+    by = defaultdict(dict)
+    for r in records:
+        if r["config"]["method"] == "gptq":
+            by[r["config"]["bits"]][float((r["info"].get("options") or {}).get("holdout") or 0)] = r
+    holdouts = sorted({h for v in by.values() for h in v})
+    if not holdouts:
+        return "No GPTQ records yet."
+    label = {0.0: "in sample"}
+    header = ["bits", *(f"test NLL, {label.get(h, f'held out {h:g}')}" for h in holdouts),
+              *(f"MSE FP inputs, {label.get(h, f'held out {h:g}')}" for h in holdouts)]
+    rows = [[f"int{b}", *(_nll(by[b][h]["nll_test"]) if h in by[b] else DASH for h in holdouts),
+             *(_g(by[b][h].get("mean_layer_mse_fp_inputs")) if h in by[b] else DASH for h in holdouts)]
+            for b in sorted(by, reverse=True)]
+    return _markdown(header, rows)
+
+
 def misalignment_summary(records, local: str = "gptq", global_: str = "qaft") -> str:
     """Markdown: per bit-width, which method has the lower test NLL (nats/token) and which the
     lower mean layer MSE (test split; with FP inputs, eq. 2, when recorded, and with own inputs),
@@ -305,6 +341,8 @@ SECTIONS = {
     "rtn": (rtn_table, ("fp", "rtn")),
     "observers": (observer_table, ("fp", "rtn")),
     "damping": (damping_table, ("gptq",)),
+    "damping-kinds": (damping_by_kind_table, ("gptq",)),
+    "damping-scoring": (damping_scoring_table, ("gptq",)),
     "misalignment": (misalignment_summary, ("gptq", "qaft")),
 }
 
@@ -317,15 +355,18 @@ def provenance(records, tier: str, command: str) -> str:
             f"code {', '.join(codes)}.*")
 
 
-def readme_sections(records, observer_records=(), tier: str = "cpu", command: str | None = None) -> dict:
+def readme_sections(records, observer_records=(), tier: str = "cpu", command: str | None = None,
+                    in_sample_records=()) -> dict:
     """``{marker name: markdown}``, each table followed by its provenance line. ``records``: the
     tier's sweep (fp, rtn, gptq, qaft); ``observer_records``: RTN at every observer (for
-    ``observers``, with the sweep's FP as reference)."""
+    ``observers``, with the sweep's FP as reference); ``in_sample_records``: GPTQ with in-sample
+    damping scoring (``holdout`` 0), compared in ``damping-scoring``."""
     command = command or f"repro report --tier {tier}"
     fp = [r for r in records if r["config"]["method"] == "fp"]
     sections = {}
     for name, (table, methods) in SECTIONS.items():
-        pool = [*fp, *observer_records] if name == "observers" else records
+        pool = {"observers": [*fp, *observer_records],
+                "damping-scoring": [*records, *in_sample_records]}.get(name, records)
         used = [r for r in pool if r["config"]["method"] in methods]
         sections[name] = f"{table(used)}\n\n{provenance(used, tier, command)}"
     return sections

@@ -169,3 +169,21 @@ def test_layer_share_table_counts_layers_not_means():
 def test_fig1_table_without_seconds_for_compared_outputs():
     body, header = rows(report.fig1_table(records(), seconds=False))
     assert header[-2:] == ["QAFT lr0", "QAFT epoch"] and all(len(v) == len(header) for v in body.values())
+
+
+def test_damping_by_kind_table():
+    body = report.damping_by_kind_table([record("gptq", 8)])
+    lines = [line for line in body.splitlines() if line.startswith("| int8")]
+    # LAYERS: up_proj (block 0) 0.001, down_proj 0.001, up_proj (block 1) 100
+    assert lines == ["| int8 | up_proj | 1 | 1 |", "| int8 | down_proj | 1 |  |"]
+
+
+def test_damping_scoring_table_pairs_in_sample_and_held_out():
+    held = record("gptq", 4)
+    held["info"]["options"]["holdout"] = 0.25
+    in_sample = record("gptq", 4, nll_test=4.999, mean_layer_mse_fp_inputs=0.5)
+    in_sample["info"]["options"]["holdout"] = 0
+    body, header = rows(report.damping_scoring_table([held, in_sample]))
+    assert header == ["test NLL, in sample", "test NLL, held out 0.25", "MSE FP inputs, in sample",
+                      "MSE FP inputs, held out 0.25"]
+    assert body["int4"] == ["4.999", "4.444", "0.5", "0.0976"]
