@@ -211,8 +211,7 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
     return {
         "nll_validation": nll_val, "nll_test": nll_test,
         "ppl_validation": evaluate.perplexity(nll_val), "ppl_test": evaluate.perplexity(nll_test),
-        **{k: v for key, values in mse.items()
-           for k, v in ((key, values), (f"mean_{key}", sum(values.values()) / n_layers))},
+        **mse, **{f"mean_{key}": sum(values.values()) / n_layers for key, values in mse.items()},
         "weight_mse": sum(evaluate.weight_mse(model, fp_weights).values()) / n_layers,
         "weight_distance": evaluate.weight_distance(model, fp_weights),
         "weight_size_gb": models.weight_size_gb(model, bits if bits is not None else 32),
