@@ -9,9 +9,10 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh
 
-# Main job: every notebook on the embedded default, executed by papermill into outputs/notebooks.
+# Main job: every notebook on both embedded models: runs first (progress bar, resumable), then
+# papermill into outputs/$(TIER)/notebooks. The figures and README tables come from `repro report`.
 run: install
-	$(VENV)/bin/repro notebooks --tier $(TIER)
+	$(VENV)/bin/repro batch --tier $(TIER)
 
 # Whole test suite: unit/property/end-to-end tests and nbval over every notebook (ci tier).
 test: install

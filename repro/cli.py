@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-NOTEBOOKS = ("00_quickstart", "01_misalignment", "06_hyperparameters")
+OUTPUTS_HELP = "results directory (default: $REPRO_OUTPUTS, else the checkout's outputs/)"
 
 
 def _run(args) -> int:
@@ -19,20 +19,11 @@ def _run(args) -> int:
     return 0
 
 
-def _notebooks(args) -> int:
-    import papermill as pm
+def _batch(args) -> int:
+    from repro import batch
 
-    root = Path(args.notebook_dir)
-    out = Path(args.outputs) / "notebooks"
-    out.mkdir(parents=True, exist_ok=True)
-    for name in args.names or NOTEBOOKS:
-        src = root / f"{name}.ipynb"
-        if not src.exists():
-            raise SystemExit(f"notebook {src} not found; available: {', '.join(NOTEBOOKS)}")
-        print(f"executing {src} (tier={args.tier}) -> {out / src.name}", flush=True)
-        pm.execute_notebook(str(src), str(out / src.name), parameters={"tier": args.tier,
-                            "outputs": str(Path(args.outputs).resolve())}, cwd=str(root), progress_bar=True)
-    return 0
+    jobs = batch.batch(args.tier, args.notebooks or None, args.models, args.outputs)
+    return 0 if all(job.status == "passed" for job in jobs) else 1
 
 
 def _read_records(configs, outputs) -> list[dict]:
@@ -41,45 +32,78 @@ def _read_records(configs, outputs) -> list[dict]:
     return [r for r in (runs.read_record(c, outputs) for c in configs) if r is not None]
 
 
-def _tier_records(args) -> list[dict]:
+def _tier_records(args, model=None) -> list[dict]:
     """The records the notebooks show: the tier's sweep (fp, rtn, gptq, qaft at the tier's bits),
     not every record on disk (the quickstart's observer comparison, for one, leaves RTN records of
     other observers there). Exits with the command to run when there are none."""
     from repro import runs
 
-    configs = runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=args.model)
+    model = model or args.model
+    configs = runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=model)
     records = _read_records(configs, args.outputs)
     if not records:
-        raise SystemExit(f"no records for tier {args.tier} under {args.outputs}/records; "
-                         f"run `repro run --tier {args.tier} ...` or `repro notebooks --tier {args.tier}` first")
+        raise SystemExit(f"no records for tier {args.tier}{f' and model {model}' if model else ''} under "
+                         f"{args.outputs}/records; run `repro batch --tier {args.tier}` first")
     return records
+
+
+def _observer_records(args, model=None) -> list[dict]:
+    from repro import runs
+    from repro.quant import OBSERVERS
+
+    return _read_records([runs.make_config("rtn", b, args.tier, model=model or args.model, observer=obs)
+                          for obs in OBSERVERS for b in runs.load_tier(args.tier)["bits"]], args.outputs)
 
 
 def _figures(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from repro import plots
+    import matplotlib.pyplot as plt
 
-    records = _tier_records(args)
-    for path in plots.save_figures(records, Path(args.outputs) / "figures", suffix=f"_{args.tier}"):
-        print(path)
+    from repro import plots, runs
+
+    params = runs.load_tier(args.tier)
+    default = args.model or params["model"]
+    models = [default] if args.model else [default, *(m for m in params.get("models") or [] if m != default)]
+    directory = Path(args.outputs) / "figures"
+    every = []
+    for model in models:  # the default model's figures as <name>_<tier>.png, the others' with _<model>
+        records = _tier_records(args, model)
+        every += records
+        suffix = f"_{args.tier}" + ("" if model == default else f"_{model}")
+        for path in plots.save_figures(records, directory, suffix=suffix):
+            print(path)
+    if len(models) > 1:  # Fig. 2 over all of the tier's models
+        fig = plots.pareto(every)
+        fig.savefig(directory / f"pareto_{args.tier}.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        print(directory / f"pareto_{args.tier}.png")
     return 0
 
 
 def _report(args) -> int:
-    from repro import report, runs
-    from repro.quant import OBSERVERS
+    import json
 
-    records = _tier_records(args)
-    observer_records = _read_records([runs.make_config("rtn", b, args.tier, model=args.model, observer=obs)
-                                      for obs in OBSERVERS for b in runs.load_tier(args.tier)["bits"]],
-                                     args.outputs)
-    in_sample = _read_records([runs.make_config("gptq", b, args.tier, model=args.model, options={"holdout": 0})
-                               for b in runs.load_tier(args.tier)["bits"]], args.outputs)  # the A/B, if run
+    from repro import report, runs
+
+    params = runs.load_tier(args.tier)
+    default = args.model or params["model"]
+    records = _tier_records(args, default)
+    in_sample = _read_records([runs.make_config("gptq", b, args.tier, model=default, options={"holdout": 0})
+                               for b in params["bits"]], args.outputs)  # the A/B, if run
+    others = {}  # the tier's other models that have records
+    for model in [] if args.model else [m for m in params.get("models") or [] if m != default]:
+        sweep = _read_records(runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=model),
+                              args.outputs)
+        if sweep:
+            others[model] = (sweep, _observer_records(args, model))
     command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
-    sections = report.readme_sections(records, observer_records, tier=args.tier, command=command,
-                                      in_sample_records=in_sample)
+    sections = report.readme_sections(records, _observer_records(args, default), tier=args.tier, command=command,
+                                      in_sample_records=in_sample, other_models=others)
+    summary = Path(args.outputs) / args.tier / "batch.json"
+    if summary.is_file():
+        sections["batch"] = report.batch_table(json.loads(summary.read_text()))
     for name, body in sections.items():
         print(f"<!-- report:{name} -->\n{body}\n<!-- /report:{name} -->\n")
     if args.readme:
@@ -111,21 +135,25 @@ def main(argv=None) -> int:
     p.add_argument("--observer", choices=OBSERVERS, help="scale observer; default: the tier's")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--outputs", default="outputs", help="results directory (default ./outputs)")
+    p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.add_argument("--force", action="store_true", help="recompute even if a record exists")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("notebooks", help="execute notebooks with papermill into OUTPUTS/notebooks")
-    p.add_argument("names", nargs="*", help=f"notebooks to run (default all: {', '.join(NOTEBOOKS)})")
+    p = sub.add_parser("batch", help="the main job: compute every notebook's runs, then execute the notebooks",
+                       description="For each notebook (each of the tier's models where it shows one model): "
+                                   "compute the runs it reads (cached ones are read), then execute it with "
+                                   "papermill into OUTPUTS/<tier>/notebooks. Interrupted, it resumes; exit "
+                                   "status 0 only when every run and notebook passed.")
+    p.add_argument("notebooks", nargs="*", help="notebook names (default: all, in order)")
     p.add_argument("--tier", choices=TIERS, default="cpu")
-    p.add_argument("--notebook-dir", default="notebooks")
-    p.add_argument("--outputs", default="outputs")
-    p.set_defaults(func=_notebooks)
+    p.add_argument("--models", nargs="+", help="models (default: the tier's `models`)")
+    p.add_argument("--outputs", help=OUTPUTS_HELP)
+    p.set_defaults(func=_batch)
 
     p = sub.add_parser("figures", help="save the figures of the cached records as PNG under OUTPUTS/figures")
     p.add_argument("--tier", choices=TIERS, default="cpu")
     p.add_argument("--model", help="embedded name or hub id; default: the tier's")
-    p.add_argument("--outputs", default="outputs")
+    p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.set_defaults(func=_figures)
 
     p = sub.add_parser("report", help="print the README's result tables from the cached records as markdown",
@@ -134,11 +162,15 @@ def main(argv=None) -> int:
                                    "<!-- report:NAME --> and <!-- /report:NAME --> markers of that file.")
     p.add_argument("--tier", choices=TIERS, default="cpu")
     p.add_argument("--model", help="embedded name or hub id; default: the tier's")
-    p.add_argument("--outputs", default="outputs")
+    p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.add_argument("--readme", help="markdown file whose marker sections to rewrite (e.g. README.md)")
     p.set_defaults(func=_report)
 
     args = parser.parse_args(argv)
+    if getattr(args, "outputs", "") is None:
+        from repro.runs import outputs_dir
+
+        args.outputs = outputs_dir()
     try:
         return args.func(args)
     except (ValueError, RuntimeError) as err:  # our own clear messages, without a traceback

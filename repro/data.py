@@ -7,7 +7,10 @@ split by article. ``wikitext2``, ``c4`` and ``lambada`` come from the Hugging Fa
 ``make_data`` tokenises a corpus for one model and returns a ``Data`` record of LongTensor
 sequences ``[n, seq_len]``: calibration/training windows drawn reproducibly from the train
 split, and non-overlapping windows covering validation and test (paper protocol: splits joined
-with "\\n\\n", cut into consecutive sequences).
+with "\\n\\n", cut into consecutive sequences). When the tokenizer marks the start of a text
+with a BOS token (Gemma, Llama, OPT; not GPT-2 or SmolLM2), every window is that token followed
+by ``seq_len - 1`` text tokens: such a model has only seen text after BOS, and Gemma 3 270M
+without it loses 0.9 nats/token (validation NLL 4.21 vs 3.29 at 511 tokens).
 """
 from __future__ import annotations
 
@@ -159,12 +162,25 @@ class Data:
         return getattr(self, name)
 
 
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer itself starts a text with it (``tokenizer("a")``), else None."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", return_attention_mask=False)["input_ids"]
+    return bos if bos is not None and ids[:1] == [bos] else None
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``[n, seq_len - 1]`` windows -> ``[n, seq_len]`` with ``bos`` in front (unchanged if None)."""
+    return windows if bos is None else torch.cat([torch.full((len(windows), 1), bos), windows], dim=1)
+
+
 def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_calibration: int = 128,
               n_eval: int | None = None, seed: int = 0, model_max: int | None = None) -> Data:
     """Tokenise ``corpus`` and cut it into a ``Data`` record.
 
     ``n_calibration`` windows of ``seq_len`` tokens are drawn from train with ``seed``;
     validation and test are consecutive windows, at most ``n_eval`` each (None: whole split).
+    Each window starts with the tokenizer's BOS token when it adds one (``bos_token_id``).
     ``model_max`` (the model's maximum length) is checked against ``seq_len`` before any work.
     """
     if model_max is not None:
@@ -172,9 +188,11 @@ def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_cal
     if n_calibration < 1:
         raise ValueError(f"n_calibration={n_calibration}: need at least one calibration sequence")
     text = load_corpus(corpus)
+    bos = bos_token_id(tokenizer)
+    span = seq_len - (bos is not None)  # text tokens per window
     return Data(
-        calibration=random_windows(tokenize(tokenizer, text["train"]), seq_len, n_calibration, seed),
-        validation=consecutive(tokenize(tokenizer, text["validation"]), seq_len, n_eval),
-        test=consecutive(tokenize(tokenizer, text["test"]), seq_len, n_eval),
+        calibration=with_bos(random_windows(tokenize(tokenizer, text["train"]), span, n_calibration, seed), bos),
+        validation=with_bos(consecutive(tokenize(tokenizer, text["validation"]), span, n_eval), bos),
+        test=with_bos(consecutive(tokenize(tokenizer, text["test"]), span, n_eval), bos),
         corpus=corpus, seq_len=seq_len,
     )

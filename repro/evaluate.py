@@ -24,7 +24,11 @@ def batches(sequences: torch.Tensor, batch_size: int, desc: str | None = None):
 
 
 def sequence_nll(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL (nats, differentiable) and the number of predicted tokens."""
+    """Summed next-token NLL (nats, differentiable) and the number of predicted tokens.
+
+    The training loss: one ordinary forward (through whatever wrapper accelerate put around the
+    model), so it materialises ``[b, seq_len, vocab]`` logits. Evaluation uses ``nll``, which
+    never does."""
     batch = batch.to(model_device(model))
     logits = model(input_ids=batch).logits[:, :-1].float()
     target = batch[:, 1:]
@@ -32,17 +36,46 @@ def sequence_nll(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
     return loss, target.numel()
 
 
+LOGIT_CHUNK_BYTES = 1 << 28  # fp32 logits held at once by ``nll``: 256 MiB (256 tokens of Gemma 3's 262k vocab)
+
+
+def chunked_nll_sum(model, batch: torch.Tensor, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> tuple[float, int]:
+    """Summed next-token NLL (nats) of ``batch`` ``[b, seq_len]`` and the number of predicted
+    tokens, computing the LM head on at most ``chunk_bytes`` of fp32 logits at a time.
+
+    The decoder runs once (``model.base_model``, hidden states ``[b, seq_len, d]``); the head
+    (``get_output_embeddings``, plus Gemma's final logit soft-capping where the config sets it)
+    then runs on slices of ``chunk_bytes / (4 vocab)`` tokens, so peak memory no longer grows with
+    ``batch x seq_len x vocab`` (4.3 GB for 4 x 1024 tokens of a 262k vocabulary). Equal to the
+    unchunked cross-entropy up to float summation order."""
+    batch = batch.to(model_device(model))
+    hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    target = batch[:, 1:].reshape(-1)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    chunk = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+    total = 0.0
+    for s in range(0, target.numel(), chunk):
+        logits = head(hidden[s: s + chunk]).float()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        total += float(F.cross_entropy(logits, target[s: s + chunk], reduction="sum"))
+    return total, target.numel()
+
+
 @torch.no_grad()
 def nll(model, sequences: torch.Tensor, batch_size: int = 4, desc: str | None = "NLL") -> float:
     """Token-weighted mean next-token NLL (nats/token) over ``sequences`` ``[n, seq_len]``.
 
     Every token after the first of each sequence is predicted from the tokens before it in
-    the same sequence; perplexity = exp(nll).
+    the same sequence; perplexity = exp(nll). The logits are computed in chunks
+    (``chunked_nll_sum``).
     """
     total, count = 0.0, 0
     for batch in batches(sequences, batch_size, desc):
-        loss, n = sequence_nll(model, batch)
-        total += float(loss)
+        loss, n = chunked_nll_sum(model, batch)
+        total += loss
         count += n
     return total / count
 
@@ -136,6 +169,62 @@ def layer_mse(model, fp_weights: dict[str, torch.Tensor], sequences: torch.Tenso
         for batch in batches(sequences, batch_size, desc):
             model.base_model(input_ids=batch.to(model_device(model)), use_cache=False)
     return mse
+
+
+GRAM_LIMIT_BYTES = 2 << 30  # input Gram matrices kept for the FP-input layer MSE (upper bound, fp32)
+
+
+def gram_bytes(model) -> int:
+    """Upper bound of the memory ``input_grams`` needs: one fp32 ``[in, in]`` per stack linear."""
+    return sum(4 * weight_matrix(m).shape[1] ** 2 for m in stack_linears(model).values())
+
+
+@torch.no_grad()
+def input_grams(model, sequences: torch.Tensor, batch_size: int = 4, desc: str | None = "input Gram matrices"):
+    """``name -> (G, n)`` for every stack linear: ``G = sum_t x_t x_t^T`` (fp32 ``[in, in]``) over
+    the ``n`` input rows the layer receives when ``sequences`` flow through ``model`` as it is.
+
+    Linears fed the same tensor (q/k/v, gate/up) share one ``G`` object. With the FP model's
+    Gram matrices on the test split, every quantized model's FP-input layer MSE is
+    ``tr(dW G dW^T) / (n out)`` (``layer_mse_from_grams``): no forward pass per record.
+    """
+    linears = stack_linears(model)
+    grams, last = {}, [None, None]  # last: (input tensor, name) of the previous linear called
+
+    def hook(name):
+        def record(module, args, output):
+            x = args[0]
+            if x is last[0]:  # same input as the previous linear: share its Gram matrix
+                grams[name] = grams[last[1]]
+                return
+            last[:] = [x, name]
+            rows = x.reshape(-1, x.shape[-1]).float()
+            G, n = grams.get(name, (None, 0))
+            G = rows.t() @ rows if G is None else G.addmm_(rows.t(), rows)
+            grams[name] = (G, n + rows.shape[0])
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    try:
+        for batch in batches(sequences, batch_size, desc):
+            model.base_model(input_ids=batch.to(model_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+@torch.no_grad()
+def layer_mse_from_grams(model, fp_weights: dict[str, torch.Tensor], grams: dict) -> dict[str, float]:
+    """``layer_mse(..., inputs="fp")`` from the FP model's ``input_grams`` of the same sequences:
+    ``mean_{t, o} ((dW x_t)_o^2) = tr(dW G dW^T) / (n out)`` per layer, ``dW = Q(W) - W``.
+    Exact up to float summation order; costs one ``[out, in] x [in, in]`` product per layer."""
+    result = {}
+    for name, m in stack_linears(model).items():
+        G, n = grams[name]
+        delta = (weight_matrix(m) - weight_matrix(m, fp_weights[name].to(m.weight.device))).float()
+        result[name] = float(((delta @ G) * delta).sum()) / (n * delta.shape[0])
+    return result
 
 
 @torch.no_grad()

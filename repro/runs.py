@@ -33,8 +33,8 @@ TIERS = ("ci", "cpu", "paper")
 HASH_EXCLUDE = ("device", "tier")  # where a run executes does not change what it computes
 # Versions of the code every record shares, part of every record's key: bump one when what it
 # computes changes, so stale records are recomputed rather than re-read. (Methods carry their own.)
-SHARED_VERSIONS = {"evaluation": 2,  # 2: layer MSE on test, both input readings
-                   "data": 1}
+SHARED_VERSIONS = {"evaluation": 3,  # 2: layer MSE on test, both input readings; 3: FP size at 16 bits
+                   "data": 2}  # 2: windows start with BOS where the tokenizer adds one
 
 
 # The sources that compute a record's numbers (not the plots, tables, widgets or CLI around them).
@@ -54,8 +54,17 @@ def code_hash() -> str:
 
 
 def outputs_dir() -> Path:
-    """Results root: ``$REPRO_OUTPUTS`` or ``./outputs``."""
-    return Path(os.environ.get("REPRO_OUTPUTS", "outputs"))
+    """Results root: ``$REPRO_OUTPUTS``; else ``outputs/`` of the repository checkout that holds
+    the working directory (found upwards: a directory with ``pyproject.toml`` and ``notebooks/``),
+    so a notebook run from the root or from ``notebooks/`` writes to the same place; else
+    ``./outputs``."""
+    if "REPRO_OUTPUTS" in os.environ:
+        return Path(os.environ["REPRO_OUTPUTS"])
+    here = Path.cwd().resolve()
+    for root in (here, *here.parents):
+        if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+            return root / "outputs"
+    return Path("outputs")
 
 
 @dataclass
@@ -111,6 +120,8 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
     """A ``RunConfig`` from a tier's YAML, the method's options there, then ``overrides``
     (any ``RunConfig`` field; ``None`` values are ignored so CLI defaults fall through)."""
     params = load_tier(tier)
+    model = overrides.get("model") or params.get("model")
+    params.update((params.pop("model_settings", None) or {}).get(model, {}))  # a model's own settings
     method_options = dict(params.pop("methods", {}).get(method) or {})
     method_options.update(options or {})
     params.pop("bits", None)
@@ -168,6 +179,7 @@ class Workbench:
     data: data_mod.Data
     fp_weights: dict
     key: tuple
+    fp_test_grams: dict | None = None  # the FP model's test-split input Gram matrices, once per bench
 
 
 _WORKBENCH: list[Workbench] = []  # the one most recently used (models are large)
@@ -191,11 +203,14 @@ def workbench(config: RunConfig) -> Workbench:
     return bench
 
 
-def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int, bits: int | None) -> dict:
+def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int, bits: int | None,
+                   fp_grams: dict | None = None) -> dict:
     """The metrics every record carries (definitions in ``repro.evaluate``).
 
     Validation NLL is for selection (QAFT's lr0 and epoch); every comparison across methods
-    uses the test split, so the layer-wise MSEs, both readings, are measured on test.
+    uses the test split, so the layer-wise MSEs, both readings, are measured on test. With
+    ``fp_grams`` (``evaluate.input_grams`` of the FP model on test) the FP-input reading costs
+    no forward pass; without, one pass with the FP weights exchanged in.
     """
     nll_val = evaluate.nll(model, data.validation, batch_size, desc="NLL validation")
     if bits is None:
@@ -205,8 +220,9 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
     else:  # the test NLL pass also records the own-input layer MSE (one forward, not two)
         with evaluate.recording_layer_mse(model, fp_weights) as own:
             nll_test = evaluate.nll(model, data.test, batch_size, desc="NLL test + layer MSE")
-        mse = {"layer_mse": own, "layer_mse_fp_inputs": evaluate.layer_mse(
-            model, fp_weights, data.test, batch_size, inputs="fp", desc="layer MSE (FP inputs)")}
+        fp_inputs = (evaluate.layer_mse_from_grams(model, fp_weights, fp_grams) if fp_grams is not None else
+                     evaluate.layer_mse(model, fp_weights, data.test, batch_size, inputs="fp", desc="layer MSE (FP inputs)"))
+        mse = {"layer_mse": own, "layer_mse_fp_inputs": fp_inputs}
     n_layers = len(mse["layer_mse"])
     return {
         "nll_validation": nll_val, "nll_test": nll_test,
@@ -214,7 +230,7 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
         **mse, **{f"mean_{key}": sum(values.values()) / n_layers for key, values in mse.items()},
         "weight_mse": sum(evaluate.weight_mse(model, fp_weights).values()) / n_layers,
         "weight_distance": evaluate.weight_distance(model, fp_weights),
-        "weight_size_gb": models.weight_size_gb(model, bits if bits is not None else 32),
+        "weight_size_gb": models.weight_size_gb(model, bits if bits is not None else 16),  # FP: float16, as the paper
         "stack_params": models.stack_param_count(model),
     }
 
@@ -233,12 +249,17 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
     if record is not None:
         return record
     bench = workbench(config)
+    if config.bits is not None and bench.fp_test_grams is None and \
+            evaluate.gram_bytes(bench.model) <= evaluate.GRAM_LIMIT_BYTES:  # the model is FP here
+        bench.fp_test_grams = evaluate.input_grams(bench.model, bench.data.test, config.batch_size,
+                                                   desc="FP test inputs (Gram)")
     torch.manual_seed(config.seed)
     method, version = METHODS[config.method]
     start = time.perf_counter()
     info = method(bench.model, bench.data, config)
     method_s = time.perf_counter() - start
-    metrics = evaluate_model(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits)
+    metrics = evaluate_model(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits,
+                             bench.fp_test_grams)
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
         "versions": {"package": repro.__version__, "code": code_hash(), "method": version, **SHARED_VERSIONS},

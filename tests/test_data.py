@@ -21,10 +21,27 @@ def test_wiki_corpus_is_real_and_split_by_article():
 
 
 class CharTokenizer:
-    """Stands in for an HF tokenizer in pure windowing tests: one id per byte."""
+    """Stands in for an HF tokenizer in pure windowing tests: one id per byte (+ 1, so 1 can be BOS)."""
 
-    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
-        return {"input_ids": list(text.encode())}
+    bos_token_id = None
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=False):
+        bos = [self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []
+        return {"input_ids": bos + [b + 1 for b in text.encode()]}
+
+
+class BosCharTokenizer(CharTokenizer):
+    bos_token_id = 0  # starts every text with it, as Gemma's and Llama's tokenizers do
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one():
+    plain = data.make_data(CharTokenizer(), "wiki", seq_len=32, n_calibration=3, n_eval=2)
+    bos = data.make_data(BosCharTokenizer(), "wiki", seq_len=32, n_calibration=3, n_eval=2)
+    for split in ("calibration", "validation", "test"):
+        a, b = plain.split(split), bos.split(split)
+        assert a.shape == b.shape == (len(a), 32)
+        assert (b[:, 0] == 0).all() and (b[:, 1:] > 0).all() and (a > 0).all()
+    assert torch.equal(bos.validation[:, 1:].flatten(), plain.validation.flatten()[: 2 * 31])  # 31 text tokens each
 
 
 def test_windows():

@@ -66,3 +66,35 @@ def test_layer_mse_refuses_a_model_in_fake_quant_mode():
     quant.prepare(model, 4, "minmax")
     with pytest.raises(ValueError, match="bake"):
         evaluate.layer_mse(model, fp, torch.zeros(1, 8, dtype=torch.long), inputs="fp", desc=None)
+
+
+def test_chunked_nll_equals_unchunked(family_model):
+    """Logits computed a few tokens at a time (7 here) give the full-logits cross-entropy."""
+    _, model = family_model
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, n_full = evaluate.sequence_nll(model, ids)
+        chunked, n = evaluate.chunked_nll_sum(model, ids, chunk_bytes=4 * 128 * 7)
+    assert n == n_full == 2 * 23
+    assert chunked == pytest.approx(float(full), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gemma3"])
+def test_fp_input_layer_mse_from_gram_matrices(family):
+    """tr(dW G dW^T)/(n out) with the FP model's input Gram matrices equals the FP-input pass."""
+    model = tiny_model(family)
+    fp = models.fp_snapshot(model)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    grams = evaluate.input_grams(model, ids, batch_size=2, desc=None)
+    linears = models.stack_linears(model)
+    assert set(grams) == set(linears) and all(n == 3 * 16 for _, n in grams.values())
+    if family == "gemma3":  # q/k/v read one tensor: one Gram matrix, shared
+        assert grams["model.layers.0.self_attn.q_proj"][0] is grams["model.layers.0.self_attn.v_proj"][0]
+    assert evaluate.gram_bytes(model) >= sum(4 * G.numel() for G, _ in {id(g[0]): g for g in grams.values()}.values())
+    quant.prepare(model, 3, "minmax")
+    quant.bake(model)
+    from_grams = evaluate.layer_mse_from_grams(model, fp, grams)
+    from_pass = evaluate.layer_mse(model, fp, ids, batch_size=2, inputs="fp", desc=None)
+    assert list(from_grams) == list(from_pass)
+    for name in from_pass:
+        assert from_grams[name] == pytest.approx(from_pass[name], rel=1e-4, abs=1e-12), name

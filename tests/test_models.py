@@ -12,6 +12,7 @@ EXPECTED_LINEARS = {
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
 }
 EXPECTED_LINEARS["mistral"] = EXPECTED_LINEARS["llama"]
+EXPECTED_LINEARS["gemma3"] = EXPECTED_LINEARS["llama"]  # its q/k norms and four block norms are not linears
 
 
 def test_blocks_and_linears(family_model):

@@ -147,7 +147,7 @@ def test_cli_report_rewrites_readme(tmp_path, capsys):
 
 
 def test_cli_report_without_records(tmp_path):
-    with pytest.raises(SystemExit, match="repro run --tier ci"):
+    with pytest.raises(SystemExit, match="repro batch --tier ci"):
         cli.main(["report", "--tier", "ci", "--outputs", str(tmp_path)])
 
 

@@ -26,6 +26,25 @@ def test_bad_config_values_fail_early():
     assert cli.main(["run", "--bits", "9", "--tier", "ci"]) == 2
 
 
+def test_tier_settings_per_model():
+    smol, gemma = (runs.make_config("rtn", 8, tier="cpu", model=m) for m in runs.load_tier("cpu")["models"])
+    settings = runs.load_tier("cpu")["model_settings"]["gemma3-270m"]
+    assert gemma.observer == settings["observer"][8] and smol.observer == runs.load_tier("cpu")["observer"][8]
+    assert gemma.seq_len == smol.seq_len  # what a model does not set is the tier's
+
+
+def test_outputs_dir_is_the_checkouts_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("REPRO_OUTPUTS", raising=False)
+    root = tmp_path / "checkout"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    for cwd in (root, root / "notebooks"):
+        monkeypatch.chdir(cwd)
+        assert runs.outputs_dir() == root.resolve() / "outputs"
+    monkeypatch.setenv("REPRO_OUTPUTS", str(tmp_path / "elsewhere"))
+    assert runs.outputs_dir() == tmp_path / "elsewhere"
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "r.json"
     runs.write_json_atomic(path, {"a": 1})

@@ -1,7 +1,7 @@
-"""Tiny randomly initialised models of the four families, built from configs (no download)."""
+"""Tiny randomly initialised models of the supported families, built from configs (no download)."""
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, OPTConfig, OPTForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM)
 
 VOCAB = 128
 
@@ -24,10 +24,15 @@ def tiny_model(family: str, layers: int = 2, hidden: int = 32, seed: int = 0):
         cfg = MistralConfig(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=hidden, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden)
         model = MistralForCausalLM(cfg)
+    elif family == "gemma3":  # with final logit soft-capping (Gemma 3 270M has none) to cover that path
+        cfg = Gemma3TextConfig(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=hidden,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                               intermediate_size=2 * hidden, sliding_window=16, final_logit_softcapping=30.0)
+        model = Gemma3ForCausalLM(cfg)
     else:
         raise ValueError(family)
     model.config.use_cache = False
     return model.eval()
 
 
-FAMILIES = ("gpt2", "opt", "llama", "mistral")
+FAMILIES = ("gpt2", "opt", "llama", "mistral", "gemma3")

@@ -1,0 +1,173 @@
+"""The main job: every notebook of a tier, over the tier's models, on one shared record cache.
+
+``batch(tier)`` goes through the notebooks in order. For each one it first computes, in this
+process, the runs the notebook will read (``planned_configs``; a run already cached is read,
+not recomputed, whichever notebook needed it first), with a progress bar over the runs and one
+summary line per finished run; then papermill executes the notebook, which only reads records,
+into ``OUTPUTS/<tier>/notebooks/``. A failed run or notebook is reported and the batch goes on.
+Records are written atomically (``repro.runs``), so a batch killed at any point (``kill -9``
+included) and started again recomputes nothing that had finished.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from repro import runs
+from repro.progress import progress
+from repro.quant import OBSERVERS
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+# name -> (one execution per model of the tier, or one over all of them; the runs it reads)
+NOTEBOOKS = {
+    "00_quickstart": ("per model", lambda tier, model: [
+        *runs.sweep_configs(("fp", "rtn"), tier=tier, model=model),
+        *(c for obs in OBSERVERS for c in runs.sweep_configs(("rtn",), tier=tier, model=model, observer=obs))]),
+    "01_misalignment": ("per model", lambda tier, model: runs.sweep_configs(("fp", "rtn", "gptq", "qaft"),
+                                                                            tier=tier, model=model)),
+    "02_pareto": ("all models", lambda tier, model: runs.sweep_configs(("fp", "rtn", "gptq", "qaft"),
+                                                                       tier=tier, model=model)),
+    "06_hyperparameters": ("per model", lambda tier, model: runs.sweep_configs(("qaft",), tier=tier, model=model)),
+}
+
+
+@dataclass
+class Job:
+    """One notebook execution: the notebook, its model (None: all of the tier's), its runs."""
+
+    notebook: str
+    model: str | None
+    configs: list
+    status: str = "pending"
+    runs_s: float = 0.0  # computing the runs this notebook was the first to need
+    execute_s: float = 0.0
+    error: str | None = None
+    output: Path | None = None
+    ran: list = field(default_factory=list)
+
+    def name(self) -> str:
+        return self.notebook + (f"-{self.model.replace('/', '--')}" if self.model else "")
+
+
+def plan(tier: str, notebooks=None, models=None) -> list[Job]:
+    """The jobs of a batch, in order; ``models`` defaults to the tier's ``models``."""
+    names = list(notebooks or NOTEBOOKS)
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"unknown notebook(s) {', '.join(unknown)}; available: {', '.join(NOTEBOOKS)}")
+    params = runs.load_tier(tier)
+    models = list(models or params.get("models") or [params["model"]])
+    jobs = []
+    for name in names:
+        scope, configs = NOTEBOOKS[name]
+        if scope == "per model":
+            jobs += [Job(name, model, configs(tier, model)) for model in models]
+        else:
+            jobs.append(Job(name, None, [c for model in models for c in configs(tier, model)]))
+    return jobs
+
+
+def _execute(job: Job, tier: str, outputs: Path, models: list[str]) -> None:
+    """papermill ``job``'s notebook into ``outputs/<tier>/notebooks`` (complete file or none)."""
+    import papermill as pm
+
+    directory = outputs / tier / "notebooks"
+    directory.mkdir(parents=True, exist_ok=True)
+    job.output = directory / f"{job.name()}.ipynb"
+    partial = directory / f".{job.name()}.ipynb.partial"
+    parameters = {"tier": tier, "outputs": str(outputs.resolve())}
+    parameters.update({"model": job.model} if job.model else {"models": models})
+    try:
+        pm.execute_notebook(str(NOTEBOOK_DIR / f"{job.notebook}.ipynb"), str(partial), parameters=parameters,
+                            cwd=str(NOTEBOOK_DIR), progress_bar=False)
+    finally:
+        if partial.exists():  # kept on failure too: it holds the traceback
+            os.replace(partial, job.output)
+
+
+def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None = None, echo=print) -> list[Job]:
+    """Run the batch (see the module docstring); returns the jobs with their status and times."""
+    outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
+    models = list(models or runs.load_tier(tier).get("models") or [runs.load_tier(tier)["model"]])
+    jobs = plan(tier, notebooks, models)
+    unique = {}
+    for job in jobs:
+        for config in job.configs:
+            unique.setdefault(runs.record_path(config, outputs), config)
+    cached = {path for path in unique if path.exists()}
+    echo(f"repro batch --tier {tier}: {len(jobs)} notebook(s), {len(unique)} run(s), {len(cached)} cached, "
+         f"{len(unique) - len(cached)} to compute; outputs in {outputs}")
+    done, failed = set(cached), {}
+    bar = progress(total=len(unique) - len(cached), desc="runs", unit="run")
+    for job in jobs:
+        start = time.perf_counter()
+        for config in job.configs:
+            path = runs.record_path(config, outputs)
+            if path in done or path in failed:
+                continue
+            bar.set_postfix_str(f"{config.model} {config.label()}")
+            t0 = time.perf_counter()
+            try:
+                record = runs.run(config, outputs)
+                bar.write(runs.summary(record))
+                done.add(path)
+                job.ran.append((config, "ran", time.perf_counter() - t0))
+            except Exception as err:  # noqa: BLE001 - reported, and the batch goes on
+                failed[path] = f"{type(err).__name__}: {err}"
+                bar.write(f"FAILED {config.model} {config.label()}: {failed[path]}")
+                job.ran.append((config, "failed", time.perf_counter() - t0))
+            bar.update(1)
+        job.runs_s = time.perf_counter() - start
+        missing = [c for c in job.configs if runs.record_path(c, outputs) in failed]
+        if missing:
+            job.status = "failed"
+            job.error = f"{len(missing)} of its run(s) failed: " + ", ".join(f"{c.model} {c.label()}" for c in missing)
+            bar.write(f"notebook {job.name()}: skipped, {job.error}")
+            continue
+        start = time.perf_counter()
+        try:
+            _execute(job, tier, outputs, models)
+            job.status = "passed"
+        except Exception as err:  # noqa: BLE001
+            job.status, job.error = "failed", f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+            if not type(err).__name__.startswith("Papermill"):
+                traceback.print_exc()
+        job.execute_s = time.perf_counter() - start
+        bar.write(f"notebook {job.name()}: {job.status} ({job.runs_s:.0f} s runs + {job.execute_s:.0f} s "
+                  f"executing){' - ' + job.error if job.error else ''}"
+                  + (f" -> {job.output}" if job.output else ""))
+    bar.close()
+    echo(summary_table(jobs, len(cached)))
+    write_summary(jobs, tier, outputs, len(cached))
+    return jobs
+
+
+def summary_table(jobs: list[Job], cached: int) -> str:
+    """What ran, was cached or failed, with wall times, per notebook and in total."""
+    lines = [f"{'notebook':<34} {'status':<7} {'ran':>4} {'failed':>6} {'runs s':>8} {'exec s':>7}"]
+    for job in jobs:
+        ran = sum(st == "ran" for _, st, _ in job.ran)
+        bad = sum(st == "failed" for _, st, _ in job.ran)
+        lines.append(f"{job.name():<34} {job.status:<7} {ran:>4} {bad:>6} {job.runs_s:>8.0f} {job.execute_s:>7.0f}")
+    total = sum(j.runs_s + j.execute_s for j in jobs)
+    ran = sum(st == "ran" for j in jobs for _, st, _ in j.ran)
+    bad = sum(st == "failed" for j in jobs for _, st, _ in j.ran)
+    passed = sum(j.status == "passed" for j in jobs)
+    lines.append(f"runs: {ran} computed, {cached} cached, {bad} failed | notebooks: {passed} of {len(jobs)} passed | "
+                 f"wall {total / 60:.1f} min")
+    return "\n".join(lines)
+
+
+def write_summary(jobs: list[Job], tier: str, outputs: Path, cached: int) -> Path:
+    """``OUTPUTS/<tier>/batch.json``: per notebook the status, runs computed and wall times."""
+    path = outputs / tier / "batch.json"
+    runs.write_json_atomic(path, {
+        "tier": tier, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": runs.code_hash(), "cached": cached,
+        "jobs": [{"notebook": j.notebook, "model": j.model, "status": j.status, "error": j.error,
+                  "runs_s": j.runs_s, "execute_s": j.execute_s,
+                  "runs": [{"model": c.model, "run": c.label(), "status": st, "wall_s": s} for c, st, s in j.ran]}
+                 for j in jobs]})
+    return path

@@ -1,0 +1,338 @@
+"""Write the notebooks' sources, outputs cleared: `python scripts/notebooks.py`, then execute them
+with papermill at the ci tier (what nbval compares), e.g.
+`REPRO_OUTPUTS=$(mktemp -d) papermill notebooks/01_misalignment.ipynb notebooks/01_misalignment.ipynb`."""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS_HEAD = '# Parameters (papermill). tier: "ci" (minutes), "cpu" (embedded default), "paper" (GPU, hub)\n'
+OUTPUTS = "outputs = None  # None: $REPRO_OUTPUTS, else the repository's outputs/ (from any working directory)\n"
+SETUP = "from repro import runs\noutputs = outputs or runs.outputs_dir()\n"
+
+
+def params(text):
+    return new_code_cell(PARAMS_HEAD + text + OUTPUTS, metadata={"tags": ["parameters"]})
+
+
+def md(text):
+    return new_markdown_cell(text.strip("\n"))
+
+
+def code(text):
+    return new_code_cell(text.strip("\n"))
+
+
+def write(name, cells):
+    nb = new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"}})
+    for i, cell in enumerate(nb.cells):  # stable ids, so regenerating gives the same file
+        cell["id"] = f"{name[:2]}-{i:02d}"
+    nbformat.validate(nb)
+    nbformat.write(nb, ROOT / "notebooks" / f"{name}.ipynb")
+
+
+write("00_quickstart", [
+    md("""
+# 00 · Quickstart: FP vs round-to-nearest (RTN)
+
+Per-tensor symmetric weight quantization of every linear layer in the transformer stack
+(embeddings, LM head and norms stay in full precision), at 8, 6, 4, 3 and 2 bits.
+RTN rounds each weight to the nearest point of its tensor's grid `a·{-q..q}`, `q = 2^(B-1)-1`;
+the scale `a` comes from an *observer*, chosen per bit-width in the tier's parameters (last section).
+
+Runs are cached as JSON records under `outputs/records/`: re-running this notebook with the same
+parameters reads them instead of recomputing. Batch-run with other parameters, e.g.
+`papermill notebooks/00_quickstart.ipynb out.ipynb -p tier cpu`.
+Cost: `ci` tier ≈ 2 min, `cpu` tier ≈ 15 min on 2 cores (20 RTN runs, most of it evaluation).
+"""),
+    params('model = "smollm2-135m"\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'
+           'observers = ["minmax", "histogram", "mse"]\nobserver_bits = None  # None: the tier\'s bits\n'),
+    code(SETUP + """
+from repro import plots, report, runs
+
+records = runs.sweep(methods=("fp", "rtn"), bits=bits, tier=tier, outputs=outputs, model=model, corpus=corpus)
+runs.table(records)
+"""),
+    md("""
+## Global loss
+Token-weighted next-token NLL (nats/token) on the validation and test splits, perplexity = exp(NLL).
+The table below is computed from the records; nbval compares it (rounded) in CI.
+"""),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.rtn_table(records))
+"""),
+    md("""
+The bars show test NLL per bit-width; the dashed line is the unquantized model.
+8 and 6 bits stay close to FP; at 4 bits and below a single scale per tensor cannot represent
+the weights and the loss climbs steeply — the regime both papers study.
+"""),
+    code('plots.nll_vs_bits(records, metric="nll_test");'),
+    md("""
+## Layer-wise error across the stack
+For every quantized linear, `mean(((Q(W) - W) x)^2)` on the test split, read two ways:
+`x` is the input the layer receives when the text flows through the **full-precision** network
+(paper eq. 2, upper panel) or through the **quantized model itself** (lower panel). The two agree for
+the first linears of block 0 and drift apart with depth, fastest at low bit-widths where the
+quantized activations leave the FP ones. x runs over the linears in forward order, block by block.
+"""),
+    code("""
+plots.layer_mse_profile(records, metric="layer_mse_fp_inputs", title="FP inputs (paper eq. 2)")
+plots.layer_mse_profile(records, metric="layer_mse", title="own inputs (the quantized model's)");
+"""),
+    md("""
+## Which observer?
+The papers set each tensor's scale with torch's `HistogramObserver` (`histogram`). It minimises a
+histogram's quantization error, but always for a 256-level grid: torch fixes its target bin count from
+the dtype (qint8) and ignores `quant_min`/`quant_max`, so its **clip range is the same at every bit-width**
+(pinned by `tests/test_quant.py`). Right for int8, far too wide at 4 bits and below.
+`mse` searches `argmin_a ||Q_a(W) - W||^2` exactly on the full tensor at each bit-width; `minmax` never
+clips. Left panel: the global loss; right panel: what the observer optimises.
+"""),
+    code("""
+obs_records = [r for r in records if r["config"]["method"] == "fp"]
+for obs in observers:
+    obs_records += runs.sweep(methods=("rtn",), bits=observer_bits, tier=tier, outputs=outputs,
+                              model=model, corpus=corpus, observer=obs)
+"""),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.observer_table(obs_records))
+"""),
+    code("plots.observer_comparison(obs_records);"),
+    md("""
+Per layer at the highest compared bit-width: how far beyond the grid's edge the largest weight
+lies, `max|W| / (q·a)` (1 = nothing clipped; `minmax` is 1 everywhere by construction). The `mse`
+observer clips the few very large weights that the model relies on.
+"""),
+    code("""
+top = [r for r in obs_records[1:] if r["config"]["bits"] == max(r["config"]["bits"] for r in obs_records[1:])]
+plots.layer_mse_profile(top, metric="clip_ratio", title="largest weight / grid edge");
+"""),
+    md("""
+**The observer this tier uses at each bit-width** (`params/<tier>.yaml`), next to the one with the
+lowest RTN *validation* NLL above — selection on validation; every comparison across methods
+elsewhere uses test:
+"""),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.observer_choice(obs_records, {b: runs.make_config("rtn", b, tier).observer
+                                           for b in sorted({r["config"]["bits"] for r in obs_records[1:]})}))
+"""),
+])
+
+write("01_misalignment", [
+    md("""
+# 01 · Misalignment of local and global objectives (paper Fig. 1, 7, App. C)
+
+Three ways to quantize the same model at the same bit-width, from most local to most global:
+**RTN** (round each weight), **GPTQ** (minimise each linear layer's output error on calibration data,
+with the paper's per-layer damping search) and **QAFT** (fine-tune the whole stack through the
+quantizer on the global NLL, same calibration sequences). If the local objective were a good proxy
+for the global one, the method with the lower layer-wise MSE would also have the lower NLL.
+
+**Select on validation, compare on test.** QAFT chooses its initial learning rate and epoch by
+validation NLL, GPTQ its damping per layer by held-out calibration tokens; every figure, table and
+conclusion below that compares methods uses the **test** split, which no method has seen.
+
+Records are cached under `outputs/records/`; a rerun with the same parameters only reads them.
+Cost: `ci` tier ≈ 8 min, `cpu` tier ≈ 35 min on 2 cores (GPTQ ≈ 3 min and QAFT ≈ 4 min per bit-width, evaluation included).
+"""),
+    params('model = "smollm2-135m"\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
+    code(SETUP + """
+from repro import plots, report, runs, widgets
+
+records = runs.sweep(methods=("fp", "rtn", "gptq", "qaft"), bits=bits, tier=tier, outputs=outputs,
+                     model=model, corpus=corpus)
+runs.table(records)
+"""),
+    md("""
+## Fig. 1 — QAFT (vertical) against GPTQ (horizontal), the paper's layout
+Upper row: global test NLL, one coloured dot per format, the gray diagonal is identity; the coloured
+line from each dot ends on the diagonal at the RTN level of that format; the black dot is FP. A dot
+below the diagonal means QAFT reached the lower global loss. Lower rows: layer-wise MSE on the test
+split, one symbol per quantized linear: `mean(((Q(W) - W) x)^2)` with `x` the layer's input in the
+**FP** network (paper eq. 2) and, last row, in the quantized model **itself**. A symbol right of the
+diagonal means QAFT has the lower layer error for that layer.
+"""),
+    code("plots.misalignment_scatter(records);"),
+    md("""
+The same records as lines over bit-width: test NLL, then mean layer MSE under both readings.
+
+Why the two readings part at 3 and 2 bits: with own inputs, each method's layers are scored on the
+activations its own quantized prefix produces. GPTQ calibrates block *i* on exactly those activations,
+and at 3 and 2 bits they are far from the FP ones, often larger in norm, so every layer of a
+badly-damaged model sees large inputs and its own-input MSE is large even where its weights moved
+little. With FP inputs every method is scored on the *same* `x`, which isolates how well each kept
+`W x`: that is the comparison the paper's eq. 2 defines and the one to read across methods.
+"""),
+    code("plots.misalignment(records);"),
+    md("""
+**Computed from the records** (test split; nbval compares these in CI). The mean layer MSE over the
+stack is dominated by the few linears with the largest activations (late `down_proj`s); the second
+table counts layers instead, which is what the paper's lower row shows.
+"""),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.fig1_table(records, seconds=False))  # wall-clock times vary run to run
+print()
+print(report.layer_share_table(records))
+print()
+print(report.misalignment_summary(records))
+"""),
+    md("""
+## Fig. 7 — QAFT test NLL per epoch, GPTQ level in red
+Epoch 0 is RTN, QAFT's starting point; the curve is the learning rate chosen on validation.
+The paper finds one epoch of QAFT already beats GPTQ.
+"""),
+    code("plots.qaft_epochs(records);"),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.first_epoch_summary(records))
+"""),
+    md("""
+## App. C — GPTQ's damping per layer, scored out of sample
+The paper searches the damping λ (added as `λ·mean(diag H)` to the Hessian) per layer over a grid and
+keeps the value with the lowest layer output error *on the calibration inputs it was solved with* — a
+score that favours the weakest regulariser. Here a quarter of the calibration sequences is held out:
+each candidate is solved on the rest, scored on the held-out Hessian, and the chosen λ is solved
+once more with all sequences. Left: chosen λ per linear; middle: how often each λ wins; right: mean
+in-sample (dashed) and held-out (solid) loss per λ, each layer normalised by its best held-out loss.
+"""),
+    code("""
+gptq_records = [r for r in records if r["config"]["method"] == "gptq"]
+plots.damping_plot(gptq_records);
+"""),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.damping_table(gptq_records))
+"""),
+    md("""
+## Explore the cached runs
+Pick model, method and bits; the plots redraw from the records on disk.
+"""),
+    code("widgets.explorer(outputs)"),
+])
+
+INTRO = """\
+# 02 · Pareto fronts: NLL vs weight size (paper Fig. 2)
+
+Does a bigger model at low precision beat a smaller one at high precision, and which quantizer gets
+there? Every point is one model in one format: **RTN**, **GPTQ** or **QAFT** at one bit-width, or the
+**FP** model. Its x is the size of the transformer stack's linear weights at that bit-width
+(`stack_params × bits / 8 / 1e9` GB; embeddings, norms and biases left out; FP drawn at 16 bits per
+weight, as the paper's float16 checkpoints), its y the test NLL (nats/token). The **Pareto front** is
+the set of points that no point of equal or smaller size beats in test NLL: where to look for the best
+model at a memory budget. The paper finds QAFT on the front (int6 and int8 for GPT-2, int4 to int8 for
+OPT and Llama 2), and QAFT's lead over GPTQ largest at int4 and below.
+
+**Select on validation, compare on test.** QAFT picks its initial learning rate and epoch on validation
+NLL, GPTQ its per-layer damping on held-out calibration tokens; the points, the front and every number
+below are on the **test** split, which no method has seen.
+
+**Scaled down on CPU.** The paper spans GPT-2, OPT and Llama 2 models from distilgpt2 to Llama-2-7b at
+full context; the `ci` and `cpu` tiers use the two embedded models (SmolLM2 135M and Gemma 3 268M),
+fewer and shorter calibration and evaluation sequences, and fewer QAFT epochs (see `params/<tier>.yaml`).
+Gemma 3's extra parameters are mostly its large-vocabulary embedding, which the x-axis leaves out, so
+the two transformer stacks are of similar size: here the plot separates formats more than model sizes.
+
+Cost: nothing beyond the runs of `01_misalignment` for each model (records are cached under
+`outputs/records/` and shared); `ci` tier ≈ 5 min from an empty cache."""
+
+PARAMETERS = """\
+# Parameters (papermill). tier: "ci" (minutes), "cpu" (embedded default), "paper" (GPU, hub)
+bits = None      # one int or a list; None: the tier's bit-widths
+models = None    # list of model names; None: the tier's (both embedded models)
+methods = ["rtn", "gptq", "qaft"]
+tier = "ci"
+outputs = None   # None: $REPRO_OUTPUTS, else the repository's outputs/ (works from any working directory)"""
+
+LOAD = """\
+from pathlib import Path
+from repro import plots, report, runs
+
+outputs = Path(outputs) if outputs else runs.outputs_dir()
+bits = runs.load_tier(tier)["bits"] if bits is None else ([bits] if isinstance(bits, int) else list(bits))
+models = models or runs.load_tier(tier)["models"]
+records = [r for model in models
+           for r in runs.sweep(methods=("fp", *methods), bits=bits, tier=tier, outputs=outputs, model=model)]"""
+
+HOW_TO_READ = """\
+## Fig. 2 — test NLL against the transformer stack's weight size, every model in one panel
+One colour per model. Hollow circles: RTN; squares: GPTQ; filled circles: QAFT; black circles: FP at
+16 bits. Thin gray lines join one model's points of one method from small to large (dotted RTN, dashed
+GPTQ, solid QAFT); the small label above each column is its bit-width. The transparent strip in the
+model's colour spans GPTQ to QAFT at each (model, bits): the taller the strip, the more the two
+methods differ under the same calibration data; QAFT at its lower end means QAFT generalises better.
+The red step line is the Pareto front over all points: its height at any size is the lowest test NLL
+reached at that size or smaller. A point on it is the best model found at its size; a point above it
+is beaten by one of equal or smaller size."""
+
+PLOT = """\
+figures = outputs / "figures"
+figures.mkdir(parents=True, exist_ok=True)
+fig = plots.pareto(records)
+fig.savefig(figures / f"pareto_{tier}.png", dpi=110)"""
+
+COMPUTED = """\
+**Computed from the records** (test split; nbval compares these in CI). One row per model and
+bit-width: the weight size, each method's test NLL, GPTQ − QAFT (positive: QAFT lower) and which
+points lie on the Pareto front. The summary counts the front's points per method, averages the
+GPTQ − QAFT gap over models per bit-width and names any (model, bits) whose records are missing.
+The notebook writes the table and summary to `outputs/tables/pareto_<tier>.md` itself."""
+
+WRITE = """\
+table, summary = report.pareto_table(records), report.pareto_summary(records)
+runs.write_text_atomic(outputs / "tables" / f"pareto_{tier}.md", f"{table}\\n\\n{summary}\\n")"""
+
+CHECK = """\
+# NBVAL_CHECK_OUTPUT
+print(table)
+print()
+print(summary)"""
+
+GAP_MD = """\
+## Extra view, second: the GPTQ − QAFT gap per bit-width
+The strips of Fig. 2 as lines: test NLL of GPTQ minus that of QAFT, one line per model, bits from
+high to low. Above the gray zero line QAFT generalises better. The paper's §IV-B: the gap widens as
+precision falls, in step with the misalignment of `01_misalignment` (layer-wise MSE is a poorer proxy
+for the global loss at low bit-widths)."""
+
+GAP = """\
+fig = plots.pareto_gap(records)
+fig.savefig(figures / f"pareto_gap_{tier}.png", dpi=110)"""
+
+write("02_pareto", [
+    md(INTRO), new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}), code(LOAD), md(HOW_TO_READ), code(PLOT),
+    md(COMPUTED), code(WRITE), code(CHECK), md(GAP_MD), code(GAP),
+])
+
+
+write("06_hyperparameters", [
+    md("""
+# 06 · QAFT learning rate (paper Fig. 6, App. A)
+
+QAFT sweeps the initial learning rate (AdamW, linear decay to a tenth) and keeps the run with the best
+**validation** NLL: this notebook shows the selection itself, so it reads validation; the comparisons
+with other methods (`01_misalignment`) use test. The paper finds high precisions prefer low LRs and
+int3/int2 prefer high ones. It reads the same QAFT records as `01_misalignment` (one record holds every
+LR of the grid), so it costs nothing once that notebook has run.
+"""),
+    params('model = "smollm2-135m"\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
+    code(SETUP + """
+from repro import plots, report, runs
+
+records = runs.sweep(methods=("qaft",), bits=bits, tier=tier, outputs=outputs, model=model, corpus=corpus)
+"""),
+    md("Left: validation NLL after QAFT vs the initial LR, one line per bit-width, RTN dashed. Right: the chosen LR."),
+    code("plots.lr_sweep(records);"),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.lr_table(records))
+print()
+print(report.lr_summary(records))
+"""),
+])

@@ -1,0 +1,102 @@
+"""The main job's batch runner and notebook 02's papermill forms, on the ci tier (real models)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from repro import batch, runs
+
+ROOT = Path(__file__).resolve().parent.parent
+REPRO = [sys.executable, "-m", "repro.cli"]
+
+
+def test_plan_covers_every_notebook_and_model():
+    jobs = batch.plan("ci")
+    models = runs.load_tier("ci")["models"]
+    assert len(models) == 2
+    assert [j.name() for j in jobs if j.notebook == "00_quickstart"] == [f"00_quickstart-{m}" for m in models]
+    (pareto,) = [j for j in jobs if j.notebook == "02_pareto"]
+    assert pareto.model is None and {c.model for c in pareto.configs} == set(models)
+    assert {c.method for c in pareto.configs} == {"fp", "rtn", "gptq", "qaft"}
+    with pytest.raises(ValueError, match="unknown notebook"):
+        batch.plan("ci", ["03_landscape"])
+
+
+def _records(outputs: Path) -> dict:
+    return {p.relative_to(outputs): p.read_bytes() for p in sorted((outputs / "records").rglob("*.json"))}
+
+
+@pytest.mark.embedded
+def test_batch_killed_after_the_first_notebook_resumes(tmp_path):
+    """kill -9 after the first notebook: the rerun computes only what was missing, reads the rest,
+    and every record written before the kill is left byte for byte as it was."""
+    env = {**os.environ, "REPRO_OUTPUTS": str(tmp_path), "REPRO_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+    command = [*REPRO, "batch", "--tier", "ci", "00_quickstart"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+    first = []
+    for line in proc.stdout:
+        first.append(line)
+        if line.startswith("notebook 00_quickstart-"):  # the first of the two models' notebooks is done
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(first)
+    before = _records(tmp_path)
+    assert before, "".join(first)
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    header = done.stdout.splitlines()[0]
+    cached = int(header.split(" cached")[0].rsplit(" ", 1)[1])
+    assert cached == len(before) > 0, header
+    after = _records(tmp_path)
+    assert all(after[path] == content for path, content in before.items())  # untouched
+    assert len(after) > len(before)
+    summary = json.loads((tmp_path / "ci" / "batch.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["passed", "passed"]
+    assert all((tmp_path / "ci" / "notebooks" / f"00_quickstart-{m}.ipynb").is_file()
+               for m in runs.load_tier("ci")["models"])
+    assert not list((tmp_path / "ci" / "notebooks").glob(".*partial"))
+
+
+@pytest.mark.embedded
+def test_pareto_notebook_runs_as_typed_from_root_and_from_notebooks(tmp_path):
+    """`papermill notebooks/02_pareto.ipynb -p bits 3` with no output notebook, from a checkout's
+    root, then the form with an output notebook from notebooks/: both write the figure and table
+    to the checkout's outputs/ (no REPRO_OUTPUTS), the second reading the first's records."""
+    checkout = tmp_path / "checkout"
+    (checkout / "notebooks").mkdir(parents=True)
+    shutil.copy(ROOT / "notebooks" / "02_pareto.ipynb", checkout / "notebooks")
+    shutil.copy(ROOT / "pyproject.toml", checkout)
+    if os.environ.get("REPRO_OUTPUTS"):  # under `make test`: share records with nbval's run of 02
+        (checkout / "outputs").mkdir()
+        Path(os.environ["REPRO_OUTPUTS"], "records").mkdir(parents=True, exist_ok=True)
+        (checkout / "outputs" / "records").symlink_to(Path(os.environ["REPRO_OUTPUTS"], "records"))
+    env = {k: v for k, v in os.environ.items() if k != "REPRO_OUTPUTS"}
+    env["REPRO_PROGRESS"] = "0"
+    papermill = [sys.executable, "-m", "papermill"]
+    first = subprocess.run([*papermill, "notebooks/02_pareto.ipynb", "-p", "bits", "3"], cwd=checkout, env=env,
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    outputs = checkout / "outputs"
+    table = (outputs / "tables" / "pareto_ci.md").read_text()
+    assert (outputs / "figures" / "pareto_ci.png").stat().st_size > 10_000
+    assert "int3" in table or "| 3 " in table
+    records = _records(outputs)
+    made = [json.loads(b)["config"] for b in records.values()]
+    for model in runs.load_tier("ci")["models"]:
+        assert {(c["method"], c["bits"]) for c in made if c["model"] == model} >= {
+            ("fp", None), ("rtn", 3), ("gptq", 3), ("qaft", 3)}
+
+    second = subprocess.run([*papermill, "02_pareto.ipynb", str(tmp_path / "out.ipynb"), "-p", "bits", "3"],
+                            cwd=checkout / "notebooks", env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (tmp_path / "out.ipynb").is_file() and _records(outputs) == records  # read, not recomputed
+    assert (outputs / "tables" / "pareto_ci.md").read_text() == table
