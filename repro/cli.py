@@ -101,6 +101,19 @@ def _report(args) -> int:
     command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
     sections = report.readme_sections(records, _observer_records(args, default), tier=args.tier, command=command,
                                       in_sample_records=in_sample, other_models=others)
+    pairs = []  # QAFT under the tier's bf16 autocast vs fp32 (the A/B, where run)
+    for model in [default, *others]:
+        for b in params["bits"]:
+            bf16 = runs.make_config("qaft", b, args.tier, model=model)
+            if bf16.options.get("mixed_precision") != "bf16":
+                continue
+            fp32 = runs.make_config("qaft", b, args.tier, model=model, options={"mixed_precision": "no"})
+            found = _read_records([bf16, fp32], args.outputs)
+            if len(found) == 2:
+                pairs.append(tuple(found))
+    if pairs:
+        sections["qaft-precision"] = (f"{report.precision_table(pairs)}\n\n"
+                                      f"{report.provenance([r for p in pairs for r in p], args.tier, command)}")
     summary = Path(args.outputs) / args.tier / "batch.json"
     if summary.is_file():
         sections["batch"] = report.batch_table(json.loads(summary.read_text()))

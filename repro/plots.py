@@ -458,7 +458,7 @@ def save_figures(records, directory: Path | str, suffix: str = "") -> list[Path]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     methods = {r["config"]["method"] for r in records}
-    figures = {"nll_vs_bits": lambda: nll_vs_bits(records)}
+    figures = {"nll_vs_bits": lambda: nll_vs_bits(records, metric="nll_test")}
     if methods & {"gptq", "qaft"}:
         figures["misalignment"] = lambda: misalignment(records)
     if {"gptq", "qaft"} <= methods:

@@ -487,6 +487,21 @@ SECTIONS = {
 }
 
 
+def precision_table(pairs) -> str:
+    """QAFT trained under bf16 autocast against fp32, everything else equal: ``pairs`` is a list of
+    ``(bf16 record, fp32 record)``. Test NLL of each, the relative difference, whether it stays
+    within 1%, and the seconds per training step."""
+    rows = []
+    for bf16, fp32 in pairs:
+        c = bf16["config"]
+        rel = (bf16["nll_test"] - fp32["nll_test"]) / fp32["nll_test"]
+        rows.append([c["model"], f"int{c['bits']}", _nll(bf16["nll_test"]), _nll(fp32["nll_test"]),
+                     f"{100 * rel:+.2f}%", "yes" if abs(rel) <= 0.01 else "**no**",
+                     f"{bf16['info']['step_s']:.2f}", f"{fp32['info']['step_s']:.2f}"])
+    return _markdown(["model", "bits", "test NLL, bf16", "test NLL, fp32", "bf16 vs fp32", "within 1%",
+                      "s/step bf16", "s/step fp32"], rows)
+
+
 def batch_table(summary: dict) -> str:
     """The main job's wall time per notebook from ``OUTPUTS/<tier>/batch.json`` (``repro batch``):
     the runs it was the first to need (computed, minutes) and executing it (papermill)."""

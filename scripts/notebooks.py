@@ -41,14 +41,15 @@ write("00_quickstart", [
 Per-tensor symmetric weight quantization of every linear layer in the transformer stack
 (embeddings, LM head and norms stay in full precision), at 8, 6, 4, 3 and 2 bits.
 RTN rounds each weight to the nearest point of its tensor's grid `a·{-q..q}`, `q = 2^(B-1)-1`;
-the scale `a` comes from an *observer*, chosen per bit-width in the tier's parameters (last section).
+the scale `a` comes from an *observer*, chosen per model and bit-width in the tier's parameters (last section).
 
 Runs are cached as JSON records under `outputs/records/`: re-running this notebook with the same
 parameters reads them instead of recomputing. Batch-run with other parameters, e.g.
 `papermill notebooks/00_quickstart.ipynb out.ipynb -p tier cpu`.
-Cost: `ci` tier ≈ 2 min, `cpu` tier ≈ 15 min on 2 cores (20 RTN runs, most of it evaluation).
+**Scaled down from the paper** on the `ci`/`cpu` tiers: the embedded models (SmolLM2 135M, Gemma 3 268M) instead of GPT-2/OPT/Llama 2, 256-token windows of the embedded `wiki` corpus instead of model-length WikiText-2, 32 calibration sequences instead of 128, 16 validation/test windows instead of the whole splits (`repro/params/<tier>.yaml`).
+Cost: COST00
 """),
-    params('model = "smollm2-135m"\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'
            'observers = ["minmax", "histogram", "mse"]\nobserver_bits = None  # None: the tier\'s bits\n'),
     code(SETUP + """
 from repro import plots, report, runs
@@ -113,13 +114,14 @@ top = [r for r in obs_records[1:] if r["config"]["bits"] == max(r["config"]["bit
 plots.layer_mse_profile(top, metric="clip_ratio", title="largest weight / grid edge");
 """),
     md("""
-**The observer this tier uses at each bit-width** (`params/<tier>.yaml`), next to the one with the
+**The observer this tier uses at each bit-width** for this model (`repro/params/<tier>.yaml`, the
+model's `model_settings` where it has its own), next to the one with the
 lowest RTN *validation* NLL above — selection on validation; every comparison across methods
 elsewhere uses test:
 """),
     code("""
 # NBVAL_CHECK_OUTPUT
-print(report.observer_choice(obs_records, {b: runs.make_config("rtn", b, tier).observer
+print(report.observer_choice(obs_records, {b: runs.make_config("rtn", b, tier, model=model).observer
                                            for b in sorted({r["config"]["bits"] for r in obs_records[1:]})}))
 """),
 ])
@@ -139,9 +141,11 @@ validation NLL, GPTQ its damping per layer by held-out calibration tokens; every
 conclusion below that compares methods uses the **test** split, which no method has seen.
 
 Records are cached under `outputs/records/`; a rerun with the same parameters only reads them.
-Cost: `ci` tier ≈ 8 min, `cpu` tier ≈ 35 min on 2 cores (GPTQ ≈ 3 min and QAFT ≈ 4 min per bit-width, evaluation included).
+**Scaled down from the paper** on the `ci`/`cpu` tiers: the embedded models (SmolLM2 135M, Gemma 3 268M) instead of GPT-2/OPT/Llama 2, 256-token windows of the embedded `wiki` corpus instead of model-length WikiText-2, 32 calibration sequences instead of 128, 16 validation/test windows instead of the whole splits; GPTQ's damping searched over 1e-3…10 instead of 1e-3…1e4; QAFT one epoch at two
+learning rates instead of 8 epochs at four (`repro/params/<tier>.yaml`).
+Cost: COST01
 """),
-    params('model = "smollm2-135m"\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
     code(SETUP + """
 from repro import plots, report, runs, widgets
 
@@ -320,8 +324,11 @@ QAFT sweeps the initial learning rate (AdamW, linear decay to a tenth) and keeps
 with other methods (`01_misalignment`) use test. The paper finds high precisions prefer low LRs and
 int3/int2 prefer high ones. It reads the same QAFT records as `01_misalignment` (one record holds every
 LR of the grid), so it costs nothing once that notebook has run.
+**Scaled down from the paper** on the `ci`/`cpu` tiers: two initial LRs {1e-4, 1e-3} instead of
+{1e-6, 1e-5, 1e-4, 1e-3}, and one epoch over 32 sequences of 256 tokens (two on `ci`) instead of 8
+epochs over 128 model-length sequences.
 """),
-    params('model = "smollm2-135m"\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
     code(SETUP + """
 from repro import plots, report, runs
 

@@ -100,3 +100,25 @@ def test_pareto_notebook_runs_as_typed_from_root_and_from_notebooks(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert (tmp_path / "out.ipynb").is_file() and _records(outputs) == records  # read, not recomputed
     assert (outputs / "tables" / "pareto_ci.md").read_text() == table
+
+
+def test_a_failed_run_or_notebook_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    """Failures are reported in the final table and the exit status; the other notebooks still run."""
+    from repro import cli
+
+    def plan_of(bits):
+        return lambda tier, model: [runs.make_config("rtn", bits, tier, model=model)]
+
+    monkeypatch.setattr(batch, "NOTEBOOKS", {"a": ("per model", plan_of(4)), "b": ("all models", plan_of(3))})
+    monkeypatch.setattr(runs, "run", lambda config, outputs: (_ for _ in ()).throw(RuntimeError("boom"))
+                        if config.model == "x" else {"config": {}, "wall_s": {}})
+    monkeypatch.setattr(runs, "summary", lambda record: "ok")
+    executed = []
+    monkeypatch.setattr(batch, "_execute", lambda job, *a: executed.append(job.name()))
+    status = cli.main(["batch", "--tier", "ci", "--models", "x", "y", "--outputs", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert executed == ["a-y"]  # a-x and b lost a run; a-y ran
+    assert "FAILED x rtn int4: RuntimeError: boom" in out and "notebooks: 1 of 3 passed" in out
+    summary = json.loads((tmp_path / "ci" / "batch.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["failed", "passed", "failed"]

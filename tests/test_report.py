@@ -187,3 +187,14 @@ def test_damping_scoring_table_pairs_in_sample_and_held_out():
     assert header == ["test NLL, in sample", "test NLL, held out 0.25", "MSE FP inputs, in sample",
                       "MSE FP inputs, held out 0.25"]
     assert body["int4"] == ["4.999", "4.444", "0.5", "0.0976"]
+
+
+def test_precision_table_flags_a_difference_over_one_percent():
+    pairs = []
+    for bits, (bf16, fp32) in {4: (5.02, 5.0), 8: (8.0, 7.5)}.items():
+        a, b = record("qaft", bits, nll_test=bf16), record("qaft", bits, nll_test=fp32)
+        a["info"]["step_s"], b["info"]["step_s"] = 1.0, 2.0
+        pairs.append((a, b))
+    table = report.precision_table(pairs)
+    assert "| int4 | 5.020 | 5.000 | +0.40% | yes | 1.00 | 2.00 |" in table
+    assert "+6.67% | **no**" in table
