@@ -4,7 +4,8 @@
 process, the runs the notebook will read (``planned_configs``; a run already cached is read,
 not recomputed, whichever notebook needed it first), with a progress bar over the runs and one
 summary line per finished run; then papermill executes the notebook, which only reads records,
-into ``OUTPUTS/<tier>/notebooks/``. A failed run or notebook is reported and the batch goes on.
+into ``OUTPUTS/<tier>/notebooks/`` (a failed one as ``<name>.failed.ipynb``, with its traceback).
+A failed run or notebook is reported and the batch goes on.
 Records are written atomically (``repro.runs``), so a batch killed at any point (``kill -9``
 included) and started again recomputes nothing that had finished.
 """
@@ -77,15 +78,17 @@ def _execute(job: Job, tier: str, outputs: Path, models: list[str]) -> None:
     directory = outputs / tier / "notebooks"
     directory.mkdir(parents=True, exist_ok=True)
     job.output = directory / f"{job.name()}.ipynb"
-    partial = directory / f".{job.name()}.ipynb.partial"
+    partial = directory / f".{job.name()}.partial.ipynb"
     parameters = {"tier": tier, "outputs": str(outputs.resolve())}
     parameters.update({"model": job.model} if job.model else {"models": models})
     try:
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{job.notebook}.ipynb"), str(partial), parameters=parameters,
                             cwd=str(NOTEBOOK_DIR), progress_bar=False)
-    finally:
-        if partial.exists():  # kept on failure too: it holds the traceback
-            os.replace(partial, job.output)
+    except Exception:  # a failed notebook's output holds the traceback: keep it under its own name
+        if partial.exists():
+            os.replace(partial, directory / f"{job.name()}.failed.ipynb")
+        raise
+    os.replace(partial, job.output)
 
 
 def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None = None, echo=print) -> list[Job]:
@@ -132,7 +135,7 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
             _execute(job, tier, outputs, models)
             job.status = "passed"
         except Exception as err:  # noqa: BLE001
-            job.status, job.error = "failed", f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+            job.status, job.error = "failed", f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:300]}"
             if not type(err).__name__.startswith("Papermill"):
                 traceback.print_exc()
         job.execute_s = time.perf_counter() - start

