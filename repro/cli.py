@@ -102,14 +102,11 @@ def _report(args) -> int:
     command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
     sections = report.readme_sections(records, _observer_records(args, default), tier=args.tier, command=command,
                                       in_sample_records=in_sample, other_models=others)
-    pairs = []  # QAFT under the tier's bf16 autocast vs fp32 (the A/B, where run)
+    pairs = []  # QAFT trained under bf16 autocast vs fp32, everything else equal (the A/B, where run)
     for model in [default, *others]:
         for b in params["bits"]:
-            bf16 = runs.make_config("qaft", b, args.tier, model=model)
-            if bf16.options.get("mixed_precision") != "bf16":
-                continue
-            fp32 = runs.make_config("qaft", b, args.tier, model=model, options={"mixed_precision": "no"})
-            found = _read_records([bf16, fp32], args.outputs)
+            found = _read_records([runs.make_config("qaft", b, args.tier, model=model, options={"mixed_precision": mp})
+                                   for mp in ("bf16", "no")], args.outputs)
             if len(found) == 2:
                 pairs.append(tuple(found))
     if pairs:

@@ -108,9 +108,9 @@ class RunConfig:
         return "fp" if self.bits is None else f"{self.method} int{self.bits}"
 
 
-# Tier keys a model may set for itself under ``model_settings`` (the data and the grid; not the
-# sweep, the methods or which model runs).
-MODEL_SETTINGS = {"observer", "corpus", "seq_len", "n_calibration", "n_eval", "batch_size", "seed"}
+# Tier keys a model may set for itself under ``model_settings`` (the data, the grid and method
+# options, merged into the tier's per option; not the sweep or which model runs).
+MODEL_SETTINGS = {"observer", "corpus", "seq_len", "n_calibration", "n_eval", "batch_size", "seed", "methods"}
 
 
 def load_tier(tier: str) -> dict:
@@ -131,8 +131,8 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
     if misplaced:
         raise ValueError(f"params/{tier}.yaml: model_settings of {model!r} may set {', '.join(sorted(MODEL_SETTINGS))}, "
                          f"not {', '.join(sorted(misplaced))}")
-    params.update(own)
-    method_options = dict(params.pop("methods", {}).get(method) or {})
+    params.update({k: v for k, v in own.items() if k != "methods"})
+    method_options = {**(params.pop("methods", {}).get(method) or {}), **(own.get("methods", {}).get(method) or {})}
     method_options.update(options or {})
     params.pop("bits", None)
     if isinstance(params.get("observer"), dict):  # chosen per bit-width (fp: the highest width's)

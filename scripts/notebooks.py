@@ -47,7 +47,8 @@ Runs are cached as JSON records under `outputs/records/`: re-running this notebo
 parameters reads them instead of recomputing. Batch-run with other parameters, e.g.
 `papermill notebooks/00_quickstart.ipynb out.ipynb -p tier cpu`.
 **Scaled down from the paper** on the `ci`/`cpu` tiers: the embedded models (SmolLM2 135M, Gemma 3 268M) instead of GPT-2/OPT/Llama 2, 256-token windows of the embedded `wiki` corpus instead of model-length WikiText-2, 32 calibration sequences instead of 128, 16 validation/test windows instead of the whole splits (`repro/params/<tier>.yaml`).
-Cost: COST00
+Cost (`make run`, 2 cores, empty cache): `cpu` tier 4.6 min for SmolLM2 and 7.9 min for Gemma 3 (16 runs
+each, most of it evaluation, Gemma's model conversion included); `ci` tier about a minute.
 """),
     params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'
            'observers = ["minmax", "histogram", "mse"]\nobserver_bits = None  # None: the tier\'s bits\n'),
@@ -143,7 +144,8 @@ conclusion below that compares methods uses the **test** split, which no method 
 Records are cached under `outputs/records/`; a rerun with the same parameters only reads them.
 **Scaled down from the paper** on the `ci`/`cpu` tiers: the embedded models (SmolLM2 135M, Gemma 3 268M) instead of GPT-2/OPT/Llama 2, 256-token windows of the embedded `wiki` corpus instead of model-length WikiText-2, 32 calibration sequences instead of 128, 16 validation/test windows instead of the whole splits; GPTQ's damping searched over 1e-3…10 instead of 1e-3…1e4; QAFT one epoch at two
 learning rates instead of 8 epochs at four (`repro/params/<tier>.yaml`).
-Cost: COST01
+Cost (`make run`, 2 cores): `cpu` tier 17 min for SmolLM2 and 27 min for Gemma 3 (GPTQ ≈ 1.7 / 2.1 min and
+QAFT ≈ 1.7 / 3.3 min per bit-width, evaluation included); `ci` tier a few minutes.
 """),
     params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
     code(SETUP + """
@@ -244,7 +246,8 @@ Gemma 3's extra parameters are mostly its large-vocabulary embedding, which the 
 the two transformer stacks are of similar size: here the plot separates formats more than model sizes.
 
 Cost: nothing beyond the runs of `01_misalignment` for each model (records are cached under
-`outputs/records/` and shared); `ci` tier ≈ 5 min from an empty cache."""
+`outputs/records/` and shared); `ci` tier ≈ 7 min on 2 cores when `01_misalignment` has run on SmolLM2 (Gemma 3's runs), `cpu` tier nothing
+beyond the main job's other notebooks."""
 
 PARAMETERS = """\
 # Parameters (papermill). tier: "ci" (minutes), "cpu" (embedded default), "paper" (GPU, hub)

@@ -31,6 +31,9 @@ def test_tier_settings_per_model():
     settings = runs.load_tier("cpu")["model_settings"]["gemma3-270m"]
     assert gemma.observer == settings["observer"][8] and smol.observer == runs.load_tier("cpu")["observer"][8]
     assert gemma.seq_len == smol.seq_len  # what a model does not set is the tier's
+    smol_qaft, gemma_qaft = (runs.make_config("qaft", 4, tier="cpu", model=m) for m in ("smollm2-135m", "gemma3-270m"))
+    assert (smol_qaft.options["mixed_precision"], gemma_qaft.options["mixed_precision"]) == ("no", "bf16")
+    assert gemma_qaft.options["lr_grid"] == smol_qaft.options["lr_grid"]  # merged per option, not replaced
 
 
 def test_outputs_dir_is_the_checkouts_from_any_working_directory(tmp_path, monkeypatch):
