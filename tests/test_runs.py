@@ -97,7 +97,7 @@ def test_figures_draw_the_tiers_records_only(tmp_path, capsys):
     other_observer = runs.make_config("rtn", 4, tier="ci", observer="minmax")  # the tier's: histogram
     for config, nll in ((tier_config, 14.9), (other_observer, 10.4)):
         runs.write_json_atomic(runs.record_path(config, tmp_path),
-                               {"config": dataclasses.asdict(config), "nll_validation": nll})
+                               {"config": dataclasses.asdict(config), "nll_validation": nll, "nll_test": nll - 0.5})
     configs = runs.sweep_configs(("fp", "rtn"), tier="ci")
     records = [r for r in (runs.read_record(c, tmp_path) for c in configs) if r is not None]
     assert [(r["config"]["observer"], r["nll_validation"], r["cached"]) for r in records] == [("histogram", 14.9, True)]
