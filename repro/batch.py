@@ -1,7 +1,7 @@
 """The main job: every notebook of a tier, over the tier's models, on one shared record cache.
 
 ``batch(tier)`` goes through the notebooks in order. For each one it first computes, in this
-process, the runs the notebook will read (``planned_configs``; a run already cached is read,
+process, the runs the notebook will read (its ``NOTEBOOKS`` plan; a run already cached is read,
 not recomputed, whichever notebook needed it first), with a progress bar over the runs and one
 summary line per finished run; then papermill executes the notebook, which only reads records,
 into ``OUTPUTS/<tier>/notebooks/`` (a failed one as ``<name>.failed.ipynb``, with its traceback).
@@ -22,16 +22,21 @@ from repro.progress import progress
 from repro.quant import OBSERVERS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _sweep(*methods):
+    """The runs of ``runs.sweep_configs(methods)`` for one model, as a notebook's plan."""
+    return lambda tier, model: runs.sweep_configs(methods, tier=tier, model=model)
+
+
 # name -> (one execution per model of the tier, or one over all of them; the runs it reads)
 NOTEBOOKS = {
     "00_quickstart": ("per model", lambda tier, model: [
         *runs.sweep_configs(("fp", "rtn"), tier=tier, model=model),
         *(c for obs in OBSERVERS for c in runs.sweep_configs(("rtn",), tier=tier, model=model, observer=obs))]),
-    "01_misalignment": ("per model", lambda tier, model: runs.sweep_configs(("fp", "rtn", "gptq", "qaft"),
-                                                                            tier=tier, model=model)),
-    "02_pareto": ("all models", lambda tier, model: runs.sweep_configs(("fp", "rtn", "gptq", "qaft"),
-                                                                       tier=tier, model=model)),
-    "06_hyperparameters": ("per model", lambda tier, model: runs.sweep_configs(("qaft",), tier=tier, model=model)),
+    "01_misalignment": ("per model", _sweep("fp", "rtn", "gptq", "qaft")),
+    "02_pareto": ("all models", _sweep("fp", "rtn", "gptq", "qaft")),
+    "06_hyperparameters": ("per model", _sweep("qaft")),
 }
 
 
@@ -53,14 +58,19 @@ class Job:
         return self.notebook + (f"-{self.model.replace('/', '--')}" if self.model else "")
 
 
+def tier_models(tier: str, models=None) -> list[str]:
+    """``models``, else the tier's ``models`` list, else its single ``model``."""
+    params = runs.load_tier(tier)
+    return list(models or params.get("models") or [params["model"]])
+
+
 def plan(tier: str, notebooks=None, models=None) -> list[Job]:
     """The jobs of a batch, in order; ``models`` defaults to the tier's ``models``."""
     names = list(notebooks or NOTEBOOKS)
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebook(s) {', '.join(unknown)}; available: {', '.join(NOTEBOOKS)}")
-    params = runs.load_tier(tier)
-    models = list(models or params.get("models") or [params["model"]])
+    models = tier_models(tier, models)
     jobs = []
     for name in names:
         scope, configs = NOTEBOOKS[name]
@@ -94,7 +104,7 @@ def _execute(job: Job, tier: str, outputs: Path, models: list[str]) -> None:
 def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None = None, echo=print) -> list[Job]:
     """Run the batch (see the module docstring); returns the jobs with their status and times."""
     outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
-    models = list(models or runs.load_tier(tier).get("models") or [runs.load_tier(tier)["model"]])
+    models = tier_models(tier, models)
     jobs = plan(tier, notebooks, models)
     unique = {}
     for job in jobs:

@@ -32,16 +32,16 @@ def _read_records(configs, outputs) -> list[dict]:
     return [r for r in (runs.read_record(c, outputs) for c in configs) if r is not None]
 
 
-def _tier_records(args, model=None) -> list[dict]:
+def _tier_records(args, model=None, required: bool = True) -> list[dict]:
     """The records the notebooks show: the tier's sweep (fp, rtn, gptq, qaft at the tier's bits),
     not every record on disk (the quickstart's observer comparison, for one, leaves RTN records of
-    other observers there). Exits with the command to run when there are none."""
+    other observers there). Exits with the command to run when there are none and ``required``."""
     from repro import runs
 
     model = model or args.model
     configs = runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=model)
     records = _read_records(configs, args.outputs)
-    if not records:
+    if not records and required:
         raise SystemExit(f"no records for tier {args.tier}{f' and model {model}' if model else ''} under "
                          f"{args.outputs}/records; run `repro batch --tier {args.tier}` first")
     return records
@@ -69,8 +69,7 @@ def _figures(args) -> int:
     directory = Path(args.outputs) / "figures"
     every, drawn = [], {}
     for model in models:  # the default model's figures as <name>_<tier>.png, the others' with _<model>
-        records = _tier_records(args, model) if model == default else _read_records(
-            runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=model), args.outputs)
+        records = _tier_records(args, model, required=model == default)
         every += records
         suffix = f"_{args.tier}" + ("" if model == default else f"_{model}")
         drawn.update(dict.fromkeys(plots.save_figures(records, directory, suffix=suffix)) if records else {})
@@ -95,8 +94,7 @@ def _report(args) -> int:
                                for b in params["bits"]], args.outputs)  # the A/B, if run
     others = {}  # the tier's other models that have records
     for model in [] if args.model else [m for m in params.get("models") or [] if m != default]:
-        sweep = _read_records(runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=model),
-                              args.outputs)
+        sweep = _tier_records(args, model, required=False)
         if sweep:
             others[model] = (sweep, _observer_records(args, model))
     command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
