@@ -108,14 +108,14 @@ def main(argv=None) -> dict:
     # the original), so one optimizer serves both and neither mode pays for a cold optimizer.
     params = [m.weight for m in linears.values()]
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
-    scales = prepare(model, args.bits, args.observer)
+    scales = prepare(models.stack_linears(model), args.bits, args.observer)
     assert all(fp_weight(m) is p for m, p in zip(linears.values(), params))
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
                               enabled=args.mixed_precision == "bf16")
 
     def set_mode(fake_quant: bool) -> None:
         if fake_quant:
-            prepare(model, args.bits, args.observer, scales=scales)  # same fixed scales every time
+            prepare(models.stack_linears(model), args.bits, args.observer, scales=scales)  # same fixed scales every time
         else:
             for m in linears.values():
                 if parametrize.is_parametrized(m, "weight"):

@@ -29,13 +29,15 @@ def _sweep(*methods):
     return lambda tier, model: runs.sweep_configs(methods, tier=tier, model=model)
 
 
-# name -> (one execution per model of the tier, or one over all of them; the runs it reads)
+# name -> (one execution per model of the tier, or one over all of them; the runs it reads; the tier
+# section whose ``models`` list replaces the tier's for this notebook, where it has one)
 NOTEBOOKS = {
     "00_quickstart": ("per model", lambda tier, model: [
         *runs.sweep_configs(("fp", "rtn"), tier=tier, model=model),
         *(c for obs in OBSERVERS for c in runs.sweep_configs(("rtn",), tier=tier, model=model, observer=obs))]),
     "01_misalignment": ("per model", _sweep("fp", "rtn", "gptq", "qaft")),
     "02_pareto": ("all models", _sweep("fp", "rtn", "gptq", "qaft")),
+    "04_cross_block": ("per model", lambda tier, model: runs.cross_block_configs(tier, model), "cross_block"),
     "06_hyperparameters": ("per model", _sweep("qaft")),
 }
 
@@ -65,19 +67,24 @@ def tier_models(tier: str, models=None) -> list[str]:
 
 
 def plan(tier: str, notebooks=None, models=None) -> list[Job]:
-    """The jobs of a batch, in order; ``models`` defaults to the tier's ``models``."""
+    """The jobs of a batch; ``models`` defaults to the tier's ``models``. Per-model notebooks come
+    first, grouped by model (each model is loaded once), then the notebooks over all models."""
     names = list(notebooks or NOTEBOOKS)
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebook(s) {', '.join(unknown)}; available: {', '.join(NOTEBOOKS)}")
-    models = tier_models(tier, models)
-    jobs = []
-    for name in names:
-        scope, configs = NOTEBOOKS[name]
-        if scope == "per model":
-            jobs += [Job(name, model, configs(tier, model)) for model in models]
-        else:
-            jobs.append(Job(name, None, [c for model in models for c in configs(tier, model)]))
+    params = runs.load_tier(tier)
+
+    def notebook_models(name):
+        section = NOTEBOOKS[name][2] if len(NOTEBOOKS[name]) > 2 else None
+        return tier_models(tier, models or (params.get(section) or {}).get("models"))
+
+    per_model = [name for name in names if NOTEBOOKS[name][0] == "per model"]
+    order = list(dict.fromkeys(m for name in per_model for m in notebook_models(name)))
+    jobs = [Job(name, model, NOTEBOOKS[name][1](tier, model))
+            for model in order for name in per_model if model in notebook_models(name)]
+    jobs += [Job(name, None, [c for model in notebook_models(name) for c in NOTEBOOKS[name][1](tier, model)])
+             for name in names if NOTEBOOKS[name][0] != "per model"]
     return jobs
 
 

@@ -47,6 +47,13 @@ def _tier_records(args, model=None, required: bool = True) -> list[dict]:
     return records
 
 
+def _cross_block_records(args, model) -> list[dict]:
+    """The records notebook 04 reads for ``model`` (the tier's ``cross_block`` runs), where present."""
+    from repro import runs
+
+    return _read_records(runs.cross_block_configs(args.tier, model), args.outputs)
+
+
 def _observer_records(args, model=None) -> list[dict]:
     from repro import runs
     from repro.quant import OBSERVERS
@@ -73,6 +80,17 @@ def _figures(args) -> int:
         every += records
         suffix = f"_{args.tier}" + ("" if model == default else f"_{model}")
         drawn.update(dict.fromkeys(plots.save_figures(records, directory, suffix=suffix)) if records else {})
+        cross = _cross_block_records(args, model)
+        if any(r["config"]["method"] == "blockwise" for r in cross):  # notebook 04's figures
+            figures = {f"spectrum_int{b}": (lambda b=b: plots.spectrum(cross, b, model))
+                       for b in sorted({r["config"]["bits"] for r in cross if r["config"]["method"] == "blockwise"})}
+            figures["window_time"] = lambda: plots.window_time(cross)
+            for name, draw in figures.items():
+                fig = draw()
+                path = directory / f"{name}{suffix}.png"
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+                drawn[path] = None
     if len({r["config"]["model"] for r in every}) > 1:  # Fig. 2 over all of the tier's models
         fig = plots.pareto(every)
         fig.savefig(directory / f"pareto_{args.tier}.png", dpi=110, bbox_inches="tight")
@@ -110,6 +128,17 @@ def _report(args) -> int:
     if pairs:
         sections["qaft-precision"] = (f"{report.precision_table(pairs)}\n\n"
                                       f"{report.provenance([r for p in pairs for r in p], args.tier, command)}")
+    cross = {model: _cross_block_records(args, model) for model in [default, *others]}
+    cross = {model: rs for model, rs in cross.items() if any(r["config"]["method"] == "blockwise" for r in rs)}
+    for model, rs in cross.items():
+        widths = sorted({r["config"]["bits"] for r in rs if r["config"]["method"] == "blockwise"}, reverse=True)
+        sections[f"spectrum-{model}"] = "\n\n".join(
+            [f"int{b}:\n\n{report.spectrum_table(rs, b, model)}" for b in widths] + [report.provenance(rs, args.tier, command)])
+    if cross:
+        every = [r for rs in cross.values() for r in rs]
+        blockwise = [r for r in every if r["config"]["method"] == "blockwise"]
+        sections["cross-block"] = (f"{report.cross_block_summary(every)}\n\n{report.growth_summary(blockwise)}\n\n"
+                                   f"{report.memory_table(blockwise)}\n\n{report.provenance(every, args.tier, command)}")
     summary = Path(args.outputs) / args.tier / "batch.json"
     if summary.is_file():
         sections["batch"] = report.batch_table(json.loads(summary.read_text()))

@@ -7,7 +7,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
-from repro.models import stack_linears, weight_matrix
+from repro.models import blocks, stack_linears, weight_matrix
 from repro.quant import is_prepared
 from repro.progress import progress
 
@@ -225,6 +225,62 @@ def layer_mse_from_grams(model, fp_weights: dict[str, torch.Tensor], grams: dict
         delta = (weight_matrix(m) - weight_matrix(m, fp_weights[name].to(m.weight.device))).float()
         result[name] = float(((delta @ G) * delta).sum()) / (n * delta.shape[0])
     return result
+
+
+HIDDEN_LIMIT_BYTES = 2 << 30  # FP hidden states kept for the block-output MSE (fp32)
+
+
+def hidden_bytes(model, sequences: torch.Tensor) -> int:
+    """Memory ``block_outputs`` needs for ``sequences``: every block's fp32 output."""
+    return 4 * len(blocks(model)) * sequences.numel() * model.config.hidden_size
+
+
+def _output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def block_outputs(model, sequences: torch.Tensor, batch_size: int = 4, desc: str | None = "block outputs"):
+    """Per mini-batch, per block: the block's output hidden states (fp32, CPU), the residual
+    stream ``[b, seq_len, hidden]`` at every depth when ``sequences`` flow through ``model``."""
+    result, handles = [], []
+    for i, block in enumerate(blocks(model)):
+        def record(module, args, output, i=i):
+            if i == 0:
+                result.append([])
+            result[-1].append(_output(output).detach().float().cpu())
+        handles.append(block.register_forward_hook(record))
+    try:
+        for batch in batches(sequences, batch_size, desc):
+            model.base_model(input_ids=batch.to(model_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return result
+
+
+@contextmanager
+def recording_block_mse(model, reference: list):
+    """Hooks on every block comparing the k-th call's output with ``reference[k][block]``
+    (``block_outputs`` of the FP model on the same mini-batches); yields a list that holds,
+    after the block, per block ``mean((h_q - h_FP)^2)`` over tokens and hidden features: the
+    block-output MSE on the residual stream, each model propagating its own activations."""
+    stack = blocks(model)
+    sums, counts, calls, result = [0.0] * len(stack), [0] * len(stack), [0] * len(stack), []
+    handles = []
+    for i, block in enumerate(stack):
+        def record(module, args, output, i=i):
+            ref = reference[calls[i]][i]
+            calls[i] += 1
+            sums[i] += float((_output(output).float() - ref.to(_output(output).device)).pow(2).sum())
+            counts[i] += ref.numel()
+        handles.append(block.register_forward_hook(record))
+    try:
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+    result.extend(total / max(n, 1) for total, n in zip(sums, counts))
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from repro.quant import fp_weight
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -270,8 +272,6 @@ def max_length(model: nn.Module) -> int:
 
 def fp_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the stack's latent weights (as stored), to restore or compare against."""
-    from repro.quant import fp_weight
-
     return {name: fp_weight(m).detach().to("cpu", copy=True) for name, m in stack_linears(model).items()}
 
 

@@ -453,6 +453,57 @@ def pareto_gap(records, ax=None, metric: str = "nll_test"):
     return fig
 
 
+SPECTRUM_METRICS = ((lambda r: report.median_layer_mse(r, "layer_mse_fp_inputs"), "median layer MSE, FP inputs", "o--"),
+                    (lambda r: report.median_layer_mse(r, "layer_mse"), "median layer MSE, own inputs", "s--"),
+                    (lambda r: r.get("mean_block_output_mse"), "mean block-output MSE", "^-"))
+
+
+def spectrum(records, bits: int, model: str | None = None):
+    """The locality spectrum at ``bits``: methods on the x axis from the most local objective (RTN)
+    to the global one (QAFT), test NLL above (nats/token, FP dashed), the local errors below (test
+    split, log scale): median layer MSE with FP and with own inputs, mean block-output MSE."""
+    rows = report.spectrum_records(records, bits, model)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True)
+    xs = range(len(rows))
+    labels = [f"{report.method_label(r)}\n({report.sees(r)})" for r in rows]
+    top.plot(xs, [r["nll_test"] for r in rows], "o-", color="black")
+    fp = [r["nll_test"] for r in records if r["config"]["method"] == "fp"
+          and (model is None or r["config"]["model"] == model)]
+    if fp:
+        top.axhline(fp[0], color="gray", ls="--", lw=1, label=f"FP ({fp[0]:.2f})")
+        top.legend(fontsize=8)
+    top.set(ylabel="test NLL (nats/token)", title=f"locality spectrum, int{bits}" + (f" — {model}" if model else ""))
+    for value, label, style in SPECTRUM_METRICS:
+        pts = [(x, value(r)) for x, r in zip(xs, rows) if value(r)]
+        if pts:
+            bottom.plot(*zip(*pts), style, label=label)
+    bottom.set_yscale("log")
+    bottom.set(ylabel="MSE (test, squared act. units)")
+    bottom.legend(fontsize=7)
+    bottom.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def window_time(records, ax=None):
+    """Seconds per optimizer step of every block-wise window against the blocks it runs (m + l),
+    with the fitted growth law ``a (m + l)^k`` (``report.growth_law``)."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.5))
+    points = report.window_times(records)
+    if points:
+        ax.plot(*zip(*points), "o", alpha=0.4, color="tab:red", label="windows")
+    law = report.growth_law(records)
+    if law is not None:
+        a, k = law
+        grid = [1 + i * 0.05 * (max(n for n, _ in points) - 1) for i in range(21)]
+        ax.plot(grid, [a * n ** k for n in grid], "-", color="black", label=f"{a:.3g} s × (m+l)^{k:.2f}")
+    ax.set(xlabel="blocks run per step (m + l)", ylabel="s per optimizer step", title="block-wise cost")
+    if points:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def save_figures(records, directory: Path | str, suffix: str = "") -> list[Path]:
     """Draw every figure the records support and save each as ``directory/<name><suffix>.png``."""
     directory = Path(directory)

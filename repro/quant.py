@@ -13,10 +13,10 @@ per tensor. The scale comes from an *observer*:
 * ``mse``       - exact search of ``argmin_a ||Q_a(W) - W||^2`` on the full tensor,
 * ``minmax``    - ``a = max|W| / q`` (no clipping).
 
-``prepare(model, bits, observer)`` puts every stack linear into fake-quant mode (a
+``prepare(linears, bits, observer)`` puts a set of linears (the stack's, or one window's) into fake-quant mode (a
 ``torch.nn.utils.parametrize`` parametrization on ``weight``, so the same module object keeps
 working for GPT-2's Conv1D and for ``nn.Linear``, and gradients reach the FP "latent" weight
-through the straight-through estimator). ``bake(model)`` writes the quantized values into the
+through the straight-through estimator). ``bake(linears)`` writes the quantized values into the
 plain weights and removes the parametrizations.
 """
 from __future__ import annotations
@@ -125,6 +125,10 @@ def _histogram_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
 def compute_scale(w: torch.Tensor, bits: int, observer: str = "histogram") -> torch.Tensor:
     """Per-tensor scale (0-d float32 tensor, on ``w``'s device) for ``w`` at ``bits`` bits."""
     check_bits(bits)
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"the weight to quantize holds {bad} NaN/inf value(s) of {w.numel()}: the model is broken "
+                         f"before quantization (check its loading and dtype); no scale can be computed")
     if observer == "minmax":
         scale = w.detach().abs().max().float().clamp_min(1e-12) / qmax(bits)
     elif observer == "mse":
@@ -159,21 +163,25 @@ def fp_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def prepare(model: nn.Module, bits: int, observer: str = "histogram",
+def prepare(linears: dict[str, nn.Module], bits: int, observer: str = "histogram",
             scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Put every stack linear of ``model`` into fake-quant mode, in place.
+    """Put the given linears into fake-quant mode, in place: the whole stack
+    (``prepare(repro.models.stack_linears(model), ...)``) or any subset, e.g. one window of blocks.
 
-    Scales are computed by ``observer`` on the current (FP) weights unless given in
-    ``scales`` (name -> 0-d tensor, names as in ``repro.models.stack_linears``). Returns the
-    scales used. Idempotent: an already prepared layer keeps its scale.
+    ``linears`` maps names to ``nn.Linear``/``Conv1D`` modules. Scales are computed by
+    ``observer`` on the current (FP) weights unless given in ``scales`` (name -> 0-d tensor).
+    Returns the scales used. Idempotent at the same ``bits``: an already prepared layer keeps its
+    scale; one prepared at another bit-width raises (bake it or restore the model first).
     """
-    from repro.models import stack_linears
-
     check_bits(bits)
     used = {}
-    for name, module in stack_linears(model).items():
+    for name, module in linears.items():
         if is_prepared(module):
-            used[name] = module.parametrizations.weight[0].scale
+            fq = module.parametrizations.weight[0]
+            if fq.bits != bits:
+                raise ValueError(f"{name} is already in fake-quant mode at int{fq.bits}, not int{bits}: call "
+                                 f"repro.quant.bake(...) or repro.models.restore(...) before preparing it again")
+            used[name] = fq.scale
             continue
         scale = scales[name] if scales is not None else compute_scale(module.weight, bits, observer)
         parametrize.register_parametrization(module, "weight", FakeQuant(scale.to(module.weight.device), bits))
@@ -181,15 +189,14 @@ def prepare(model: nn.Module, bits: int, observer: str = "histogram",
     return used
 
 
-def bake(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Write quantized values into the stack's weights and leave fake-quant mode, in place.
+def bake(linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Write quantized values into the weights of the given linears (those in fake-quant mode)
+    and leave fake-quant mode, in place.
 
     Returns name -> scale so integer codes can be recovered with ``codes(weight, scale, bits)``.
     """
-    from repro.models import stack_linears
-
     scales = {}
-    for name, module in stack_linears(model).items():
+    for name, module in linears.items():
         if is_prepared(module):
             fq = module.parametrizations.weight[0]
             with torch.no_grad():

@@ -571,3 +571,180 @@ def update_markdown(text: str, sections: dict) -> str:
     for name, body in sections.items():
         text = _marker_re(name).sub(lambda m: f"{m.group(1)}\n{body.strip()}\n\n{m.group(3)}", text)
     return text
+
+
+# ----------------------------------------------------------------------------- cross-block study
+def method_label(record) -> str:
+    """RTN, GPTQ, QAFT, FP, or the block-wise variant (block PTQ, MB-PTQ m=2, LA-PTQ l=1 ...)."""
+    c = record["config"]
+    if c["method"] == "blockwise":
+        from repro.methods.blockwise import variant
+
+        return variant(c["options"])
+    return c["method"].upper()
+
+
+def locality(record) -> tuple:
+    """Sort key along the locality spectrum, from the most local objective to the global one:
+    RTN (a weight tensor) < GPTQ (one linear) < block PTQ < MB-PTQ (m blocks) < LA-PTQ (a block
+    and l downstream) < QAFT (the whole network's NLL); the equal-steps control after its MB-PTQ."""
+    c = record["config"]
+    rank = {"fp": -1, "rtn": 0, "gptq": 1, "qaft": 4}.get(c["method"])
+    if rank is not None:
+        return (rank, 0, 0, 0)
+    from repro.methods.blockwise import DEFAULTS
+
+    o = {**DEFAULTS, **c["options"]}
+    return (2 if o["lookahead"] == 0 else 3, o["window"], o["lookahead"], o["steps_per"] == "block")
+
+
+def sees(record) -> str:
+    """What the method's objective sees, in words (the spectrum's x-axis)."""
+    c = record["config"]
+    if c["method"] == "blockwise":
+        from repro.methods.blockwise import DEFAULTS
+
+        o = {**DEFAULTS, **c["options"]}
+        trained = f"{o['window']} block{'s' if o['window'] > 1 else ''}"
+        return trained + (f" + {o['lookahead']} FP downstream" if o["lookahead"] else "")
+    return {"rtn": "one weight tensor", "gptq": "one linear layer", "qaft": "whole network (NLL)"}.get(c["method"], "—")
+
+
+def spectrum_records(records, bits: int, model: str | None = None) -> list:
+    """The quantized records at ``bits`` (of ``model``), ordered along the locality spectrum."""
+    chosen = [r for r in records if r["config"]["bits"] == bits and (model is None or r["config"]["model"] == model)]
+    return sorted(chosen, key=locality)
+
+
+def median_layer_mse(record, key: str = "layer_mse_fp_inputs") -> float | None:
+    """Median over the stack's layers of a per-layer MSE (``layer_mse_fp_inputs`` or ``layer_mse``).
+    The mean is dominated by the few down_projs whose inputs carry massive activations and whose
+    outlier weights the fixed scale clips, the same for every method; the median is not."""
+    values = sorted((record.get(key) or {}).values())
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def spectrum_table(records, bits: int, model: str | None = None, seconds: bool = True) -> str:
+    """Markdown: the locality spectrum at ``bits``: per method, what its objective sees, test NLL,
+    the median layer MSE over the stack's layers in both readings (``median_layer_mse``), the mean
+    block-output MSE (test split, each model propagating its own activations; squared activation
+    units) and, with ``seconds``, the method's wall time."""
+    rows = spectrum_records(records, bits, model)
+    if not rows:
+        return f"No int{bits} records yet."
+    nlls = _bold_min([r["nll_test"] for r in rows])
+    header = ["method", "objective sees", "test NLL", "median layer MSE, FP inputs", "median layer MSE, own inputs",
+              "block-output MSE"] + (["method s"] if seconds else [])
+    return _markdown(header, [
+        [method_label(r), sees(r), nll, _g(median_layer_mse(r, "layer_mse_fp_inputs")),
+         _g(median_layer_mse(r, "layer_mse")),
+         _g(r.get("mean_block_output_mse"))] + ([_seconds(r)] if seconds else []) for r, nll in zip(rows, nlls)])
+
+
+def window_times(records) -> list[tuple[int, float]]:
+    """``(blocks involved m + l, seconds)`` of every block-wise window, per optimizer step (so
+    that variants with different step counts compare)."""
+    points = []
+    for r in records:
+        if r["config"]["method"] == "blockwise":
+            for w in r["info"]["windows"]:
+                if w["steps"]:
+                    points.append((w["window"] + w["lookahead"], w["wall_s"] / w["steps"]))
+    return points
+
+
+def growth_law(records) -> tuple[float, float] | None:
+    """Least-squares fit ``t = a (m + l)^k`` of the seconds per optimizer step of each window
+    against the number of blocks it runs; ``(a, k)`` or ``None`` with fewer than two sizes."""
+    points = window_times(records)
+    if len({n for n, _ in points}) < 2:
+        return None
+    xs = [math.log(n) for n, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return math.exp(my - k * mx), k
+
+
+def cross_block_summary(records) -> str:
+    """Markdown, computed: per (model, bits) how MB-PTQ and LA-PTQ compare with block PTQ (test NLL),
+    where along the spectrum the lowest local error and the lowest test NLL sit, and the growth
+    law of the time per step with the blocks involved."""
+    lines = []
+    cells = defaultdict(list)
+    for r in records:
+        if r["config"]["bits"] is not None:
+            cells[(r["config"]["model"], r["config"]["bits"])].append(r)
+    for (model, bits), rows in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        by = {method_label(r): r for r in rows}
+        base = by.get("block PTQ")
+        if base is not None:
+            parts = []
+            for name, r in sorted(by.items(), key=lambda kv: locality(kv[1])):
+                if r["config"]["method"] == "blockwise" and name != "block PTQ":
+                    d = r["nll_test"] - base["nll_test"]
+                    verdict = "helps" if d < -0.01 * base["nll_test"] else "hurts" if d > 0.01 * base["nll_test"] else "no effect (within 1%)"
+                    parts.append(f"{name} {r['nll_test']:.3f} (Δ {d:+.3f}: {verdict})")
+            lines.append(f"- {model} int{bits}: block PTQ {base['nll_test']:.3f}; " + "; ".join(parts) + ".")
+        ordered = spectrum_records(rows, bits)
+        with_mse = [r for r in ordered if r.get("mean_block_output_mse") is not None]
+        if ordered:
+            best_nll = min(ordered, key=lambda r: r["nll_test"])
+            text = f"  Lowest test NLL: {method_label(best_nll)} ({best_nll['nll_test']:.3f})"
+            if with_mse:
+                best_local = min(with_mse, key=lambda r: r["mean_block_output_mse"])
+                agree = "the same method" if best_local is best_nll else "**not** the same method"
+                text += (f"; lowest block-output MSE: {method_label(best_local)} "
+                         f"({best_local['mean_block_output_mse']:.3g}) — {agree}")
+            lines.append(text + ".")
+    return "\n".join(lines) or "No block-wise records yet."
+
+
+def growth_summary(records) -> str:
+    """One line: the fitted growth of the time per optimizer step with the blocks a window runs."""
+    law = growth_law(records)
+    if law is None:
+        return "Fewer than two window sizes (m + l): no growth law to fit."
+    a, k = law
+    return (f"Time per optimizer step grows as {a:.3g} s × (m + l)^{k:.2f} with the blocks a window runs "
+            f"(fit over {len(window_times(records))} windows; k = 1 is linear).")
+
+
+def memory_table(records) -> str:
+    """Per block-wise variant, its largest window's memory (MB = 1e6 bytes): the measured
+    components and the predicted training peak on top of the loaded model = 2 x the window's fp32
+    weights (latent and gradient) + Adam's two moments + the tensors autograd saved for one
+    mini-batch through the m + l blocks (activations and the fake-quantized weight copies; for the
+    look-ahead blocks it also counts their resident weights, so it is an upper bound); the CUDA
+    peak where the run was on a GPU."""
+    rows = []
+    for r in sorted((r for r in records if r["config"]["method"] == "blockwise"), key=locality):
+        w = max(r["info"]["windows"], key=lambda w: w["trainable_params"] + w["lookahead"])
+        mem = w["memory_bytes"]
+        predicted = 2 * mem["window_weights"] + mem["optimizer_state"] + mem["saved_activations"]
+        rows.append([f"{method_label(r)} int{r['config']['bits']}", r["config"]["model"], w["trainable_params"],
+                     *(f"{mem[k] / 1e6:.1f}" for k in ("window_weights", "optimizer_state", "saved_activations",
+                                                        "lookahead_weights")),
+                     f"{predicted / 1e6:.1f}", DASH if mem["cuda_peak"] is None else f"{mem['cuda_peak'] / 1e6:.1f}"])
+    return _markdown(["variant", "model", "window params", "weights MB", "Adam MB", "autograd saved MB",
+                      "look-ahead MB", "predicted peak MB", "CUDA peak MB"], rows) if rows else "No block-wise records yet."
+
+
+def blockwise_sweep_table(records) -> str:
+    """The sweep that chose the block-wise defaults: per (steps, lr, precision), validation NLL
+    (the selection; best in bold), test NLL and the method's seconds."""
+    rows = sorted((r for r in records if r["config"]["method"] == "blockwise"),
+                  key=lambda r: (r["config"]["options"].get("mixed_precision", "no"), r["config"]["options"]["steps"],
+                                 r["config"]["options"]["lr"]))
+    if not rows:
+        return "No block-wise sweep records."
+    vals = _bold_min([r["nll_validation"] for r in rows])
+    return _markdown(["variant", "bits", "steps per window", "lr", "training precision", "validation NLL",
+                      "test NLL", "method s"],
+                     [[method_label(r), f"int{r['config']['bits']}", r["config"]["options"]["steps"],
+                       f"{r['config']['options']['lr']:g}",
+                       {"no": "fp32"}.get(r["config"]["options"].get("mixed_precision", "no"), "bf16"), v,
+                       _nll(r["nll_test"]), _seconds(r)] for r, v in zip(rows, vals)])

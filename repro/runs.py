@@ -15,6 +15,7 @@ import os
 import platform
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,12 +106,19 @@ class RunConfig:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def label(self) -> str:
-        return "fp" if self.bits is None else f"{self.method} int{self.bits}"
+        if self.bits is None:
+            return "fp"
+        if self.method == "blockwise":
+            from repro.methods.blockwise import variant
+
+            return f"{variant(self.options)} int{self.bits}"
+        return f"{self.method} int{self.bits}"
 
 
 # Tier keys a model may set for itself under ``model_settings`` (the data, the grid and method
 # options, merged into the tier's per option; not the sweep or which model runs).
-MODEL_SETTINGS = {"observer", "corpus", "seq_len", "n_calibration", "n_eval", "batch_size", "seed", "methods"}
+MODEL_SETTINGS = {"observer", "corpus", "seq_len", "n_calibration", "n_eval", "batch_size", "seed", "methods",
+                  "cross_block"}
 
 
 def load_tier(tier: str) -> dict:
@@ -190,6 +198,7 @@ class Workbench:
     fp_weights: dict
     key: tuple
     fp_test_grams: dict | None = None  # the FP model's test-split input Gram matrices, once per bench
+    fp_test_hidden: list | None = None  # the FP model's block outputs on the test split, once per bench
 
 
 _WORKBENCH: list[Workbench] = []  # the one most recently used (models are large)
@@ -214,21 +223,25 @@ def workbench(config: RunConfig) -> Workbench:
 
 
 def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int, bits: int | None,
-                   fp_grams: dict | None = None) -> dict:
+                   fp_grams: dict | None = None, fp_hidden: list | None = None) -> dict:
     """The metrics every record carries (definitions in ``repro.evaluate``).
 
     Validation NLL is for selection (QAFT's lr0 and epoch); every comparison across methods
     uses the test split, so the layer-wise MSEs, both readings, are measured on test. With
     ``fp_grams`` (``evaluate.input_grams`` of the FP model on test) the FP-input reading costs
-    no forward pass; without, one pass with the FP weights exchanged in.
+    no forward pass; without, one pass with the FP weights exchanged in. With ``fp_hidden``
+    (``evaluate.block_outputs`` of the FP model on test) the same test pass also measures every
+    block's output MSE against the FP residual stream (``block_output_mse``; else ``None``).
     """
     nll_val = evaluate.nll(model, data.validation, batch_size, desc="NLL validation")
     if bits is None:
         nll_test = evaluate.nll(model, data.test, batch_size, desc="NLL test")
         zeros = dict.fromkeys(models.stack_linears(model), 0.0)
         mse = {"layer_mse": zeros, "layer_mse_fp_inputs": zeros}
-    else:  # the test NLL pass also records the own-input layer MSE (one forward, not two)
-        with evaluate.recording_layer_mse(model, fp_weights) as own:
+        block_mse = [0.0] * len(models.blocks(model))
+    else:  # the test NLL pass also records the own-input layer MSE and the block outputs (one forward)
+        blocks_ctx = evaluate.recording_block_mse(model, fp_hidden) if fp_hidden is not None else nullcontext()
+        with evaluate.recording_layer_mse(model, fp_weights) as own, blocks_ctx as block_mse:
             nll_test = evaluate.nll(model, data.test, batch_size, desc="NLL test + layer MSE")
         fp_inputs = (evaluate.layer_mse_from_grams(model, fp_weights, fp_grams) if fp_grams is not None else
                      evaluate.layer_mse(model, fp_weights, data.test, batch_size, inputs="fp", desc="layer MSE (FP inputs)"))
@@ -238,6 +251,7 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
         "nll_validation": nll_val, "nll_test": nll_test,
         "ppl_validation": evaluate.perplexity(nll_val), "ppl_test": evaluate.perplexity(nll_test),
         **mse, **{f"mean_{key}": sum(values.values()) / n_layers for key, values in mse.items()},
+        "block_output_mse": block_mse, "mean_block_output_mse": sum(block_mse) / len(block_mse) if block_mse else None,
         "weight_mse": sum(evaluate.weight_mse(model, fp_weights).values()) / n_layers,
         "weight_distance": evaluate.weight_distance(model, fp_weights),
         "weight_size_gb": models.weight_size_gb(model, bits if bits is not None else 16),  # FP: float16, as the paper
@@ -263,13 +277,17 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
             evaluate.gram_bytes(bench.model) <= evaluate.GRAM_LIMIT_BYTES:  # the model is FP here
         bench.fp_test_grams = evaluate.input_grams(bench.model, bench.data.test, config.batch_size,
                                                    desc="FP test inputs (Gram)")
+    if config.bits is not None and bench.fp_test_hidden is None and \
+            evaluate.hidden_bytes(bench.model, bench.data.test) <= evaluate.HIDDEN_LIMIT_BYTES:
+        bench.fp_test_hidden = evaluate.block_outputs(bench.model, bench.data.test, config.batch_size,
+                                                      desc="FP test block outputs")
     torch.manual_seed(config.seed)
     method, version = METHODS[config.method]
     start = time.perf_counter()
     info = method(bench.model, bench.data, config)
     method_s = time.perf_counter() - start
     metrics = evaluate_model(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits,
-                             bench.fp_test_grams)
+                             bench.fp_test_grams, bench.fp_test_hidden)
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
         "versions": {"package": repro.__version__, "code": code_hash(), "method": version, **SHARED_VERSIONS},
@@ -289,6 +307,22 @@ def sweep_configs(methods=("fp", "rtn"), bits=None, tier: str = "cpu", **overrid
     bits = load_tier(tier)["bits"] if bits is None else bits
     return [make_config(method, b, tier, **overrides)
             for method in methods for b in ([None] if method == "fp" else bits)]
+
+
+def cross_block_configs(tier: str = "cpu", model: str | None = None, bits=None, variants=None) -> list[RunConfig]:
+    """The runs of the cross-block study and the locality spectrum for one model: FP, RTN, GPTQ and
+    QAFT, and the block-wise ``variants`` (option dicts of ``blockwise``: ``window``, ``lookahead``
+    ...) at ``bits`` (int or list); ``None`` takes the tier's ``cross_block`` section (a model's
+    ``model_settings`` may set its own)."""
+    params = load_tier(tier)
+    model = model or params["model"]
+    section = {**params.get("cross_block", {}),
+               **(params.get("model_settings") or {}).get(model, {}).get("cross_block", {})}
+    bits = section["bits"] if bits is None else bits
+    bits = [bits] if isinstance(bits, int) else list(bits)
+    variants = section["variants"] if variants is None else variants
+    return [*sweep_configs(("fp", "rtn", "gptq", "qaft"), bits, tier, model=model),
+            *(make_config("blockwise", b, tier, options=dict(v), model=model) for b in bits for v in variants)]
 
 
 def sweep(methods=("fp", "rtn"), bits=None, tier: str = "cpu", outputs: Path | None = None,

@@ -318,6 +318,82 @@ write("02_pareto", [
 ])
 
 
+write("04_cross_block", [
+    md("""
+# 04 · Interactions across blocks: block PTQ, MB-PTQ, LA-PTQ — and the locality spectrum
+
+The cross-block paper (Shabanovi et al., 2024) fine-tunes quantized weights to match the full-precision
+model's hidden states, one window at a time: **block PTQ** trains one transformer block on its own output
+error; **MB-PTQ** trains m consecutive blocks jointly on the error at the last one's output; **LA-PTQ**
+trains one block on the error at the output of l *frozen full-precision* blocks after it. All three are
+`repro.methods.blockwise` with two knobs, `window` (m) and `lookahead` (l): STE through fixed per-tensor
+scales, Adam on the latent weights, inputs from the already-quantized prefix, the best held-out state of
+each window kept. The paper reports LA-PTQ helping Llama-2-7B and doing nothing for Mistral-7B and OPT.
+
+The same records place every method of both papers on one axis — how much of the network its objective
+sees — from RTN (a weight tensor) and GPTQ (one linear layer) through the block-wise methods to QAFT
+(the whole network's NLL), same model, data and bits: the **locality spectrum**.
+
+**Scaled down**: on the `cpu` tier int4 only, three variants (block PTQ, MB-PTQ m=2, LA-PTQ l=1) at 32
+Adam steps of 4 sequences per window; the `paper` tier runs int4 and int3, m ∈ {1, 2, 4}, l ∈ {1, 2} and
+the *equal optimizer steps per block* controls (`repro/params/<tier>.yaml`, `cross_block`). The paper's
+own hyper-parameters are not public: steps and learning rate are this package's, from a sweep (README).
+Cost (`make run`, 2 cores, RTN/GPTQ/QAFT records shared with `01_misalignment`): see the README's batch table.
+"""),
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\nbits = None  # int or list; None: the tier\'s cross_block bits\n'
+           'variants = None  # list of blockwise options, e.g. [{"window": 1}, {"lookahead": 2}]; None: the tier\'s\ntier = "ci"\n'),
+    code(SETUP + """
+from repro import plots, report, runs
+from repro.progress import progress
+
+configs = runs.cross_block_configs(tier, model, bits, variants)
+records = [runs.run(c, outputs) for c in progress(configs, desc="runs")]
+widths = sorted({c.bits for c in configs if c.bits is not None}, reverse=True)
+"""),
+    md("""
+## The locality spectrum
+
+Left to right the objective sees more of the network. Top: test NLL (the global criterion; FP dashed).
+Bottom, on the test split and log scale: the median over layers of the layer-output MSE with the FP model's
+inputs (paper eq. 2) and with the model's own inputs (the mean is dominated by a few down_projs whose outlier
+weights the fixed scale clips alike for every method), and the mean block-output MSE (each block's output against the FP residual
+stream, every model propagating its own activations). Where the bottom curves and the top curve stop
+falling together, the local objective stops agreeing with the global one.
+"""),
+    code("""
+for b in widths:
+    plots.spectrum(records, b, model)
+"""),
+    code("""
+# NBVAL_CHECK_OUTPUT
+for b in widths:
+    print(f"int{b}:")
+    print(report.spectrum_table(records, b, model, seconds=False))
+    print()
+print(report.cross_block_summary(records))
+"""),
+    md("""
+Wall time of each method (seconds, this machine) next to the same rows; and how the time per Adam step
+of a window grows with the number of blocks it runs (m + l), with a fitted power law.
+"""),
+    code("""
+for b in widths:
+    print(report.spectrum_table(records, b, model))
+print(report.growth_summary(records))
+plots.window_time(records);
+"""),
+    md("""
+## Memory
+
+Block inputs, FP-chain inputs and targets for the calibration set stay on CPU and move to the device one
+mini-batch at a time, so the training peak on top of the loaded model is the window's latent weights and
+gradients, Adam's two moments, and what autograd keeps for one mini-batch through m + l blocks — measured
+per window below (on a GPU the record also holds `torch.cuda.max_memory_allocated`).
+"""),
+    code("print(report.memory_table([r for r in records if r['config']['method'] == 'blockwise']))"),
+])
+
+
 write("06_hyperparameters", [
     md("""
 # 06 · QAFT learning rate (paper Fig. 6, App. A)

@@ -35,8 +35,8 @@ def test_layer_mse_both_input_readings(family):
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     for inputs in ("own", "fp"):
         assert all(v == 0 for v in evaluate.layer_mse(model, fp, ids, inputs=inputs, desc=None).values())
-    quant.prepare(model, 3, "minmax")
-    quant.bake(model)
+    quant.prepare(models.stack_linears(model), 3, "minmax")
+    quant.bake(models.stack_linears(model))
     baked = {n: m.weight.detach().clone() for n, m in models.stack_linears(model).items()}
     own = evaluate.layer_mse(model, fp, ids, desc=None)
     fp_in = evaluate.layer_mse(model, fp, ids, inputs="fp", desc=None)
@@ -63,7 +63,7 @@ def test_layer_mse_both_input_readings(family):
 def test_layer_mse_refuses_a_model_in_fake_quant_mode():
     model = tiny_model("opt")
     fp = models.fp_snapshot(model)
-    quant.prepare(model, 4, "minmax")
+    quant.prepare(models.stack_linears(model), 4, "minmax")
     with pytest.raises(ValueError, match="bake"):
         evaluate.layer_mse(model, fp, torch.zeros(1, 8, dtype=torch.long), inputs="fp", desc=None)
 
@@ -91,8 +91,8 @@ def test_fp_input_layer_mse_from_gram_matrices(family):
     if family == "gemma3":  # q/k/v read one tensor: one Gram matrix, shared
         assert grams["model.layers.0.self_attn.q_proj"][0] is grams["model.layers.0.self_attn.v_proj"][0]
     assert evaluate.gram_bytes(model) >= sum(4 * G.numel() for G, _ in {id(g[0]): g for g in grams.values()}.values())
-    quant.prepare(model, 3, "minmax")
-    quant.bake(model)
+    quant.prepare(models.stack_linears(model), 3, "minmax")
+    quant.bake(models.stack_linears(model))
     from_grams = evaluate.layer_mse_from_grams(model, fp, grams)
     from_pass = evaluate.layer_mse(model, fp, ids, batch_size=2, inputs="fp", desc=None)
     assert list(from_grams) == list(from_pass)

@@ -136,15 +136,14 @@ def test_damping_scored_out_of_sample_does_not_pick_the_floor():
 
 def test_split_calibration():
     seqs = torch.arange(32).reshape(8, 4)
-    fit, held = split_calibration(seqs, 0.25, [0.01, 1.0])
+    fit, held = split_calibration(seqs, 0.25)
     assert torch.equal(fit, seqs[:6]) and torch.equal(held, seqs[6:])
-    fit, held = split_calibration(seqs, 0.25, [1.0])  # nothing to choose: nothing held out
-    assert torch.equal(fit, seqs) and len(held) == 0
-    assert len(split_calibration(seqs, 0.0, [0.01, 1.0])[1]) == 0
+    assert len(split_calibration(seqs, 0.0)[1]) == 0
+    assert len(split_calibration(seqs, 0.01)[1]) == 1  # at least one sequence
     with pytest.raises(ValueError, match="holdout"):
-        split_calibration(seqs[:1], 0.5, [0.01, 1.0])
+        split_calibration(seqs[:1], 0.5)
     with pytest.raises(ValueError, match="holdout"):
-        split_calibration(seqs, 1.0, [0.01, 1.0])
+        split_calibration(seqs, 1.0)
 
 
 @pytest.mark.parametrize("options, match", [({"damping_grid": []}, "damping_grid"),

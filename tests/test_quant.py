@@ -74,11 +74,11 @@ def test_prepare_then_bake_leaves_grid_weights(family):
     before = {n: m.weight.detach().clone() for n, m in stack_linears(model).items()}
     ids = torch.randint(0, 128, (2, 16))
     fp_logits = model(input_ids=ids).logits
-    scales = quant.prepare(model, 3, "minmax")
+    scales = quant.prepare(stack_linears(model), 3, "minmax")
     fq_logits = model(input_ids=ids).logits
     assert not torch.allclose(fp_logits, fq_logits)
     assert len(scales) == len(before) > 0
-    baked_scales = quant.bake(model)
+    baked_scales = quant.bake(stack_linears(model))
     assert baked_scales.keys() == before.keys()
     assert torch.allclose(model(input_ids=ids).logits, fq_logits, atol=1e-5)
     for name, m in stack_linears(model).items():
@@ -91,7 +91,7 @@ def test_prepare_then_bake_leaves_grid_weights(family):
 
 def test_prepared_model_trains_latent_weights():
     model = tiny_model("llama")
-    quant.prepare(model, 4, "minmax")
+    quant.prepare(stack_linears(model), 4, "minmax")
     ids = torch.randint(0, 128, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     for m in stack_linears(model).values():
@@ -107,3 +107,22 @@ def test_histogram_observer_clip_range_ignores_bits():
     assert clip[4] == pytest.approx(clip[8], rel=1e-5) and clip[2] == pytest.approx(clip[8], rel=1e-5)
     mse_clip = {b: float(quant.compute_scale(w, b, "mse")) * quant.qmax(b) for b in (8, 4)}
     assert mse_clip[4] < 0.5 * mse_clip[8]
+
+
+def test_prepare_refuses_another_bit_width_and_a_window_prepares_only_its_linears():
+    model = tiny_model("llama")
+    linears = stack_linears(model)
+    window = {n: m for n, m in linears.items() if ".1." in n}  # block 1 only
+    quant.prepare(window, 8, "minmax")
+    assert all(quant.is_prepared(m) == (n in window) for n, m in linears.items())
+    assert quant.prepare(window, 8, "minmax").keys() == window.keys()  # same width: idempotent
+    with pytest.raises(ValueError, match="already in fake-quant mode at int8, not int4"):
+        quant.prepare(window, 4, "minmax")
+    assert quant.bake(linears).keys() == window.keys()
+
+
+def test_nan_weight_is_refused_before_quantizing():
+    w = torch.randn(8, 8)
+    w[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN/inf value"):
+        quant.compute_scale(w, 4, "minmax")

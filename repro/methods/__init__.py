@@ -5,6 +5,7 @@ and ``config`` (a ``repro.runs.RunConfig``; ``config.options`` holds method-spec
 settings), and returns a JSON-able dict of what it wants recorded (e.g. chosen dampings).
 Evaluation is separate (``repro.evaluate``), so methods compose with user code.
 """
+from repro.methods.blockwise import blockwise
 from repro.methods.qaft import qaft
 from repro.methods.gptq import gptq
 from repro.methods.rtn import fp, rtn
@@ -14,6 +15,8 @@ from repro.methods.rtn import fp, rtn
 METHODS = {
     "fp": (fp, 1),
     "rtn": (rtn, 1),
-    "gptq": (gptq, 2),  # 2: damping scored on held-out calibration sequences
+    "gptq": (gptq, 3),  # 2: damping scored on held-out calibration sequences; 3: each block gets its own
+    #                     arguments (Gemma 3's global-attention blocks had block 0's sliding-window rotary)
+    "blockwise": (blockwise, 1),  # block PTQ / MB-PTQ / LA-PTQ by options window, lookahead
     "qaft": (qaft, 1),
 }

@@ -21,7 +21,8 @@ as pure functions on tensors (usable without a model):
 The grid is ``repro.quant``'s per-tensor symmetric one; its scale comes from the observer on
 the FP weight and stays fixed during the solve. ``gptq(model, data, config)`` runs the whole
 stack sequentially: block ``i`` is calibrated on the outputs of the already-quantized blocks
-``0..i-1`` (IST-DASLab's driver: catch block 0's inputs, then Hessians -> solve -> propagate).
+``0..i-1`` (IST-DASLab's driver: catch block 0's inputs, then Hessians -> solve -> propagate;
+``repro.stack`` catches and replays each block's own arguments).
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ import warnings
 
 import torch
 
-from repro.evaluate import batches, model_device
 from repro.models import BLOCK_PATHS, block_linears, blocks, weight_matrix
 from repro.progress import progress
 from repro.quant import compute_scale, quantize
+from repro.stack import advance, capture, run_block
 
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 DEFAULTS = {"damping_grid": list(DAMPING_GRID), "block_size": 128, "act_order": False,
@@ -121,23 +122,25 @@ def gptq_solve(W: torch.Tensor, U: torch.Tensor, scale, bits: int, block_size: i
 
     Columns are quantized left to right; each one's scaled error updates the remaining
     columns of its block immediately and the columns after the block lazily, in one matmul
-    per block. Works batched: ``W`` [..., out, in] with ``U`` [..., in, in].
+    per block. Works batched: ``W`` [..., out, in] with ``U`` [..., in, in]. The sweep runs on
+    the transpose (a column of ``W`` is a contiguous row there): same arithmetic, same result
+    to the bit, 2-3x faster on CPU than strided column updates (``benchmarks/gptq_bench.py``).
     """
-    W, Q = W.clone(), torch.zeros_like(W)
-    columns = W.shape[-1]
+    Wt = W.transpose(-1, -2).contiguous()  # [..., in, out]
+    Qt = torch.empty_like(Wt)
+    columns = Wt.shape[-2]
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1, U1 = W[..., i1:i2].clone(), U[..., i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
+        W1, U1 = Wt[..., i1:i2, :].clone(), U[..., i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
-            w = W1[..., i]
+            w = W1[..., i, :]
             q = quantize(w, scale, bits)
-            Q[..., i1 + i] = q
-            err = (w - q) / U1[..., i, i, None]
-            W1[..., i:] -= err[..., :, None] * U1[..., None, i, i:]
-            Err1[..., i] = err
-        W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]
-    return Q
+            Qt[..., i1 + i, :] = q
+            err = torch.sub(w, q, out=Err1[..., i, :]).div_(U1[..., i, i, None])
+            W1[..., i + 1:, :].sub_(U1[..., i, i + 1:, None] * err[..., None, :])
+        Wt[..., i2:, :] -= U[..., i1:i2, i2:].transpose(-1, -2) @ Err1
+    return Qt.transpose(-1, -2)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale, bits: int, damping: float,
@@ -204,52 +207,18 @@ def merge_hessians(H_a: torch.Tensor, n_a: int, H_b: torch.Tensor, n_b: int) -> 
 
 
 # ----------------------------------------------------------------------------- model driver
-class _Caught(Exception):
-    """Raised by the pre-hook on block 0 to stop the forward pass once its inputs are caught."""
-
-
-def _block_inputs(model, sequences: torch.Tensor, batch_size: int) -> list:
-    """Block 0's inputs per mini-batch: ``[hidden_states, args, kwargs]`` (attention mask,
-    position embeddings/ids ... exactly as the model passes them), caught by a pre-hook."""
-    caught = []
-
-    def catch(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append([hidden, args[1:], kwargs])
-        raise _Caught
-
-    handle = blocks(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for batch in batches(sequences, batch_size):
-            try:
-                model(input_ids=batch.to(model_device(model)), use_cache=False)
-            except _Caught:
-                pass
-    finally:
-        handle.remove()
-    return caught
-
-
-def _forward(block, inputs: list) -> None:
-    """Replace every mini-batch's hidden states by the block's output (in place)."""
-    for item in inputs:
-        out = block(item[0], *item[1], **item[2])
-        item[0] = out[0] if isinstance(out, (tuple, list)) else out
-
-
-def split_calibration(calibration: torch.Tensor, holdout: float, grid: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fit, held)``: the last ``round(holdout * n)`` (at least one) calibration sequences
-    score the damping candidates, the rest fit them. Nothing is held out when there is nothing
-    to choose (one damping value) or ``holdout == 0`` (the paper's in-sample scoring)."""
+def split_calibration(calibration: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, held)``: the last ``round(holdout * n)`` (at least one) calibration sequences are
+    held out (to score candidates or pick a best state), the rest fit; ``holdout == 0`` holds
+    out nothing."""
     if not 0 <= holdout < 1:
-        raise ValueError(f"GPTQ option holdout={holdout!r}: a fraction of the calibration sequences in [0, 1)")
-    if len(grid) == 1 or holdout == 0:
+        raise ValueError(f"holdout={holdout!r}: a fraction of the calibration sequences in [0, 1)")
+    if holdout == 0:
         return calibration, calibration[:0]
     n_held = max(1, round(holdout * len(calibration)))
     if n_held >= len(calibration):
-        raise ValueError(f"GPTQ option holdout={holdout}: {len(calibration)} calibration sequence(s) leave none to "
-                         f"fit the damping candidates on; use more sequences or holdout=0")
+        raise ValueError(f"holdout={holdout}: {len(calibration)} calibration sequence(s) leave none to fit on; "
+                         f"use more sequences or a smaller holdout")
     return calibration[:-n_held], calibration[-n_held:]
 
 
@@ -285,8 +254,10 @@ def gptq(model, data, config) -> dict:
     layers, block_times, fallbacks = {}, [], []
     start = time.perf_counter()
     try:
-        parts = dict(zip(("fit", "held"), split_calibration(data.calibration, opts["holdout"], grid)))
-        inputs = {part: _block_inputs(model, seqs, config.batch_size) for part, seqs in parts.items()}
+        # nothing to choose with one damping value: every sequence fits
+        holdout = opts["holdout"] if len(grid) > 1 else 0
+        parts = dict(zip(("fit", "held"), split_calibration(data.calibration, holdout)))
+        inputs = {part: capture(model, seqs, config.batch_size) for part, seqs in parts.items()}
         wall = {"capture": time.perf_counter() - start, "hessian": 0.0, "solve": 0.0, "propagate": 0.0}
         for b, block in enumerate(progress(blocks(model), desc="GPTQ blocks")):
             linears = block_linears(block)
@@ -304,7 +275,7 @@ def gptq(model, data, config) -> dict:
                 for part, items in inputs.items():
                     current[:] = [part]
                     for item in items:
-                        block(item[0], *item[1], **item[2])
+                        run_block(block, b, item)
             finally:
                 for h in handles:
                     h.remove()
@@ -340,7 +311,7 @@ def gptq(model, data, config) -> dict:
             del hessians
             t2 = time.perf_counter()
             for items in inputs.values():
-                _forward(block, items)
+                advance(block, b, items)
             t3 = time.perf_counter()
             block_times.append({"hessian_s": t1 - t0, "solve_s": t2 - t1, "propagate_s": t3 - t2})
             for key, dt in zip(("hessian", "solve", "propagate"), (t1 - t0, t2 - t1, t3 - t2)):

@@ -156,8 +156,8 @@ def qaft(model, data, config) -> dict:
     wrapped = model
     try:
         # Fake-quant mode with fixed scales; only the latent stack weights train.
-        prepare(model, config.bits, config.observer)
         linears = stack_linears(model)
+        prepare(linears, config.bits, config.observer)
         latent = {name: fp_weight(m) for name, m in linears.items()}
         scales = {name: m.parametrizations.weight[0].scale for name, m in linears.items()}
         fp = {name: w.detach().to("cpu", copy=True) for name, w in latent.items()}  # every lr0 starts here
@@ -292,7 +292,7 @@ def qaft(model, data, config) -> dict:
         with torch.no_grad():
             for name, w in latent.items():
                 w.copy_(state["best_codes"][name].to(w.device, w.dtype) * scales[name].to(w.dtype))
-        bake(model)
+        bake(linears)
     finally:
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
         model.__dict__.pop("_is_accelerate_prepared", None)  # so that a later prepare wraps it again

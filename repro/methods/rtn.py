@@ -9,15 +9,15 @@ def rtn(model, data, config) -> dict:
     Records, per layer, the scale, the fraction of weights the scale clips and ``clip_ratio``
     = max|W| / (q * scale): how far beyond the grid's edge the largest weight lies (1 = no clip).
     """
-    scales = prepare(model, config.bits, config.observer)
-    q = qmax(config.bits)
     linears = stack_linears(model)
+    scales = prepare(linears, config.bits, config.observer)
+    q = qmax(config.bits)
     info = {
         "scales": {name: float(s) for name, s in scales.items()},
         "clipped": {name: clipped_fraction(fp_weight(m), scales[name], config.bits) for name, m in linears.items()},
         "clip_ratio": {name: float(fp_weight(m).detach().abs().max() / (q * scales[name])) for name, m in linears.items()},
     }
-    bake(model)
+    bake(linears)
     return info
 
 

@@ -1,0 +1,95 @@
+"""The transformer stack run piece by piece: what GPTQ and the block-wise methods share.
+
+``capture(model, sequences, batch_size)`` runs the model once per mini-batch up to its last
+block (never the LM head) and returns one ``StackBatch`` per mini-batch: the hidden states
+entering block 0 and, for *every* block, the other arguments the model passes it (attention
+mask, rotary position embeddings, position ids ...). Each block's own arguments are kept
+because families differ per block: Gemma 3 alternates sliding-window and global-attention
+blocks with different rotary bases and masks, so block 0's arguments are wrong for block 5.
+Arguments the model shares between blocks are the same tensor objects, stored once.
+
+``run_blocks(blocks, start, stop, batch, hidden)`` then runs any slice of the stack on a
+mini-batch, and ``advance`` moves every batch's hidden states one block deeper, in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from repro.evaluate import batches, model_device
+from repro.models import blocks as stack_blocks
+
+
+@dataclass
+class StackBatch:
+    """One calibration mini-batch inside the stack.
+
+    ``hidden`` [batch, seq, hidden_size]: the residual stream at the depth this batch has reached
+    (block 0's input right after ``capture``); ``calls[i]`` = ``(args, kwargs)`` that block ``i``
+    takes besides its hidden states.
+    """
+
+    hidden: torch.Tensor
+    calls: list
+
+    def with_hidden(self, hidden: torch.Tensor) -> "StackBatch":
+        """The same mini-batch at another depth (or on another chain): shares ``calls``."""
+        return StackBatch(hidden, self.calls)
+
+
+class _Caught(Exception):
+    """Raised by the pre-hook on the last block: everything the stack needs has been seen."""
+
+
+def capture(model, sequences: torch.Tensor, batch_size: int) -> list[StackBatch]:
+    """Block 0's inputs and every block's arguments, per mini-batch of ``sequences``
+    [n, seq_len] (token ids): one forward pass through the stack, stopped before the last
+    block runs. Hidden states stay on the model's device, in its dtype."""
+    stack = stack_blocks(model)
+    caught: list[StackBatch] = []
+
+    def hook(index):
+        def catch(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                caught.append(StackBatch(hidden, [None] * len(stack)))
+            caught[-1].calls[index] = (tuple(args[1:]), kwargs)
+            if index == len(stack) - 1:
+                raise _Caught
+        return catch
+
+    handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True) for i, block in enumerate(stack)]
+    try:
+        for batch in batches(sequences, batch_size):
+            try:
+                model(input_ids=batch.to(model_device(model)), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return caught
+
+
+def run_block(block, index: int, batch: StackBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Output hidden states of stack block ``index`` (the module ``block``) on ``hidden``
+    (default ``batch.hidden``) with the arguments the model gives that block."""
+    args, kwargs = batch.calls[index]
+    out = block(batch.hidden if hidden is None else hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_blocks(blocks, start: int, stop: int, batch: StackBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Run stack blocks ``start .. stop-1`` (``blocks`` is the whole stack) in order."""
+    hidden = batch.hidden if hidden is None else hidden
+    for i in range(start, stop):
+        hidden = run_block(blocks[i], i, batch, hidden)
+    return hidden
+
+
+def advance(block, index: int, stack_batches: list[StackBatch]) -> None:
+    """Replace every batch's hidden states by block ``index``'s output on them, in place."""
+    for batch in stack_batches:
+        batch.hidden = run_block(block, index, batch)
