@@ -8,12 +8,31 @@ from pathlib import Path
 OUTPUTS_HELP = "results directory (default: $REPRO_OUTPUTS, else the checkout's outputs/)"
 
 
+def _options(pairs) -> dict:
+    """``["window=2", "lr=1e-3"]`` -> ``{"window": 2, "lr": 0.001}`` (values read as YAML)."""
+    import yaml
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {pair!r}: write KEY=VALUE, e.g. --option window=2")
+        value = yaml.safe_load(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        options[key] = value
+    return options
+
+
 def _run(args) -> int:
     from repro import runs
 
     for bits in ([None] if args.method == "fp" else args.bits):
-        config = runs.make_config(args.method, bits, args.tier, model=args.model, corpus=args.corpus,
-                                  observer=args.observer, seed=args.seed, device=args.device)
+        config = runs.make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
+                                  corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device)
         record = runs.run(config, args.outputs, force=args.force)
         print(runs.summary(record), flush=True)
     return 0
@@ -48,10 +67,15 @@ def _tier_records(args, model=None, required: bool = True) -> list[dict]:
 
 
 def _cross_block_records(args, model) -> list[dict]:
-    """The records notebook 04 reads for ``model`` (the tier's ``cross_block`` runs), where present."""
-    from repro import runs
+    """The records notebook 04 reads for ``model`` (the tier's ``cross_block`` runs), plus the
+    controls run by hand (``report.CROSS_BLOCK_CONTROLS``), where present."""
+    from repro import report, runs
 
-    return _read_records(runs.cross_block_configs(args.tier, model), args.outputs)
+    configs = runs.cross_block_configs(args.tier, model)
+    bits = sorted({c.bits for c in configs if c.method == "blockwise"})
+    configs += [runs.make_config("blockwise", b, args.tier, model=model, options=dict(o))
+                for b in bits for o in report.CROSS_BLOCK_CONTROLS]
+    return _read_records(configs, args.outputs)
 
 
 def _observer_records(args, model=None) -> list[dict]:
@@ -128,6 +152,11 @@ def _report(args) -> int:
     if pairs:
         sections["qaft-precision"] = (f"{report.precision_table(pairs)}\n\n"
                                       f"{report.provenance([r for p in pairs for r in p], args.tier, command)}")
+    sweep = _read_records([runs.make_config("blockwise", report.BLOCKWISE_SWEEP_BITS, args.tier, model=default, options=o)
+                           for o in report.BLOCKWISE_SWEEP], args.outputs)  # the defaults' sweep, where run
+    if sweep:
+        sections["blockwise-sweep"] = (f"{report.blockwise_sweep_table(sweep)}\n\n"
+                                       f"{report.provenance(sweep, args.tier, command)}")
     cross = {model: _cross_block_records(args, model) for model in [default, *others]}
     cross = {model: rs for model, rs in cross.items() if any(r["config"]["method"] == "blockwise" for r in rs)}
     for model, rs in cross.items():
@@ -175,6 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.add_argument("--force", action="store_true", help="recompute even if a record exists")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a method option over the tier's (repeatable), e.g. --option window=2 --option lr=1e-3")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("batch", help="the main job: compute every notebook's runs, then execute the notebooks",

@@ -69,8 +69,14 @@ def wiki_splits(titles) -> dict[str, str]:
 
 
 def _hub_corpus(name: str) -> dict[str, str]:
+    from datasets import config as datasets_config
     from datasets import load_dataset
 
+    from repro.models import hub_unreachable
+
+    offline, was_offline = hub_unreachable(), datasets_config.HF_HUB_OFFLINE
+    if offline is not None:  # only a copy in the datasets cache can load: say so at once if there is none
+        datasets_config.HF_HUB_OFFLINE = True
     try:
         if name == "wikitext2":
             ds = load_dataset("wikitext", "wikitext-2-raw-v1")
@@ -89,10 +95,14 @@ def _hub_corpus(name: str) -> dict[str, str]:
             return {"train": "\n\n".join(ds[: n // 2]), "validation": "\n\n".join(ds[n // 2: 3 * n // 4]),
                     "test": "\n\n".join(ds[3 * n // 4:])}
     except Exception as err:  # datasets raises many types for "no network"
+        why = f"the hub is unreachable ({offline}) and it is not in the datasets cache" if offline else \
+            f"{type(err).__name__}: {str(err)[:200]}"
         raise CorpusUnavailableError(
-            f"could not load corpus {name!r} from the Hugging Face hub ({type(err).__name__}: "
-            f"{str(err)[:200]}). Offline, use the embedded corpus: corpus='{DEFAULT_CORPUS}'."
+            f"could not load corpus {name!r} from the Hugging Face hub ({why}). Offline, use the embedded "
+            f"corpus: corpus='{DEFAULT_CORPUS}'."
         ) from err
+    finally:
+        datasets_config.HF_HUB_OFFLINE = was_offline
     raise AssertionError(name)
 
 

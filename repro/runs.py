@@ -15,6 +15,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import yaml
 import repro
 from repro import data as data_mod
 from repro import evaluate, models
-from repro.methods import METHODS
+from repro.methods import AFTER_RECORD, METHODS, OPTION_CHECKS
 from repro.progress import progress
 from repro.quant import OBSERVERS, check_bits
 
@@ -97,6 +98,14 @@ class RunConfig:
             raise ValueError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
         if self.corpus not in data_mod.CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {', '.join(data_mod.CORPORA)}")
+        for name, low, optional in (("n_calibration", 1, False), ("n_eval", 1, True), ("seq_len", 2, True),
+                                    ("batch_size", 1, False)):
+            value = getattr(self, name)
+            if (value is None and not optional) or (value is not None and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < low)):
+                raise ValueError(f"{name}={value!r}: an integer >= {low}" + (" or None (the whole split / the "
+                                 "model's maximum length)" if optional else ""))
+        OPTION_CHECKS[self.method](self)  # options are checked now, not after the model has loaded
 
     def key(self) -> str:
         """Hash of the config (placement excluded) and the method's version."""
@@ -260,18 +269,57 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
 
 
 def read_record(config: RunConfig, outputs: Path | None = None) -> dict | None:
-    """The cached record of ``config`` (marked ``cached``), or ``None`` if it has not run."""
+    """The cached record of ``config`` (marked ``cached``), or ``None`` if it has not run.
+
+    A record that is not valid JSON, or not this config's (a truncated or hand-edited file), is
+    never trusted: it is moved aside to ``<name>.corrupt`` with a warning naming it, and ``None``
+    is returned so the run is computed again."""
     path = record_path(config, outputs)
     if not path.exists():
         return None
-    return {**json.loads(path.read_text()), "cached": True}
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or record.get("key", config.key()) != config.key():
+            raise ValueError(f"it holds key {record.get('key') if isinstance(record, dict) else None!r}, "
+                             f"not {config.key()!r}")
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        warnings.warn(f"record {path} is unreadable ({str(err).splitlines()[0][:120]}); moved to {aside}, "
+                      f"the run is computed again", stacklevel=2)
+        return None
+    return {**record, "cached": True}
+
+
+def check_writable(directory: Path) -> None:
+    """Raise a clear error, before any long work, when results cannot be written to ``directory``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise RuntimeError(f"cannot write results to {directory} ({type(err).__name__}: {err.strerror or err}); "
+                           f"choose a writable directory with --outputs or REPRO_OUTPUTS") from None
 
 
 def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> dict:
-    """Run one config (or read its cached record) and return the record dict."""
+    """Run one config (or read its cached record) and return the record dict.
+
+    Runs of the same config at the same time (two ``repro batch`` on one outputs/) do not both
+    compute it: each takes the record's lock (``<record>.lock``), and the one that waited finds
+    the record and reads it."""
+    path = record_path(config, outputs)
     record = None if force else read_record(config, outputs)
     if record is not None:
         return record
+    check_writable(path.parent)  # before hours of work, not after
+    with models.file_lock(path.with_name(f".{path.name}.lock")):
+        record = None if force else read_record(config, outputs)  # another process may have just written it
+        return record if record is not None else _compute(config, outputs)
+
+
+def _compute(config: RunConfig, outputs: Path | None) -> dict:
+    """Load (or reuse) the model and data, run the method, evaluate, write the record."""
     bench = workbench(config)
     if config.bits is not None and bench.fp_test_grams is None and \
             evaluate.gram_bytes(bench.model) <= evaluate.GRAM_LIMIT_BYTES:  # the model is FP here
@@ -298,6 +346,8 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json_atomic(record_path(config, outputs), record)
+    if config.method in AFTER_RECORD:
+        AFTER_RECORD[config.method](config)
     record["cached"] = False
     return record
 

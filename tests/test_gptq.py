@@ -151,10 +151,12 @@ def test_split_calibration():
                                             ({"damping_grid": [float("nan")]}, "damping_grid"),
                                             ({"dampinggrid": [0.01]}, "unknown GPTQ option")])
 def test_bad_gptq_options_fail_before_any_work(options, match):
-    model = tiny_model("llama", hidden=48)
-    config = RunConfig(method="gptq", bits=3, observer="minmax", options=options)
+    with pytest.raises(ValueError, match=match):  # when the config is made, before a model loads
+        RunConfig(method="gptq", bits=3, observer="minmax", options=options)
+    config = RunConfig(method="gptq", bits=3, observer="minmax")
+    config.options = options  # changed afterwards: gptq itself still refuses it
     with pytest.raises(ValueError, match=match):
-        gptq(model, types.SimpleNamespace(calibration=torch.zeros(2, 8, dtype=torch.long)), config)
+        gptq(tiny_model("llama", hidden=48), types.SimpleNamespace(calibration=torch.zeros(2, 8, dtype=torch.long)), config)
 
 
 def test_partial_cholesky_failures_are_recorded_and_skipped():

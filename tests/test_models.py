@@ -68,3 +68,15 @@ def test_unknown_model_offline_names_the_embedded_default(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(models.ModelNotFoundError, match="smollm2-135m"):
         models.load_model("no-such-org/no-such-model")
+
+
+def test_unreachable_hub_is_detected_by_one_short_probe(monkeypatch):
+    """Without HF_HUB_OFFLINE, an unreachable endpoint is found by one connection attempt, and the
+    error says so and names the embedded default (instead of ~40 s of the libraries' retries)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert models.hub_unreachable().startswith("no connection to 127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    with pytest.raises(models.ModelNotFoundError, match="hub is unreachable .*HF_HOME.*smollm2-135m"):
+        models.load_model("no-such-org/no-such-model")

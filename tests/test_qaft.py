@@ -73,7 +73,8 @@ def test_result_is_exactly_on_the_grid_and_only_stack_weights_change(tmp_path):
     others = {n: p.detach().clone() for n, p in model.named_parameters() if n.replace(".weight", "") not in
               models.stack_linears(model)}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    info = qaft(model, tiny_data(), tiny_config(tmp_path / "ck"))
+    config = tiny_config(tmp_path / "ck")
+    info = qaft(model, tiny_data(), config)
 
     assert info["best_epoch"] > 0  # trained weights were picked, not RTN
     assert info["nll_validation"] < info["rtn"]["nll_validation"]
@@ -93,8 +94,15 @@ def test_result_is_exactly_on_the_grid_and_only_stack_weights_change(tmp_path):
         assert p.requires_grad == flags[name]
         if name in others:
             assert torch.equal(p.detach(), others[name]), f"{name} is outside the stack but changed"
-    assert not (tmp_path / "ck").exists()  # the resume state is removed once the sweep is done
     json.dumps(info)
+    # the resume state outlives the sweep until the caller has the result safe (runs.run: after the record)
+    assert (tmp_path / "ck" / "state.pt").exists()
+    baked = stack_state(model)
+    models.restore(model, fp)
+    again = qaft(model, tiny_data(), config)  # a finished state: no training, the same result
+    assert again["runs"] == info["runs"] and all(torch.equal(w, baked[n]) for n, w in stack_state(model).items())
+    qaft_mod.discard_state(config)
+    assert not (tmp_path / "ck").exists()
 
 
 def test_grad_accumulation_matches_the_large_batch(tmp_path):
@@ -164,7 +172,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, uninterr
     assert (resumed["lr"], resumed["best_epoch"]) == (expected["lr"], expected["best_epoch"])
     for name, w in stack_state(model).items():
         assert torch.equal(w, expected_weights[name]), name
-    assert not (tmp_path / "ck").exists()
 
 
 def test_a_state_of_another_run_is_refused(tmp_path, monkeypatch):

@@ -106,3 +106,108 @@ def test_figures_draw_the_tiers_records_only(tmp_path, capsys):
     assert (tmp_path / "figures" / "nll_vs_bits_ci.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no records for tier cpu"):
         cli.main(["figures", "--tier", "cpu", "--outputs", str(tmp_path)])
+
+
+def test_method_options_are_checked_when_the_config_is_made():
+    from repro.runs import RunConfig
+
+    with pytest.raises(ValueError, match="takes no options"):
+        RunConfig(method="rtn", options={"window": 2})
+    with pytest.raises(ValueError, match="unknown block-wise option"):
+        RunConfig(method="blockwise", options={"windw": 2})
+    with pytest.raises(ValueError, match="unknown QAFT option"):
+        RunConfig(method="qaft", options={"epoch": 2})
+
+
+def test_cli_options_are_read_as_yaml():
+    from repro.cli import _options
+
+    assert _options(["window=2", "lr=1e-3", "mixed_precision=bf16"]) == {"window": 2, "lr": 1e-3,
+                                                                          "mixed_precision": "bf16"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _options(["window"])
+
+
+def test_a_corrupt_record_is_moved_aside_and_recomputed(tmp_path):
+    config = runs.make_config("rtn", 4, tier="ci")
+    path = runs.record_path(config, tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"key": "')  # a write cut short
+    with pytest.warns(UserWarning, match=f"record {path} is unreadable"):
+        assert runs.read_record(config, tmp_path) is None
+    assert not path.exists() and path.with_name(path.name + ".corrupt").read_text() == '{"key": "'
+    path.write_text(json.dumps({"key": "another"}))  # valid JSON, but not this config's
+    with pytest.warns(UserWarning, match="not '" + config.key()):
+        assert runs.read_record(config, tmp_path) is None
+
+
+def test_unwritable_outputs_fail_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(RuntimeError, match="cannot write results to .*a-file.*--outputs or REPRO_OUTPUTS"):
+        runs.run(runs.make_config("rtn", 4, tier="ci"), outputs=blocker)  # outputs/records under a file
+
+
+def test_two_runs_of_one_config_at_once_compute_it_once(tmp_path, monkeypatch):
+    """Two `repro batch` on one outputs/ at the same time: the record's lock makes the second wait
+    and read what the first wrote (threads here; flock locks between open files alike)."""
+    import threading
+    import time
+    import types
+
+    import torch
+
+    calls = []
+
+    def slow_rtn(model, data, config):
+        calls.append(config.key())
+        time.sleep(0.3)  # long enough for the other thread to arrive while this one computes
+        return {}
+
+    bench = types.SimpleNamespace(model=torch.nn.Linear(1, 1), data=None, fp_weights={}, fp_test_grams={},
+                                  fp_test_hidden=[])
+    monkeypatch.setattr(runs, "workbench", lambda config: bench)
+    monkeypatch.setattr(runs, "evaluate_model", lambda *args: {"nll_validation": 1.0, "nll_test": 1.0})
+    monkeypatch.setitem(runs.METHODS, "rtn", (slow_rtn, 1))
+    config = runs.make_config("rtn", 4, tier="ci")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(runs.run(config, tmp_path))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [config.key()]
+    assert sorted(r["cached"] for r in results) == [False, True]
+    assert results[0]["key"] == results[1]["key"] == config.key()
+
+
+def test_an_embedded_model_is_built_once_by_concurrent_loaders(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from repro import models
+
+    builds = []
+
+    def fake_build(name, target):
+        builds.append(name)
+        time.sleep(0.3)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_build_embedded", fake_build)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(models.ensure_embedded("smollm2-135m"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert builds == ["smollm2-135m"] and paths == [tmp_path / "models" / "smollm2-135m"] * 2
+
+
+@pytest.mark.parametrize("field, value", [("n_eval", 0), ("n_calibration", 0), ("seq_len", 1), ("batch_size", 0),
+                                          ("n_eval", 2.5)])
+def test_bad_sizes_are_refused_when_the_config_is_made(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}: an integer"):
+        runs.RunConfig(method="rtn", **{field: value})

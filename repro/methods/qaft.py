@@ -26,7 +26,8 @@ Resume: after every epoch the state (latent weights, optimizer, scheduler, RNG, 
 best weights so far as int8 codes) is written atomically to ``<checkpoint_dir>/state.pt``. A
 rerun of the same config continues after the last finished epoch and, on CPU, reproduces the
 uninterrupted result exactly (the batch order depends only on seed and epoch). The state file is
-removed once the sweep is done: the run's record then holds the result.
+removed by ``discard_state`` once the run's record is written (``repro.runs.run``), never before:
+a finished sweep whose record could not be written is recovered by a rerun without training.
 
 A non-finite loss (or validation NLL) stops that lr0 with a recorded reason; the sweep goes on
 and the stopped lr0 keeps its best epoch before the failure.
@@ -302,10 +303,9 @@ def qaft(model, data, config) -> dict:
         model.eval()
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # the record holds the result now
-        path.unlink(missing_ok=True)
-        with suppress(OSError):
-            path.parent.rmdir()  # only when empty: checkpoint_dir may be a user's directory
+    # The state stays until the result is safely elsewhere: `repro.runs.run` calls `discard_state`
+    # after writing the record (a disk-full or Ctrl-C there loses nothing; a rerun finds every lr0
+    # finished and only bakes and evaluates). Callers of `qaft` itself call it when they are done.
     steps = sum(r["steps"] for r in state["runs"])
     train_s = sum(r["train_s"] for r in state["runs"])
     return {
@@ -318,6 +318,15 @@ def qaft(model, data, config) -> dict:
         "grad_accum": opts["grad_accum"], "mixed_precision": opts["mixed_precision"],
         "processes": accelerator.num_processes, "resumed_from": resumed_from,
     }
+
+
+def discard_state(config) -> None:
+    """Remove the finished sweep's resume state (and its directory when empty: ``checkpoint_dir``
+    may be a user's); ``repro.runs.run`` calls it once the run's record is on disk."""
+    path = checkpoint_dir(config) / STATE_FILE
+    path.unlink(missing_ok=True)
+    with suppress(OSError):
+        path.parent.rmdir()
 
 
 def _rtn_codes(fp: dict, scales: dict, bits: int) -> dict:

@@ -1,0 +1,291 @@
+"""The cross-block study on fake records and a tiny model: locality order, the spectrum, summary,
+memory and sweep tables, the time growth law, the plots, the configs, the batch plan, block-output MSE."""
+import math
+import random
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from repro import batch, evaluate, models, plots, report, runs
+from repro.runs import RunConfig
+
+from tiny_models import tiny_model
+
+# label -> blockwise options (None: not block-wise), in locality order
+SPECTRUM = {"RTN": None, "GPTQ": None, "block PTQ": {"window": 1}, "MB-PTQ m=2": {"window": 2},
+            "MB-PTQ m=2 (equal steps/block)": {"window": 2, "steps_per": "block"},
+            "LA-PTQ l=1": {"lookahead": 1}, "LA-PTQ l=2": {"lookahead": 2}, "QAFT": None}
+
+
+def memory(window_weights=4000, lookahead_weights=0, optimizer_state=8000, saved_activations=1000, cuda_peak=None):
+    return {"window_weights": window_weights, "lookahead_weights": lookahead_weights, "optimizer_state": optimizer_state,
+            "saved_activations": saved_activations, "cuda_peak": cuda_peak}
+
+
+def window(start=0, m=1, l=0, steps=8, wall_s=1.0, params=1000, **mem):
+    """One entry of ``info["windows"]`` as ``repro.methods.blockwise.blockwise`` records it."""
+    return {"blocks": list(range(start, start + m)), "lookahead_stop": start + m + l, "window": m, "lookahead": l,
+            "stride": m, "steps": steps, "trainable_params": params, "wall_s": wall_s,
+            "memory_bytes": memory(window_weights=4 * params, optimizer_state=8 * params, **mem)}
+
+
+def record(method, bits=3, nll=4.0, model="m", options=None, block_mse=None, windows=None, val=None, seconds=10.0,
+           layer_mse=(0.1, 0.2, 0.3)):
+    c = {"method": method, "bits": None if method == "fp" else bits, "model": model, "observer": "mse",
+         "corpus": "wiki", "options": dict(options or {})}
+    layers = {f"model.layers.{i}.mlp.up_proj": v for i, v in enumerate(layer_mse)}
+    r = {"config": c, "nll_test": nll, "nll_validation": nll + 0.5 if val is None else val,
+         "layer_mse_fp_inputs": {k: v / 2 for k, v in layers.items()}, "layer_mse": layers,
+         "mean_block_output_mse": block_mse, "wall_s": {"method": seconds, "evaluate": 1.0}, "info": {}}
+    if method == "blockwise":
+        from repro.methods.blockwise import variant
+
+        r["info"] = {"variant": variant(c["options"]), "windows": windows if windows is not None else [window()]}
+    return r
+
+
+def spectrum_records(bits=3, model="m"):
+    """One record per SPECTRUM label; test NLL falls along the spectrum, QAFT lowest."""
+    out = [record("fp", nll=3.0, model=model, block_mse=0.0)]
+    for i, (label, options) in enumerate(SPECTRUM.items()):
+        method = label.lower() if options is None else "blockwise"
+        out.append(record(method, bits, nll=6.0 - 0.25 * i, model=model, options=options, block_mse=1.0 + i,
+                          seconds=10.0 * (i + 1)))
+    return out
+
+
+def rows(table):
+    """[[cells]] of a markdown table's body and its header."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    split = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    return [split(line) for line in lines[2:]], split(lines[0])
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+# ----------------------------------------------------------------------------- report
+def test_locality_orders_the_spectrum_and_labels_it():
+    recs = spectrum_records()
+    shuffled = recs[:]
+    random.Random(0).shuffle(shuffled)
+    assert [report.method_label(r) for r in sorted(shuffled, key=report.locality)] == ["FP", *SPECTRUM]
+    assert [report.method_label(r) for r in report.spectrum_records(shuffled, 3)] == list(SPECTRUM)  # no FP
+    assert report.spectrum_records(shuffled, 4) == [] and report.spectrum_records(shuffled, 3, model="other") == []
+    sees = {report.method_label(r): report.sees(r) for r in recs}
+    assert sees["RTN"] == "one weight tensor" and sees["GPTQ"] == "one linear layer"
+    assert sees["QAFT"] == "whole network (NLL)" and sees["block PTQ"] == "1 block"
+    assert sees["MB-PTQ m=2"] == "2 blocks" and sees["LA-PTQ l=2"] == "1 block + 2 FP downstream"
+
+
+def test_median_layer_mse():
+    assert report.median_layer_mse(record("rtn", layer_mse=(3.0, 1.0, 2.0)), "layer_mse") == 2.0
+    assert report.median_layer_mse(record("rtn", layer_mse=(4.0, 1.0, 3.0, 2.0)), "layer_mse") == 2.5
+    assert report.median_layer_mse(record("rtn", layer_mse=(4.0, 1.0, 3.0, 2.0))) == 1.25  # FP inputs: / 2
+    assert report.median_layer_mse(record("rtn", layer_mse=())) is None
+    assert report.median_layer_mse({"config": {}}) is None
+
+
+def test_spectrum_table():
+    body, header = rows(report.spectrum_table(spectrum_records() + spectrum_records(model="other"), 3, model="m"))
+    assert [r[0] for r in body] == list(SPECTRUM)
+    cells = {r[0]: dict(zip(header, r)) for r in body}
+    assert cells["QAFT"]["test NLL"] == "**4.250**" and cells["RTN"]["test NLL"] == "6.000"
+    assert sum("**" in r[header.index("test NLL")] for r in body) == 1
+    assert cells["LA-PTQ l=1"]["objective sees"] == "1 block + 1 FP downstream"
+    assert cells["RTN"]["median layer MSE, FP inputs"] == "0.1" and cells["RTN"]["median layer MSE, own inputs"] == "0.2"
+    assert cells["GPTQ"]["block-output MSE"] == "2" and cells["GPTQ"]["method s"] == "20"
+    no_seconds, header = rows(report.spectrum_table(spectrum_records(), 3, seconds=False))
+    assert "method s" not in header and len(header) == 6 and all(len(r) == 6 for r in no_seconds)
+    assert report.spectrum_table(spectrum_records(), 4) == "No int4 records yet."
+
+
+def timed_records(a=0.1, k=0.8, steps=8):
+    """Block-wise records whose windows take ``a (m + l)^k`` seconds per optimizer step."""
+    t = lambda m, l: steps * a * (m + l) ** k  # noqa: E731
+    return [record("blockwise", options={"window": 1}, windows=[window(i, 1, 0, steps, t(1, 0)) for i in range(3)]),
+            record("blockwise", options={"window": 2}, windows=[window(0, 2, 0, steps, t(2, 0)), window(2, 1, 0, steps, t(1, 0))]),
+            record("blockwise", options={"window": 4}, windows=[window(0, 4, 0, steps, t(4, 0))]),
+            record("blockwise", options={"lookahead": 2}, windows=[window(0, 1, 2, steps, t(1, 2)), window(2, 1, 0, 0, 5.0)]),
+            record("gptq")]
+
+
+def test_window_times_and_growth_law():
+    recs = timed_records()
+    points = report.window_times(recs)
+    assert len(points) == 7  # the window with 0 steps is left out
+    assert sorted({n for n, _ in points}) == [1, 2, 3, 4]
+    assert all(math.isclose(t, 0.1 * n ** 0.8) for n, t in points)
+    a, k = report.growth_law(recs)
+    assert a == pytest.approx(0.1, rel=1e-9) and k == pytest.approx(0.8, rel=1e-9)
+    a, k = report.growth_law(timed_records(a=2.0, k=1.5, steps=3))
+    assert a == pytest.approx(2.0, rel=1e-9) and k == pytest.approx(1.5, rel=1e-9)
+    assert "0.1 s × (m + l)^0.80" in report.growth_summary(recs) and "fit over 7 windows" in report.growth_summary(recs)
+    single = [timed_records()[0]]  # block PTQ only: one size
+    assert report.growth_law(single) is None and report.growth_law([]) is None
+    assert report.growth_summary(single).startswith("Fewer than two window sizes")
+
+
+def cell(block, others, model="m", bits=3):
+    """Block PTQ at 4.0 and block-wise ``others`` {options-label: (nll, block mse)}, RTN/GPTQ/QAFT around."""
+    recs = [record("fp", nll=3.0, model=model), record("blockwise", bits, 4.0, model, {"window": 1}, block)]
+    recs += [record("blockwise", bits, nll, model, opts, mse) for opts, (nll, mse) in others]
+    recs += [record("rtn", bits, 6.0, model, block_mse=9.0), record("gptq", bits, 5.0, model, block_mse=5.0),
+             record("qaft", bits, 3.7, model, block_mse=3.0)]
+    return recs
+
+
+def test_cross_block_summary_verdicts_and_agreement():
+    others = [({"lookahead": 1}, (4.2, 2.0)), ({"window": 2}, (3.8, 1.5)),  # 5% worse, 5% better
+              ({"window": 2, "steps_per": "block"}, (4.02, 1.2))]  # 0.5% worse
+    text = report.cross_block_summary(cell(1.0, others))
+    lines = text.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("- m int3: block PTQ 4.000; ")
+    assert "MB-PTQ m=2 3.800 (Δ -0.200: helps)" in lines[0]
+    assert "MB-PTQ m=2 (equal steps/block) 4.020 (Δ +0.020: no effect (within 1%))" in lines[0]
+    assert "LA-PTQ l=1 4.200 (Δ +0.200: hurts)" in lines[0]
+    assert lines[0].index("MB-PTQ m=2 3.800") < lines[0].index("(equal steps/block)") < lines[0].index("LA-PTQ")
+    assert "RTN" not in lines[0] and "QAFT" not in lines[0]  # only block-wise variants against block PTQ
+    assert lines[1] == ("  Lowest test NLL: QAFT (3.700); lowest block-output MSE: block PTQ (1) — "
+                        "**not** the same method.")
+    agree = report.cross_block_summary(cell(4.0, [(o, (nll, mse + 3)) for o, (nll, mse) in others]))  # QAFT's 3.0 lowest
+    assert agree.splitlines()[1].endswith("lowest block-output MSE: QAFT (3) — the same method.")
+    no_mse = report.cross_block_summary([r | {"mean_block_output_mse": None} for r in cell(1.0, others)])
+    assert no_mse.splitlines()[1] == "  Lowest test NLL: QAFT (3.700)."
+    assert report.cross_block_summary([]) == "No block-wise records yet."
+
+
+def test_cross_block_summary_cells_in_order():
+    recs = cell(1.0, [], model="b", bits=3) + cell(1.0, [], model="b", bits=4) + cell(1.0, [], model="a", bits=3)
+    heads = [line for line in report.cross_block_summary(recs).splitlines() if line.startswith("- ")]
+    assert [h.split(":")[0] for h in heads] == ["- a int3", "- b int4", "- b int3"]  # model, then bits high to low
+
+
+def test_memory_table():
+    big = dict(params=2_000_000, saved_activations=12_345_678, lookahead_weights=3_000_000)
+    recs = [record("blockwise", options={"lookahead": 1}, windows=[window(0, 1, 1, **big), window(1, 1, 0, params=10)]),
+            record("blockwise", options={"window": 1}, windows=[window(0, params=5000, cuda_peak=50_000_000),
+                                                                 window(1, params=500_000, cuda_peak=7_000_000)]),
+            record("qaft")]
+    body, header = rows(report.memory_table(recs))
+    assert [r[0] for r in body] == ["block PTQ int3", "LA-PTQ l=1 int3"]  # locality order, QAFT left out
+    la = dict(zip(header, body[1]))
+    # predicted = 2 x 8 MB weights + 16 MB Adam + 12.3 MB saved = 44.3 MB
+    assert (la["window params"], la["weights MB"], la["Adam MB"], la["autograd saved MB"], la["look-ahead MB"],
+            la["predicted peak MB"], la["CUDA peak MB"]) == ("2000000", "8.0", "16.0", "12.3", "3.0", "44.3", "—")
+    block = dict(zip(header, body[0]))  # the largest window, not the first
+    assert (block["window params"], block["predicted peak MB"], block["CUDA peak MB"]) == ("500000", "8.0", "7.0")
+    assert report.memory_table([record("rtn")]) == "No block-wise records yet."
+
+
+def test_blockwise_sweep_table():
+    sweep = [({"steps": 64, "lr": 1e-3}, 4.30), ({"steps": 8, "lr": 1e-4}, 4.50),
+             ({"steps": 8, "lr": 1e-3, "mixed_precision": "bf16"}, 4.20), ({"steps": 8, "lr": 1e-3}, 4.40)]
+    recs = [record("blockwise", options=o, val=v, nll=v - 0.4, seconds=s) for s, (o, v) in enumerate(sweep)]
+    body, header = rows(report.blockwise_sweep_table(recs + [record("gptq", val=4.0)]))
+    assert header[:6] == ["variant", "bits", "steps per window", "lr", "training precision", "validation NLL"]
+    # fp32 before bf16, then by steps and lr
+    assert [r[2:6] for r in body] == [["8", "0.0001", "fp32", "4.500"], ["8", "0.001", "fp32", "4.400"],
+                                      ["64", "0.001", "fp32", "4.300"], ["8", "0.001", "bf16", "**4.200**"]]
+    assert body[3][:2] == ["block PTQ", "int3"] and body[3][6:] == ["3.800", "2"]
+    # a record that leaves steps/lr to the method's defaults is read with them
+    (row,), _ = rows(report.blockwise_sweep_table([record("blockwise", options={"window": 2}, val=4.0)]))
+    assert row[:4] == ["MB-PTQ m=2", "int3", "64", "0.0001"]
+    assert report.blockwise_sweep_table([record("gptq")]) == "No block-wise sweep records."
+
+
+# ----------------------------------------------------------------------------- plots
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the empty spectrum's legend
+def test_spectrum_plot():
+    fig = plots.spectrum(spectrum_records() + spectrum_records(model="other"), 3, model="m")
+    assert isinstance(fig, Figure)
+    top, bottom = fig.axes
+    ticks = [t.get_text() for t in bottom.get_xticklabels()]
+    assert [t.split("\n")[0] for t in ticks] == list(SPECTRUM)
+    assert ticks[2] == "block PTQ\n(1 block)"
+    assert list(top.lines[0].get_ydata()) == [6.0 - 0.25 * i for i in range(len(SPECTRUM))]
+    assert top.lines[1].get_ydata()[0] == 3.0  # FP, dashed
+    assert len(bottom.lines) == 3  # median layer MSE in both readings, block-output MSE
+    empty = plots.spectrum([], 3)
+    assert isinstance(empty, Figure) and empty.axes[1].get_xticklabels() == []
+
+
+def test_window_time_plot():
+    fig = plots.window_time(timed_records())
+    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    points, fit = ax.lines
+    assert len(points.get_xdata()) == 7 and fit.get_xdata()[0] == 1 and fit.get_xdata()[-1] == pytest.approx(4)
+    assert fit.get_ydata()[-1] == pytest.approx(0.1 * 4 ** 0.8)
+    assert len(plots.window_time([timed_records()[0]]).axes[0].lines) == 1  # one size: points, no fit
+    _, ax = plt.subplots()
+    assert plots.window_time([], ax=ax) is ax.figure and len(ax.lines) == 0
+
+
+# ----------------------------------------------------------------------------- configs and batch plan
+def test_cross_block_configs_ci():
+    tier = runs.load_tier("ci")
+    configs = runs.cross_block_configs("ci")
+    assert [c.method for c in configs] == ["fp", "rtn", "gptq", "qaft"] + ["blockwise"] * len(tier["cross_block"]["variants"])
+    assert {c.model for c in configs} == {tier["model"]} and {c.bits for c in configs} == {None, 3}
+    assert [c.label() for c in configs[4:]] == ["block PTQ int3", "MB-PTQ m=2 int3", "LA-PTQ l=1 int3"]
+    for c, v in zip(configs[4:], tier["cross_block"]["variants"]):
+        assert c.options == {**tier["methods"]["blockwise"], **v} and c.tier == "ci"
+    two = runs.cross_block_configs("ci", "gemma3-270m", bits=[4, 3])
+    assert [(c.method, c.bits) for c in two[:7]] == [("fp", None), ("rtn", 4), ("rtn", 3), ("gptq", 4), ("gptq", 3),
+                                                      ("qaft", 4), ("qaft", 3)]
+    assert [c.label() for c in two[7:]] == [f"{v} int{b}" for b in (4, 3) for v in ("block PTQ", "MB-PTQ m=2", "LA-PTQ l=1")]
+    assert two[8].observer == "mse" and two[8].model == "gemma3-270m"  # gemma's int4 observer (smollm2: histogram)
+    own = runs.cross_block_configs("ci", bits=4, variants=[{"window": 3, "steps": 2}])
+    assert [c.label() for c in own] == ["fp", "rtn int4", "gptq int4", "qaft int4", "MB-PTQ m=3 int4"]
+    assert own[-1].options["steps"] == 2 and own[-1].options["lr"] == tier["methods"]["blockwise"]["lr"]
+
+
+def test_run_config_labels():
+    label = lambda **o: RunConfig(method="blockwise", bits=3, options=o).label()  # noqa: E731
+    assert label(window=2) == "MB-PTQ m=2 int3" and label() == "block PTQ int3" and label(lookahead=1) == "LA-PTQ l=1 int3"
+    assert label(window=2, steps_per="block") == "MB-PTQ m=2 (equal steps/block) int3"
+    assert RunConfig(method="rtn", bits=4).label() == "rtn int4" and RunConfig(method="fp").label() == "fp"
+
+
+def test_batch_plan_groups_by_model_and_pareto_last():
+    jobs = batch.plan("ci")
+    models_ = runs.load_tier("ci")["models"]
+    cross = [j for j in jobs if j.notebook == "04_cross_block"]
+    assert [j.model for j in cross] == models_
+    for j in cross:
+        assert {c.model for c in j.configs} == {j.model} and "blockwise" in {c.method for c in j.configs}
+    per_model = [j.model for j in jobs if j.model is not None]
+    assert per_model == sorted(per_model, key=models_.index)  # all of the first model's jobs, then the second's
+    pareto = [i for i, j in enumerate(jobs) if j.notebook == "02_pareto"]
+    assert len(pareto) == 1 and jobs[pareto[0]].model is None
+    assert pareto[0] > max(i for i, j in enumerate(jobs) if j.model is not None)
+
+
+# ----------------------------------------------------------------------------- block-output MSE
+def test_block_outputs_and_recording_block_mse():
+    model = tiny_model("llama", layers=2, hidden=32)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    reference = evaluate.block_outputs(model, ids, batch_size=2, desc=None)
+    assert len(reference) == 2 and [len(batch_) for batch_ in reference] == [2, 2]  # mini-batches x blocks
+    assert reference[0][0].shape == (2, 16, 32) and reference[1][1].shape == (1, 16, 32)
+    assert reference[0][0].dtype == torch.float32
+    stored = sum(t.numel() * t.element_size() for batch_ in reference for t in batch_)
+    assert evaluate.hidden_bytes(model, ids) == 4 * 2 * ids.numel() * 32 == stored
+    with evaluate.recording_block_mse(model, reference) as mse:
+        evaluate.nll(model, ids, batch_size=2, desc=None)
+    assert mse == [0.0, 0.0]
+    with torch.no_grad():
+        models.blocks(model)[1].mlp.down_proj.weight[0, 0] += 1.0
+    with evaluate.recording_block_mse(model, reference) as mse:
+        evaluate.nll(model, ids, batch_size=2, desc=None)
+    assert mse[0] == 0.0 and mse[1] > 0
