@@ -111,8 +111,8 @@ def _execute(job: Job, tier: str, outputs: Path, models: list[str]) -> None:
 def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None = None, echo=print) -> list[Job]:
     """Run the batch (see the module docstring); returns the jobs with their status and times."""
     outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
+    jobs = plan(tier, notebooks, models)  # per notebook: the models given, else its own or the tier's list
     models = tier_models(tier, models)
-    jobs = plan(tier, notebooks, models)
     unique = {}
     for job in jobs:
         for config in job.configs:

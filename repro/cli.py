@@ -17,7 +17,9 @@ def _options(pairs) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--option {pair!r}: write KEY=VALUE, e.g. --option window=2")
-        value = yaml.safe_load(value)
+        raw, value = value, yaml.safe_load(value)
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no means "no"
         if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
                 value = float(value)
@@ -97,12 +99,14 @@ def _figures(args) -> int:
     params = runs.load_tier(args.tier)
     default = args.model or params["model"]
     models = [default] if args.model else [default, *(m for m in params.get("models") or [] if m != default)]
+    cross_models = [] if args.model else [m for m in (params.get("cross_block") or {}).get("models", [])
+                                          if m not in models]
     directory = Path(args.outputs) / "figures"
     every, drawn = [], {}
-    for model in models:  # the default model's figures as <name>_<tier>.png, the others' with _<model>
-        records = _tier_records(args, model, required=model == default)
+    for model in [*models, *cross_models]:  # the default model's figures as <name>_<tier>.png, the others' with _<model>
+        records = _tier_records(args, model, required=model == default) if model in models else []
         every += records
-        suffix = f"_{args.tier}" + ("" if model == default else f"_{model}")
+        suffix = f"_{args.tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
         drawn.update(dict.fromkeys(plots.save_figures(records, directory, suffix=suffix)) if records else {})
         cross = _cross_block_records(args, model)
         if any(r["config"]["method"] == "blockwise" for r in cross):  # notebook 04's figures
@@ -157,7 +161,9 @@ def _report(args) -> int:
     if sweep:
         sections["blockwise-sweep"] = (f"{report.blockwise_sweep_table(sweep)}\n\n"
                                        f"{report.provenance(sweep, args.tier, command)}")
-    cross = {model: _cross_block_records(args, model) for model in [default, *others]}
+    cross_models = [default, *others] if args.model else \
+        list(dict.fromkeys([default, *others, *(params.get("cross_block") or {}).get("models", [])]))
+    cross = {model: _cross_block_records(args, model) for model in cross_models}
     cross = {model: rs for model, rs in cross.items() if any(r["config"]["method"] == "blockwise" for r in rs)}
     for model, rs in cross.items():
         widths = sorted({r["config"]["bits"] for r in rs if r["config"]["method"] == "blockwise"}, reverse=True)

@@ -174,6 +174,8 @@ def prepare(linears: dict[str, nn.Module], bits: int, observer: str = "histogram
     scale; one prepared at another bit-width raises (bake it or restore the model first).
     """
     check_bits(bits)
+    if isinstance(linears, nn.Module):
+        raise TypeError("prepare takes a dict of linears, e.g. prepare(repro.models.stack_linears(model), bits)")
     used = {}
     for name, module in linears.items():
         if is_prepared(module):

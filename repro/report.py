@@ -647,13 +647,15 @@ def spectrum_table(records, bits: int, model: str | None = None, seconds: bool =
 
 def window_times(records) -> list[tuple[int, float]]:
     """``(blocks involved m + l, seconds)`` of every block-wise window, per optimizer step (so
-    that variants with different step counts compare)."""
+    that variants with different step counts compare): the training loop's time (``train_s``)
+    where recorded, else the window's whole wall time (with its FP-chain extension, held-out
+    checks and baking)."""
     points = []
     for r in records:
         if r["config"]["method"] == "blockwise":
             for w in r["info"]["windows"]:
                 if w["steps"]:
-                    points.append((w["window"] + w["lookahead"], w["wall_s"] / w["steps"]))
+                    points.append((w["window"] + w["lookahead"], w.get("train_s", w["wall_s"]) / w["steps"]))
     return points
 
 
@@ -697,7 +699,9 @@ def cross_block_summary(records) -> str:
             text = f"  Lowest test NLL: {method_label(best_nll)} ({best_nll['nll_test']:.3f})"
             if with_mse:
                 best_local = min(with_mse, key=lambda r: r["mean_block_output_mse"])
-                agree = "the same method" if best_local is best_nll else "**not** the same method"
+                agree = ("the same method" if best_local is best_nll else "**not** the same method"
+                         if best_nll.get("mean_block_output_mse") is not None else
+                         f"unknown whether the same ({method_label(best_nll)}'s record predates the metric)")
                 text += (f"; lowest block-output MSE: {method_label(best_local)} "
                          f"({best_local['mean_block_output_mse']:.3g}) — {agree}")
             lines.append(text + ".")
@@ -717,7 +721,7 @@ def growth_summary(records) -> str:
 def memory_table(records) -> str:
     """Per block-wise variant, its largest window's memory (MB = 1e6 bytes): the measured
     components and the predicted training peak on top of the loaded model = 2 x the window's fp32
-    weights (latent and gradient) + Adam's two moments + the tensors autograd saved for one
+    weights (gradient and best-state copy) + Adam's two moments + the tensors autograd saved for one
     mini-batch through the m + l blocks (activations and the fake-quantized weight copies; for the
     look-ahead blocks it also counts their resident weights, so it is an upper bound); the CUDA
     peak where the run was on a GPU."""

@@ -207,7 +207,7 @@ class Workbench:
     fp_weights: dict
     key: tuple
     fp_test_grams: dict | None = None  # the FP model's test-split input Gram matrices, once per bench
-    fp_test_hidden: list | None = None  # the FP model's block outputs on the test split, once per bench
+    fp_test_hidden: tuple | None = None  # (batch size, the FP model's block outputs per test mini-batch)
 
 
 _WORKBENCH: list[Workbench] = []  # the one most recently used (models are large)
@@ -282,10 +282,18 @@ def read_record(config: RunConfig, outputs: Path | None = None) -> dict | None:
         if not isinstance(record, dict) or record.get("key", config.key()) != config.key():
             raise ValueError(f"it holds key {record.get('key') if isinstance(record, dict) else None!r}, "
                              f"not {config.key()!r}")
+    except FileNotFoundError:  # another process moved it aside a moment ago
+        return None
     except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
         aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
-        warnings.warn(f"record {path} is unreadable ({str(err).splitlines()[0][:120]}); moved to {aside}, "
+        try:
+            os.replace(path, aside)
+            where = f"moved to {aside}"
+        except FileNotFoundError:
+            return None
+        except OSError as move_err:  # a read-only results directory: leave it, never trust it
+            where = f"left in place ({type(move_err).__name__})"
+        warnings.warn(f"record {path} is unreadable ({str(err).splitlines()[0][:120]}); {where}, "
                       f"the run is computed again", stacklevel=2)
         return None
     return {**record, "cached": True}
@@ -311,9 +319,14 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
     path = record_path(config, outputs)
     record = None if force else read_record(config, outputs)
     if record is not None:
+        if config.method in AFTER_RECORD:  # a process stopped between writing the record and cleaning up
+            AFTER_RECORD[config.method](config)
         return record
     check_writable(path.parent)  # before hours of work, not after
-    with models.file_lock(path.with_name(f".{path.name}.lock")):
+    # Under `accelerate launch` every rank runs this config together (QAFT's DDP needs them all):
+    # no lock between them; rank 0 writes the record.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    with nullcontext() if distributed else models.file_lock(path.with_name(f".{path.name}.lock")):
         record = None if force else read_record(config, outputs)  # another process may have just written it
         return record if record is not None else _compute(config, outputs)
 
@@ -325,17 +338,17 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
             evaluate.gram_bytes(bench.model) <= evaluate.GRAM_LIMIT_BYTES:  # the model is FP here
         bench.fp_test_grams = evaluate.input_grams(bench.model, bench.data.test, config.batch_size,
                                                    desc="FP test inputs (Gram)")
-    if config.bits is not None and bench.fp_test_hidden is None and \
+    if config.bits is not None and (bench.fp_test_hidden or (None,))[0] != config.batch_size and \
             evaluate.hidden_bytes(bench.model, bench.data.test) <= evaluate.HIDDEN_LIMIT_BYTES:
-        bench.fp_test_hidden = evaluate.block_outputs(bench.model, bench.data.test, config.batch_size,
-                                                      desc="FP test block outputs")
+        bench.fp_test_hidden = (config.batch_size, evaluate.block_outputs(
+            bench.model, bench.data.test, config.batch_size, desc="FP test block outputs"))
     torch.manual_seed(config.seed)
     method, version = METHODS[config.method]
     start = time.perf_counter()
     info = method(bench.model, bench.data, config)
     method_s = time.perf_counter() - start
     metrics = evaluate_model(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits,
-                             bench.fp_test_grams, bench.fp_test_hidden)
+                             bench.fp_test_grams, bench.fp_test_hidden[1] if bench.fp_test_hidden else None)
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
         "versions": {"package": repro.__version__, "code": code_hash(), "method": version, **SHARED_VERSIONS},

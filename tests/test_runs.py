@@ -124,6 +124,8 @@ def test_cli_options_are_read_as_yaml():
 
     assert _options(["window=2", "lr=1e-3", "mixed_precision=bf16"]) == {"window": 2, "lr": 1e-3,
                                                                           "mixed_precision": "bf16"}
+    assert _options(["mixed_precision=no", "act_order=true", "stride=null"]) == {
+        "mixed_precision": "no", "act_order": True, "stride": None}  # YAML 1.1's no/yes stay words
     with pytest.raises(ValueError, match="KEY=VALUE"):
         _options(["window"])
 
@@ -164,12 +166,12 @@ def test_two_runs_of_one_config_at_once_compute_it_once(tmp_path, monkeypatch):
         time.sleep(0.3)  # long enough for the other thread to arrive while this one computes
         return {}
 
+    config = runs.make_config("rtn", 4, tier="ci")
     bench = types.SimpleNamespace(model=torch.nn.Linear(1, 1), data=None, fp_weights={}, fp_test_grams={},
-                                  fp_test_hidden=[])
+                                  fp_test_hidden=(config.batch_size, []))
     monkeypatch.setattr(runs, "workbench", lambda config: bench)
     monkeypatch.setattr(runs, "evaluate_model", lambda *args: {"nll_validation": 1.0, "nll_test": 1.0})
     monkeypatch.setitem(runs.METHODS, "rtn", (slow_rtn, 1))
-    config = runs.make_config("rtn", 4, tier="ci")
     results = []
     threads = [threading.Thread(target=lambda: results.append(runs.run(config, tmp_path))) for _ in range(2)]
     for t in threads:

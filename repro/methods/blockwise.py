@@ -35,10 +35,10 @@ public, so these defaults are this package's, chosen by the sweep in the README)
 * ``mixed_precision`` - ``"no"`` or ``"bf16"``: autocast around the training forward only (the
   held-out loss that picks each window's best state, the targets and the chain stay fp32)
 
-Memory (per window, on top of the loaded model): the window's latent weights and their
-gradients (2 x 4 bytes x window params), Adam's two moments (2 x), and what autograd saves for
-one mini-batch through the m + l blocks (activations and the fake-quantized weight copies); the
-three activation sets stay on CPU. Each window records these measured components
+Memory (per window, on top of the loaded model, whose weights are the latent ones): the window's
+gradients and the copy of its best state (2 x 4 bytes x window params), Adam's two moments (2 x),
+and what autograd saves for one mini-batch through the m + l blocks (activations and the
+fake-quantized weight copies); the three activation sets stay on CPU. Each window records these measured components
 (``memory_bytes``; the CUDA peak on a GPU), and ``repro.report.memory_table`` compares them.
 """
 from __future__ import annotations
@@ -67,19 +67,21 @@ def blockwise_options(config) -> dict:
     unknown = set(opts) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown block-wise option(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
-    for key, low in (("window", 1), ("lookahead", 0), ("steps", 0), ("eval_every", 1)):
+    for key, low in (("window", 1), ("lookahead", 0), ("steps", 0), ("eval_every", 1)):  # bool is an int: refused
         if isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < low:
             raise ValueError(f"block-wise option {key}={opts[key]!r}: must be an integer >= {low}")
-    if opts["stride"] is not None and (not isinstance(opts["stride"], int) or not 1 <= opts["stride"] <= opts["window"]):
+    if opts["stride"] is not None and (isinstance(opts["stride"], bool) or not isinstance(opts["stride"], int)
+                                       or not 1 <= opts["stride"] <= opts["window"]):
         raise ValueError(f"block-wise option stride={opts['stride']!r}: an integer in 1..window ({opts['window']}), "
                          f"or None for non-overlapping windows")
     if opts["steps_per"] not in ("window", "block"):
         raise ValueError(f"block-wise option steps_per={opts['steps_per']!r}: 'window' or 'block'")
-    if not (isinstance(opts["lr"], (int, float)) and math.isfinite(opts["lr"]) and opts["lr"] > 0):
+    if isinstance(opts["lr"], bool) or not (isinstance(opts["lr"], (int, float)) and math.isfinite(opts["lr"])
+                                            and opts["lr"] > 0):
         raise ValueError(f"block-wise option lr={opts['lr']!r}: a finite learning rate > 0")
     if opts["mixed_precision"] not in ("no", "bf16"):
         raise ValueError(f"block-wise option mixed_precision={opts['mixed_precision']!r}: 'no' or 'bf16'")
-    if not 0 < opts["holdout"] < 1:
+    if isinstance(opts["holdout"], bool) or not isinstance(opts["holdout"], (int, float)) or not 0 < opts["holdout"] < 1:
         raise ValueError(f"block-wise option holdout={opts['holdout']!r}: a fraction in (0, 1)")
     return opts
 
@@ -129,8 +131,9 @@ def blockwise(model, data, config) -> dict:
     """Quantize the stack window by window (see the module docstring), in place.
 
     Returns the options, per window its blocks, look-ahead end, losses (held-out before
-    training, at the best step and at the end; training loss of the first and last step), best
-    step, steps, trainable parameters, wall time and memory components; per block the MSE of
+    training, at the best step and at the last check; training loss of the first and last step),
+    best step, steps, trainable parameters, the training loop's and the window's wall time and
+    memory components; per block the MSE of
     its output against the FP hidden state once finalised (``calibration_block_output_mse``, mean over
     calibration tokens and features, squared activation units) and the window that finalised it.
     """
@@ -142,7 +145,7 @@ def blockwise(model, data, config) -> dict:
     prefix = BLOCK_PATHS[model.config.model_type]
     device = model_device(model)
     cuda = device.type == "cuda"
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}  # by object: prepare renames weights
     was_training = model.training  # eval mode throughout: no dropout in the reconstruction or its targets
     fit_seqs, held_seqs = split_calibration(data.calibration, opts["holdout"])
     spans = windows(n, m, stride)
@@ -203,10 +206,13 @@ def blockwise(model, data, config) -> dict:
             steps = opts["steps"] * ((stop - start) if opts["steps_per"] == "block" else 1)
             generator = torch.Generator().manual_seed(config.seed * 100_003 + w)
             order = []
-            initial = best = held_loss(start, la_stop)
+            initial = best = final_held = held_loss(start, la_stop)
             best_step, best_state = 0, [p.detach().clone() for p in latent]
             first = last = None
-            stop_reason, saved_bytes, step = None, 0, 0
+            stop_reason, saved_bytes, updates, train_s = None, 0, 0, 0.0
+            if not math.isfinite(initial):
+                stop_reason, steps = f"non-finite held-out loss ({initial}) before training", 0
+            t_train = time.perf_counter()
             for step in range(1, steps + 1):
                 if not order:
                     order = torch.randperm(len(parts["fit"]), generator=generator).tolist()
@@ -225,12 +231,16 @@ def blockwise(model, data, config) -> dict:
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                updates += 1
                 if step % opts["eval_every"] == 0 or step == steps:
-                    current = held_loss(start, la_stop)
+                    t_held = time.perf_counter()
+                    current = final_held = held_loss(start, la_stop)
+                    t_train += time.perf_counter() - t_held  # the training loop's time leaves it out
                     if current < best:
                         best, best_step = current, step
                         best_state = [p.detach().clone() for p in latent]
                     bar.set_postfix(block=f"{start}-{stop - 1}", held=f"{current:.3g}")
+            train_s = time.perf_counter() - t_train
             optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                                   for t in s.values() if torch.is_tensor(t) and t.dim())
             with torch.no_grad():
@@ -255,8 +265,9 @@ def blockwise(model, data, config) -> dict:
             window_params = sum(p.numel() for p in latent)
             records.append({
                 "blocks": list(range(start, stop)), "lookahead_stop": la_stop, "window": stop - start,
-                "lookahead": la_stop - stop, "stride": stride, "steps": step - 1 if stop_reason else steps,  # optimizer updates made
-                "held_loss_initial": initial, "held_loss_best": best, "best_step": best_step,
+                "lookahead": la_stop - stop, "stride": stride, "steps": updates,
+                "held_loss_initial": initial, "held_loss_best": best, "held_loss_final": final_held,
+                "best_step": best_step,
                 "train_loss_first": first, "train_loss_last": last, "stop_reason": stop_reason,
                 "trainable_params": window_params,
                 "memory_bytes": {
@@ -266,12 +277,12 @@ def blockwise(model, data, config) -> dict:
                     "optimizer_state": optimizer_bytes,
                     "saved_activations": saved_bytes,
                     "cuda_peak": torch.cuda.max_memory_allocated(device) if cuda else None},
-                "wall_s": time.perf_counter() - t0})
+                "train_s": train_s, "wall_s": time.perf_counter() - t0})
             if stop_reason:
                 print(f"block-wise window {start}-{stop - 1} stopped: {stop_reason}; kept its best state")
     finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        for p in model.parameters():
+            p.requires_grad_(requires_grad.get(id(p), False))
         model.train(was_training)
     return {"options": {**opts, "stride": stride}, "variant": variant(opts), "windows": records,
             "calibration_block_output_mse": {str(i): v for i, v in sorted(block_mse.items())},

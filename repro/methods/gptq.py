@@ -228,6 +228,15 @@ def gptq_options(config) -> dict:
     unknown = set(opts) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown GPTQ option(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
+    if isinstance(opts["holdout"], bool) or not isinstance(opts["holdout"], (int, float)) or not 0 <= opts["holdout"] < 1:
+        raise ValueError(f"GPTQ option holdout={opts['holdout']!r}: a fraction of the calibration sequences in [0, 1)")
+    if isinstance(opts["block_size"], bool) or not isinstance(opts["block_size"], int) or opts["block_size"] < 1:
+        raise ValueError(f"GPTQ option block_size={opts['block_size']!r}: an integer >= 1 (the paper: 128)")
+    if not isinstance(opts["act_order"], bool):
+        raise ValueError(f"GPTQ option act_order={opts['act_order']!r}: true or false")
+    if opts["search_batch"] is not None and (isinstance(opts["search_batch"], bool)
+                                             or not isinstance(opts["search_batch"], int) or opts["search_batch"] < 1):
+        raise ValueError(f"GPTQ option search_batch={opts['search_batch']!r}: an integer >= 1, or None (all at once)")
     opts["damping_grid"] = [float(d) for d in opts["damping_grid"]]
     if not opts["damping_grid"] or not all(math.isfinite(d) and d > 0 for d in opts["damping_grid"]):
         raise ValueError(f"GPTQ option damping_grid={opts['damping_grid']!r}: need one or more finite "

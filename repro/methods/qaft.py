@@ -323,6 +323,8 @@ def qaft(model, data, config) -> dict:
 def discard_state(config) -> None:
     """Remove the finished sweep's resume state (and its directory when empty: ``checkpoint_dir``
     may be a user's); ``repro.runs.run`` calls it once the run's record is on disk."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, the main process owns it
+        return
     path = checkpoint_dir(config) / STATE_FILE
     path.unlink(missing_ok=True)
     with suppress(OSError):
