@@ -232,7 +232,8 @@ def workbench(config: RunConfig) -> Workbench:
 
 
 def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int, bits: int | None,
-                   fp_grams: dict | None = None, fp_hidden: list | None = None) -> dict:
+                   fp_grams: dict | None = None, fp_hidden: list | None = None,
+                   nll_validation: float | None = None) -> dict:
     """The metrics every record carries (definitions in ``repro.evaluate``).
 
     Validation NLL is for selection (QAFT's lr0 and epoch); every comparison across methods
@@ -241,8 +242,10 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
     no forward pass; without, one pass with the FP weights exchanged in. With ``fp_hidden``
     (``evaluate.block_outputs`` of the FP model on test) the same test pass also measures every
     block's output MSE against the FP residual stream (``block_output_mse``; else ``None``).
+    ``nll_validation``, when the method already measured it on these weights, is not measured again.
     """
-    nll_val = evaluate.nll(model, data.validation, batch_size, desc="NLL validation")
+    nll_val = nll_validation if nll_validation is not None else \
+        evaluate.nll(model, data.validation, batch_size, desc="NLL validation")
     if bits is None:
         nll_test = evaluate.nll(model, data.test, batch_size, desc="NLL test")
         zeros = dict.fromkeys(models.stack_linears(model), 0.0)
@@ -344,11 +347,19 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
             bench.model, bench.data.test, config.batch_size, desc="FP test block outputs"))
     torch.manual_seed(config.seed)
     method, version = METHODS[config.method]
+    extra = {}
+    if config.method == "qaft":  # its epoch 0 is RTN on the same grid: reuse that record's NLL when there is one
+        rtn = read_record(dataclasses.replace(config, method="rtn", options={}), outputs)
+        if rtn is not None:
+            extra["rtn_nll"] = {"nll_validation": rtn["nll_validation"], "nll_test": rtn["nll_test"]}
     start = time.perf_counter()
-    info = method(bench.model, bench.data, config)
+    info = method(bench.model, bench.data, config, **extra)
     method_s = time.perf_counter() - start
+    # QAFT measured the validation NLL of exactly these (baked) weights when it picked them
+    known = info["nll_validation"] if config.method == "qaft" else None
     metrics = evaluate_model(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits,
-                             bench.fp_test_grams, bench.fp_test_hidden[1] if bench.fp_test_hidden else None)
+                             bench.fp_test_grams, bench.fp_test_hidden[1] if bench.fp_test_hidden else None,
+                             nll_validation=known)
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
         "versions": {"package": repro.__version__, "code": code_hash(), "method": version, **SHARED_VERSIONS},

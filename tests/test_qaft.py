@@ -241,3 +241,18 @@ def test_qaft_beats_rtn_at_3_bits_on_the_embedded_model(tmp_path):
     assert record["nll_validation"] == pytest.approx(info["nll_validation"], abs=1e-5)
     assert info["best_epoch"] == 1 and info["runs"][0]["stop_reason"] is None
     assert info["runs"][0]["history"][-1]["lr"] == pytest.approx(1e-4, rel=1e-9)  # ended at lr0/10
+
+
+def test_a_known_rtn_nll_replaces_the_epoch_zero_evaluation(tmp_path, monkeypatch):
+    """repro.runs passes the RTN record's NLL: the same numbers, two evaluations fewer."""
+    data = tiny_data()
+    model = tiny_model("llama")
+    fp = models.fp_snapshot(model)
+    reference = qaft(model, data, tiny_config(tmp_path / "a", lr_grid=[1e-2]))
+    models.restore(model, fp)
+    calls = []
+    real_nll = qaft_mod.nll
+    monkeypatch.setattr(qaft_mod, "nll", lambda *a, **k: calls.append(1) or real_nll(*a, **k))
+    again = qaft(model, data, tiny_config(tmp_path / "b", lr_grid=[1e-2]), rtn_nll=reference["rtn"])
+    assert again["runs"][0]["history"] == reference["runs"][0]["history"]
+    assert len(calls) == 2 * 2  # validation + test after each of the two epochs, none at epoch 0

@@ -141,8 +141,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def qaft(model, data, config) -> dict:
+def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     """Quantization-aware fine-tuning of ``model``'s stack in place; see the module docstring.
+
+    ``rtn_nll``: ``{"nll_validation", "nll_test"}`` of RTN on the same data and grid, when already
+    measured (``repro.runs`` passes the RTN record's): epoch 0 is then not evaluated again. Both
+    evaluate the same weights (the grid points of the FP weights), so the numbers are the same.
 
     Returns per lr0 the history (``[{epoch, nll_validation, nll_test, lr}]``, ``lr`` = the
     learning rate at the end of that epoch), the stop reason (None when it ran to the end),
@@ -194,7 +198,7 @@ def qaft(model, data, config) -> dict:
                              f"{config.key()}); remove it or set a different options['checkpoint_dir'].")
         resumed_from = None
         if state is None:
-            nll_val, nll_test = evaluate()  # epoch 0: RTN
+            nll_val, nll_test = (rtn_nll["nll_validation"], rtn_nll["nll_test"]) if rtn_nll else evaluate()  # epoch 0: RTN
             state = {"key": config.key(), "rtn": {"nll_validation": nll_val, "nll_test": nll_test},
                      "runs": [], "best_codes": None, "current": None}
         else:
