@@ -1,12 +1,14 @@
 """The transformer stack run piece by piece: what GPTQ and the block-wise methods share.
 
-``capture(model, sequences, batch_size)`` runs the model once per mini-batch up to its last
-block (never the LM head) and returns one ``StackBatch`` per mini-batch: the hidden states
-entering block 0 and, for *every* block, the other arguments the model passes it (attention
-mask, rotary position embeddings, position ids ...). Each block's own arguments are kept
-because families differ per block: Gemma 3 alternates sliding-window and global-attention
-blocks with different rotary bases and masks, so block 0's arguments are wrong for block 5.
-Arguments the model shares between blocks are the same tensor objects, stored once.
+``capture(model, sequences, batch_size)`` runs the model once per mini-batch and returns one
+``StackBatch`` per mini-batch: the hidden states entering block 0 and, for *every* block, the
+other arguments the model passes it (attention mask, rotary position embeddings, position ids
+...). Each block gets its own arguments because families differ per block: Gemma 3 alternates
+sliding-window and global-attention blocks with different rotary bases and masks, so block 0's
+arguments are wrong for block 5. transformers gives every block of one ``config.layer_types``
+kind the same arguments (every block, when the config has no kinds), so the forward pass stops
+at the first block of the last kind to appear — block 0 for GPT-2, OPT, Llama and Mistral,
+block 5 for Gemma 3 — and the other blocks share the arguments of their kind's first block.
 
 ``run_blocks(blocks, start, stop, batch, hidden)`` then runs any slice of the stack on a
 mini-batch, and ``advance`` moves every batch's hidden states one block deeper, in place.
@@ -42,11 +44,22 @@ class _Caught(Exception):
     """Raised by the pre-hook on the last block: everything the stack needs has been seen."""
 
 
+def argument_sources(model) -> list[int]:
+    """Per block, the first block of its ``config.layer_types`` kind (whose arguments it gets)."""
+    n = len(stack_blocks(model))
+    kinds = list(getattr(model.config, "layer_types", None) or ["all"] * n)[:n]
+    first = {}
+    return [first.setdefault(kind, i) for i, kind in enumerate(kinds)]
+
+
 def capture(model, sequences: torch.Tensor, batch_size: int) -> list[StackBatch]:
     """Block 0's inputs and every block's arguments, per mini-batch of ``sequences``
-    [n, seq_len] (token ids): one forward pass through the stack, stopped before the last
-    block runs. Hidden states stay on the model's device, in its dtype."""
+    [n, seq_len] (token ids): one forward pass per mini-batch, stopped before the first block
+    of the last argument kind runs (``argument_sources``). Hidden states stay on the model's
+    device, in its dtype."""
     stack = stack_blocks(model)
+    sources = argument_sources(model)
+    last = max(sources)
     caught: list[StackBatch] = []
 
     def hook(index):
@@ -56,11 +69,11 @@ def capture(model, sequences: torch.Tensor, batch_size: int) -> list[StackBatch]
             if index == 0:
                 caught.append(StackBatch(hidden, [None] * len(stack)))
             caught[-1].calls[index] = (tuple(args[1:]), kwargs)
-            if index == len(stack) - 1:
+            if index == last:
                 raise _Caught
         return catch
 
-    handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True) for i, block in enumerate(stack)]
+    handles = [stack[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in sorted(set(sources))]
     try:
         for batch in batches(sequences, batch_size):
             try:
@@ -70,6 +83,8 @@ def capture(model, sequences: torch.Tensor, batch_size: int) -> list[StackBatch]
     finally:
         for h in handles:
             h.remove()
+    for item in caught:
+        item.calls = [item.calls[source] for source in sources]
     return caught
 
 
