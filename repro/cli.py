@@ -158,7 +158,7 @@ def _report(args) -> int:
                                       f"{report.provenance([r for p in pairs for r in p], args.tier, command)}")
     sweep = _read_records([runs.make_config("blockwise", report.BLOCKWISE_SWEEP_BITS, args.tier, model=default, options=o)
                            for o in report.BLOCKWISE_SWEEP], args.outputs)  # the defaults' sweep, where run
-    if sweep:
+    if len(sweep) > 1:  # the sweep, not only the tier's default run
         sections["blockwise-sweep"] = (f"{report.blockwise_sweep_table(sweep)}\n\n"
                                        f"{report.provenance(sweep, args.tier, command)}")
     cross_models = [default, *others] if args.model else \
@@ -172,11 +172,16 @@ def _report(args) -> int:
     if cross:
         every = [r for rs in cross.values() for r in rs]
         blockwise = [r for r in every if r["config"]["method"] == "blockwise"]
-        sections["cross-block"] = (f"{report.cross_block_summary(every)}\n\n{report.growth_summary(blockwise)}\n\n"
+        growth = "\n".join(f"- {model}: {report.growth_summary([r for r in blockwise if r['config']['model'] == model])}"
+                            for model in cross)
+        sections["cross-block"] = (f"{report.cross_block_summary(every)}\n\n{growth}\n\n"
                                    f"{report.memory_table(blockwise)}\n\n{report.provenance(every, args.tier, command)}")
     summary = Path(args.outputs) / args.tier / "batch.json"
     if summary.is_file():
-        sections["batch"] = report.batch_table(json.loads(summary.read_text()))
+        from repro import batch
+
+        planned = {(job.notebook, job.model) for job in batch.plan(args.tier)}
+        sections["batch"] = report.batch_table(json.loads(summary.read_text()), planned)
     for name, body in sections.items():
         print(f"<!-- report:{name} -->\n{body}\n<!-- /report:{name} -->\n")
     if args.readme:

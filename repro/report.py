@@ -502,17 +502,23 @@ def precision_table(pairs) -> str:
                       "s/step bf16", "s/step fp32"], rows)
 
 
-def batch_table(summary: dict) -> str:
+def batch_table(summary: dict, planned=None) -> str:
     """The main job's wall time per notebook from ``OUTPUTS/<tier>/batch.json`` (``repro batch``):
-    the runs it was the first to need (computed, minutes) and executing it (papermill)."""
-    rows = []
+    the runs it was the first to need (computed, minutes) and executing it (papermill). With
+    ``planned`` (the ``(notebook, model)`` pairs of today's plan, ``repro.batch.plan``), jobs the
+    plan no longer holds are marked and a second total covers the planned ones only."""
+    rows, extra = [], 0.0
     for job in summary["jobs"]:
         computed = [r for r in job["runs"] if r["status"] == "ran"]
-        rows.append([job["notebook"], job["model"] or "all", job["status"], len(computed),
-                     f"{job['runs_s'] / 60:.1f}", f"{job['execute_s'] / 60:.1f}",
+        outside = planned is not None and (job["notebook"], job["model"]) not in planned
+        extra += (job["runs_s"] + job["execute_s"]) if outside else 0.0
+        rows.append([job["notebook"] + (" (not in the main job now)" if outside else ""), job["model"] or "all",
+                     job["status"], len(computed), f"{job['runs_s'] / 60:.1f}", f"{job['execute_s'] / 60:.1f}",
                      f"{(job['runs_s'] + job['execute_s']) / 60:.1f}"])
     total = sum(j["runs_s"] + j["execute_s"] for j in summary["jobs"])
     rows.append(["**total**", "", "", sum(r[3] for r in rows), "", "", f"**{total / 60:.1f}**"])
+    if extra:
+        rows.append(["**total of today's main job**", "", "", "", "", "", f"**{(total - extra) / 60:.1f}**"])
     return (_markdown(["notebook", "model", "status", "runs computed", "runs min", "execute min", "total min"], rows)
             + f"\n\n*From `{summary['tier']}/batch.json` ({summary['created']}, code {summary['code']}, "
               f"{summary['cached']} runs cached at the start).*")

@@ -335,10 +335,12 @@ sees — from RTN (a weight tensor) and GPTQ (one linear layer) through the bloc
 (the whole network's NLL), same model, data and bits: the **locality spectrum**.
 
 **Scaled down**: on the `cpu` tier int4 only, three variants (block PTQ, MB-PTQ m=2, LA-PTQ l=1) at 32
-Adam steps of 4 sequences per window; the `paper` tier runs int4 and int3, m ∈ {1, 2, 4}, l ∈ {1, 2} and
-the *equal optimizer steps per block* controls (`repro/params/<tier>.yaml`, `cross_block`). The paper's
-own hyper-parameters are not public: steps and learning rate are this package's, from a sweep (README).
-Cost (`make run`, 2 cores, RTN/GPTQ/QAFT records shared with `01_misalignment`): see the README's batch table.
+Adam steps of 4 sequences per window (bf16 autocast); the `paper` tier runs int4 and int3, m ∈ {1, 2, 4},
+l ∈ {1, 2} and the *equal optimizer steps per block* controls (`repro/params/<tier>.yaml`, `cross_block`).
+The paper's own hyper-parameters are not public: steps and learning rate are this package's, from a sweep
+(README). Cost on 2 cores, `cpu` tier, RTN/GPTQ/QAFT records shared with `01_misalignment`: 4.7 min for
+SmolLM2, which `make run` includes; Gemma 3 (about 6 min more) would push the main job past its 60
+minutes, so it runs on request: `repro batch --tier cpu 04_cross_block --models gemma3-270m`.
 """),
     params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\nbits = None  # int or list; None: the tier\'s cross_block bits\n'
            'variants = None  # list of blockwise options, e.g. [{"window": 1}, {"lookahead": 2}]; None: the tier\'s\ntier = "ci"\n'),
