@@ -170,7 +170,7 @@ def test_two_runs_of_one_config_at_once_compute_it_once(tmp_path, monkeypatch):
     bench = types.SimpleNamespace(model=torch.nn.Linear(1, 1), data=None, fp_weights={}, fp_test_grams={},
                                   fp_test_hidden=(config.batch_size, []))
     monkeypatch.setattr(runs, "workbench", lambda config: bench)
-    monkeypatch.setattr(runs, "evaluate_model", lambda *args: {"nll_validation": 1.0, "nll_test": 1.0})
+    monkeypatch.setattr(runs, "evaluate_model", lambda *args, **kwargs: {"nll_validation": 1.0, "nll_test": 1.0})
     monkeypatch.setitem(runs.METHODS, "rtn", (slow_rtn, 1))
     results = []
     threads = [threading.Thread(target=lambda: results.append(runs.run(config, tmp_path))) for _ in range(2)]
