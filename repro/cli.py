@@ -80,6 +80,12 @@ def _cross_block_records(args, model) -> list[dict]:
     return _read_records(configs, args.outputs)
 
 
+def _cross_models(args, params, models) -> list[str]:
+    """``models``, then (unless ``--model`` chose one) the tier's ``cross_block.models`` not among them."""
+    extra = [] if args.model else (params.get("cross_block") or {}).get("models", [])
+    return list(dict.fromkeys([*models, *extra]))
+
+
 def _observer_records(args, model=None) -> list[dict]:
     from repro import runs
     from repro.quant import OBSERVERS
@@ -94,31 +100,25 @@ def _figures(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from repro import plots, runs
+    from repro import plots, report, runs
 
     params = runs.load_tier(args.tier)
     default = args.model or params["model"]
     models = [default] if args.model else [default, *(m for m in params.get("models") or [] if m != default)]
-    cross_models = [] if args.model else [m for m in (params.get("cross_block") or {}).get("models", [])
-                                          if m not in models]
     directory = Path(args.outputs) / "figures"
     every, drawn = [], {}
-    for model in [*models, *cross_models]:  # the default model's figures as <name>_<tier>.png, the others' with _<model>
+    # the default model's figures as <name>_<tier>.png, the others' with _<model>
+    for model in _cross_models(args, params, models):
         records = _tier_records(args, model, required=model == default) if model in models else []
         every += records
         suffix = f"_{args.tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
         drawn.update(dict.fromkeys(plots.save_figures(records, directory, suffix=suffix)) if records else {})
         cross = _cross_block_records(args, model)
-        if any(r["config"]["method"] == "blockwise" for r in cross):  # notebook 04's figures
+        if report.blockwise_bits(cross):  # notebook 04's figures
             figures = {f"spectrum_int{b}": (lambda b=b: plots.spectrum(cross, b, model))
-                       for b in sorted({r["config"]["bits"] for r in cross if r["config"]["method"] == "blockwise"})}
+                       for b in report.blockwise_bits(cross)}
             figures["window_time"] = lambda: plots.window_time(cross)
-            for name, draw in figures.items():
-                fig = draw()
-                path = directory / f"{name}{suffix}.png"
-                fig.savefig(path, dpi=110)
-                plt.close(fig)
-                drawn[path] = None
+            drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
     if len({r["config"]["model"] for r in every}) > 1:  # Fig. 2 over all of the tier's models
         fig = plots.pareto(every)
         fig.savefig(directory / f"pareto_{args.tier}.png", dpi=110, bbox_inches="tight")
@@ -161,14 +161,12 @@ def _report(args) -> int:
     if len(sweep) > 1:  # the sweep, not only the tier's default run
         sections["blockwise-sweep"] = (f"{report.blockwise_sweep_table(sweep)}\n\n"
                                        f"{report.provenance(sweep, args.tier, command)}")
-    cross_models = [default, *others] if args.model else \
-        list(dict.fromkeys([default, *others, *(params.get("cross_block") or {}).get("models", [])]))
-    cross = {model: _cross_block_records(args, model) for model in cross_models}
-    cross = {model: rs for model, rs in cross.items() if any(r["config"]["method"] == "blockwise" for r in rs)}
+    cross = {model: _cross_block_records(args, model) for model in _cross_models(args, params, [default, *others])}
+    cross = {model: rs for model, rs in cross.items() if report.blockwise_bits(rs)}
     for model, rs in cross.items():
-        widths = sorted({r["config"]["bits"] for r in rs if r["config"]["method"] == "blockwise"}, reverse=True)
         sections[f"spectrum-{model}"] = "\n\n".join(
-            [f"int{b}:\n\n{report.spectrum_table(rs, b, model)}" for b in widths] + [report.provenance(rs, args.tier, command)])
+            [f"int{b}:\n\n{report.spectrum_table(rs, b, model)}" for b in report.blockwise_bits(rs)]
+            + [report.provenance(rs, args.tier, command)])
     if cross:
         every = [r for rs in cross.values() for r in rs]
         blockwise = [r for r in every if r["config"]["method"] == "blockwise"]

@@ -23,6 +23,29 @@ def batches(sequences: torch.Tensor, batch_size: int, desc: str | None = None):
         yield sequences[s: s + batch_size]
 
 
+@contextmanager
+def forward_hooks(hooks):
+    """Forward hooks ``(module, fn)`` registered for the block, removed after it."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def decoder_pass(model, sequences: torch.Tensor, batch_size: int = 4, desc: str | None = None) -> None:
+    """Run the decoder (``model.base_model``: the stack, never the LM head) over ``sequences``
+    in mini-batches, for what hooks record; the outputs are dropped."""
+    for batch in batches(sequences, batch_size, desc):
+        model.base_model(input_ids=batch.to(model_device(model)), use_cache=False)
+
+
+def block_hidden(output) -> torch.Tensor:
+    """A decoder block's output hidden states (blocks return a tensor or a tuple led by it)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def sequence_nll(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL (nats, differentiable) and the number of predicted tokens.
 
@@ -133,12 +156,8 @@ def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
             counts[name] += err.numel()
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-    try:
+    with forward_hooks((m, hook(name)) for name, m in linears.items()):
         yield result
-    finally:
-        for h in handles:
-            h.remove()
     result.update({name: sums[name] / max(counts[name], 1) for name in linears})
 
 
@@ -166,8 +185,7 @@ def layer_mse(model, fp_weights: dict[str, torch.Tensor], sequences: torch.Tenso
         raise ValueError(f"inputs={inputs!r}: use 'own' (the quantized model's inputs) or 'fp' (the FP model's)")
     context = exchanged_weights(model, fp_weights) if inputs == "fp" else nullcontext()
     with context, recording_layer_mse(model, fp_weights) as mse:
-        for batch in batches(sequences, batch_size, desc):
-            model.base_model(input_ids=batch.to(model_device(model)), use_cache=False)
+        decoder_pass(model, sequences, batch_size, desc)
     return mse
 
 
@@ -204,13 +222,8 @@ def input_grams(model, sequences: torch.Tensor, batch_size: int = 4, desc: str |
             grams[name] = (G, n + rows.shape[0])
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-    try:
-        for batch in batches(sequences, batch_size, desc):
-            model.base_model(input_ids=batch.to(model_device(model)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks((m, hook(name)) for name, m in linears.items()):
+        decoder_pass(model, sequences, batch_size, desc)
     return grams
 
 
@@ -235,27 +248,21 @@ def hidden_bytes(model, sequences: torch.Tensor) -> int:
     return 4 * len(blocks(model)) * sequences.numel() * model.config.hidden_size
 
 
-def _output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def block_outputs(model, sequences: torch.Tensor, batch_size: int = 4, desc: str | None = "block outputs"):
     """Per mini-batch, per block: the block's output hidden states (fp32, CPU), the residual
     stream ``[b, seq_len, hidden]`` at every depth when ``sequences`` flow through ``model``."""
-    result, handles = [], []
-    for i, block in enumerate(blocks(model)):
-        def record(module, args, output, i=i):
+    result = []
+
+    def record(i):
+        def hook(module, args, output):
             if i == 0:
                 result.append([])
-            result[-1].append(_output(output).detach().float().cpu())
-        handles.append(block.register_forward_hook(record))
-    try:
-        for batch in batches(sequences, batch_size, desc):
-            model.base_model(input_ids=batch.to(model_device(model)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+            result[-1].append(block_hidden(output).detach().float().cpu())
+        return hook
+
+    with forward_hooks((block, record(i)) for i, block in enumerate(blocks(model))):
+        decoder_pass(model, sequences, batch_size, desc)
     return result
 
 
@@ -267,19 +274,18 @@ def recording_block_mse(model, reference: list):
     block-output MSE on the residual stream, each model propagating its own activations."""
     stack = blocks(model)
     sums, counts, calls, result = [0.0] * len(stack), [0] * len(stack), [0] * len(stack), []
-    handles = []
-    for i, block in enumerate(stack):
-        def record(module, args, output, i=i):
+
+    def record(i):
+        def hook(module, args, output):
+            hidden = block_hidden(output).float()
             ref = reference[calls[i]][i]
             calls[i] += 1
-            sums[i] += float((_output(output).float() - ref.to(_output(output).device)).pow(2).sum())
+            sums[i] += float((hidden - ref.to(hidden.device)).pow(2).sum())
             counts[i] += ref.numel()
-        handles.append(block.register_forward_hook(record))
-    try:
+        return hook
+
+    with forward_hooks((block, record(i)) for i, block in enumerate(stack)):
         yield result
-    finally:
-        for h in handles:
-            h.remove()
     result.extend(total / max(n, 1) for total, n in zip(sums, counts))
 
 

@@ -521,6 +521,14 @@ def save_figures(records, directory: Path | str, suffix: str = "") -> list[Path]
         figures["lr_sweep"] = lambda: lr_sweep(records)
     if any(p["method"] != "fp" for p in report.pareto_points(records)):
         figures["pareto"] = lambda: pareto(records)
+    return save_drawn(figures, directory, suffix)
+
+
+def save_drawn(figures: dict, directory: Path | str, suffix: str = "") -> list[Path]:
+    """Draw each ``name -> draw()`` and save it as ``directory/<name><suffix>.png``, one figure
+    open at a time."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw in figures.items():
         fig = draw()

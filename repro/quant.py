@@ -21,6 +21,7 @@ plain weights and removes the parametrizations.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -31,9 +32,20 @@ OBSERVERS = ("histogram", "mse", "minmax")
 MIN_BITS, MAX_BITS = 2, 8
 
 
+def is_int(value, low: int = 0, high: int | None = None) -> bool:
+    """``value`` is an int (a bool is not) in ``low..high`` (``high`` None: no upper bound); the
+    check behind every integer setting (bits, sizes, method options)."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= low and (high is None or value <= high)
+
+
+def is_real(value) -> bool:
+    """``value`` is a finite int or float (a bool is not)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def check_bits(bits: int) -> int:
     """Return ``bits`` if it is an integer in 2..8, else raise a ValueError naming the range."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if not is_int(bits, MIN_BITS, MAX_BITS):
         raise ValueError(
             f"bits={bits!r} is not supported: per-tensor symmetric quantization here takes an "
             f"integer number of bits in {MIN_BITS}..{MAX_BITS} (e.g. bits=4)."

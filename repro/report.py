@@ -617,6 +617,11 @@ def sees(record) -> str:
     return {"rtn": "one weight tensor", "gptq": "one linear layer", "qaft": "whole network (NLL)"}.get(c["method"], "—")
 
 
+def blockwise_bits(records) -> list[int]:
+    """The bit-widths that have block-wise records, highest first (empty: none)."""
+    return sorted({r["config"]["bits"] for r in records if r["config"]["method"] == "blockwise"}, reverse=True)
+
+
 def spectrum_records(records, bits: int, model: str | None = None) -> list:
     """The quantized records at ``bits`` (of ``model``), ordered along the locality spectrum."""
     chosen = [r for r in records if r["config"]["bits"] == bits and (model is None or r["config"]["model"] == model)]

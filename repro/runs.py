@@ -28,7 +28,7 @@ from repro import data as data_mod
 from repro import evaluate, models
 from repro.methods import AFTER_RECORD, METHODS, OPTION_CHECKS
 from repro.progress import progress
-from repro.quant import OBSERVERS, check_bits
+from repro.quant import OBSERVERS, check_bits, is_int
 
 PARAMS_DIR = Path(__file__).parent / "params"
 TIERS = ("ci", "cpu", "paper")
@@ -101,8 +101,7 @@ class RunConfig:
         for name, low, optional in (("n_calibration", 1, False), ("n_eval", 1, True), ("seq_len", 2, True),
                                     ("batch_size", 1, False)):
             value = getattr(self, name)
-            if (value is None and not optional) or (value is not None and (
-                    isinstance(value, bool) or not isinstance(value, int) or value < low)):
+            if (value is None and not optional) or (value is not None and not is_int(value, low)):
                 raise ValueError(f"{name}={value!r}: an integer >= {low}" + (" or None (the whole split / the "
                                  "model's maximum length)" if optional else ""))
         OPTION_CHECKS[self.method](self)  # options are checked now, not after the model has loaded
@@ -321,17 +320,19 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
     the record and reads it."""
     path = record_path(config, outputs)
     record = None if force else read_record(config, outputs)
-    if record is not None:
-        if config.method in AFTER_RECORD:  # a process stopped between writing the record and cleaning up
-            AFTER_RECORD[config.method](config)
-        return record
-    check_writable(path.parent)  # before hours of work, not after
-    # Under `accelerate launch` every rank runs this config together (QAFT's DDP needs them all):
-    # no lock between them; rank 0 writes the record.
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    with nullcontext() if distributed else models.file_lock(path.with_name(f".{path.name}.lock")):
-        record = None if force else read_record(config, outputs)  # another process may have just written it
-        return record if record is not None else _compute(config, outputs)
+    if record is None:
+        check_writable(path.parent)  # before hours of work, not after
+        # Under `accelerate launch` every rank runs this config together (QAFT's DDP needs them all):
+        # no lock between them; rank 0 writes the record.
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        with nullcontext() if distributed else models.file_lock(path.with_name(f".{path.name}.lock")):
+            record = None if force else read_record(config, outputs)  # another process may have just written it
+            if record is None:
+                record = _compute(config, outputs)
+    # after the record is on disk (also when a process stopped between writing it and cleaning up)
+    if config.method in AFTER_RECORD:
+        AFTER_RECORD[config.method](config)
+    return record
 
 
 def _compute(config: RunConfig, outputs: Path | None) -> dict:
@@ -370,8 +371,6 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json_atomic(record_path(config, outputs), record)
-    if config.method in AFTER_RECORD:
-        AFTER_RECORD[config.method](config)
     record["cached"] = False
     return record
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from repro.evaluate import batches, model_device
+from repro.evaluate import batches, block_hidden, model_device
 from repro.models import blocks as stack_blocks
 
 
@@ -92,8 +92,7 @@ def run_block(block, index: int, batch: StackBatch, hidden: torch.Tensor | None 
     """Output hidden states of stack block ``index`` (the module ``block``) on ``hidden``
     (default ``batch.hidden``) with the arguments the model gives that block."""
     args, kwargs = batch.calls[index]
-    out = block(batch.hidden if hidden is None else hidden, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return block_hidden(block(batch.hidden if hidden is None else hidden, *args, **kwargs))
 
 
 def run_blocks(blocks, start: int, stop: int, batch: StackBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:

@@ -54,7 +54,7 @@ from repro.evaluate import model_device
 from repro.methods.gptq import split_calibration
 from repro.models import BLOCK_PATHS, block_linears, blocks
 from repro.progress import progress
-from repro.quant import bake, fp_weight, prepare
+from repro.quant import bake, fp_weight, is_int, is_real, prepare
 from repro.stack import capture, run_block, run_blocks
 
 DEFAULTS = {"window": 1, "lookahead": 0, "stride": None, "steps": 64, "steps_per": "window", "lr": 1e-4,
@@ -67,21 +67,19 @@ def blockwise_options(config) -> dict:
     unknown = set(opts) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown block-wise option(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
-    for key, low in (("window", 1), ("lookahead", 0), ("steps", 0), ("eval_every", 1)):  # bool is an int: refused
-        if isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < low:
+    for key, low in (("window", 1), ("lookahead", 0), ("steps", 0), ("eval_every", 1)):
+        if not is_int(opts[key], low):
             raise ValueError(f"block-wise option {key}={opts[key]!r}: must be an integer >= {low}")
-    if opts["stride"] is not None and (isinstance(opts["stride"], bool) or not isinstance(opts["stride"], int)
-                                       or not 1 <= opts["stride"] <= opts["window"]):
+    if opts["stride"] is not None and not is_int(opts["stride"], 1, opts["window"]):
         raise ValueError(f"block-wise option stride={opts['stride']!r}: an integer in 1..window ({opts['window']}), "
                          f"or None for non-overlapping windows")
     if opts["steps_per"] not in ("window", "block"):
         raise ValueError(f"block-wise option steps_per={opts['steps_per']!r}: 'window' or 'block'")
-    if isinstance(opts["lr"], bool) or not (isinstance(opts["lr"], (int, float)) and math.isfinite(opts["lr"])
-                                            and opts["lr"] > 0):
+    if not (is_real(opts["lr"]) and opts["lr"] > 0):
         raise ValueError(f"block-wise option lr={opts['lr']!r}: a finite learning rate > 0")
     if opts["mixed_precision"] not in ("no", "bf16"):
         raise ValueError(f"block-wise option mixed_precision={opts['mixed_precision']!r}: 'no' or 'bf16'")
-    if isinstance(opts["holdout"], bool) or not isinstance(opts["holdout"], (int, float)) or not 0 < opts["holdout"] < 1:
+    if not (is_real(opts["holdout"]) and 0 < opts["holdout"] < 1):
         raise ValueError(f"block-wise option holdout={opts['holdout']!r}: a fraction in (0, 1)")
     return opts
 

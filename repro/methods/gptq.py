@@ -32,9 +32,10 @@ import warnings
 
 import torch
 
+from repro.evaluate import forward_hooks
 from repro.models import BLOCK_PATHS, block_linears, blocks, weight_matrix
 from repro.progress import progress
-from repro.quant import compute_scale, quantize
+from repro.quant import compute_scale, is_int, is_real, quantize
 from repro.stack import advance, capture, run_block
 
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -228,14 +229,13 @@ def gptq_options(config) -> dict:
     unknown = set(opts) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown GPTQ option(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
-    if isinstance(opts["holdout"], bool) or not isinstance(opts["holdout"], (int, float)) or not 0 <= opts["holdout"] < 1:
+    if not (is_real(opts["holdout"]) and 0 <= opts["holdout"] < 1):
         raise ValueError(f"GPTQ option holdout={opts['holdout']!r}: a fraction of the calibration sequences in [0, 1)")
-    if isinstance(opts["block_size"], bool) or not isinstance(opts["block_size"], int) or opts["block_size"] < 1:
+    if not is_int(opts["block_size"], 1):
         raise ValueError(f"GPTQ option block_size={opts['block_size']!r}: an integer >= 1 (the paper: 128)")
     if not isinstance(opts["act_order"], bool):
         raise ValueError(f"GPTQ option act_order={opts['act_order']!r}: true or false")
-    if opts["search_batch"] is not None and (isinstance(opts["search_batch"], bool)
-                                             or not isinstance(opts["search_batch"], int) or opts["search_batch"] < 1):
+    if opts["search_batch"] is not None and not is_int(opts["search_batch"], 1):
         raise ValueError(f"GPTQ option search_batch={opts['search_batch']!r}: an integer >= 1, or None (all at once)")
     opts["damping_grid"] = [float(d) for d in opts["damping_grid"]]
     if not opts["damping_grid"] or not all(math.isfinite(d) and d > 0 for d in opts["damping_grid"]):
@@ -279,15 +279,11 @@ def gptq(model, data, config) -> dict:
                     hessians[current[0]][name] = accumulate_hessian(*hessians[current[0]][name], args[0].detach())
                 return accumulate
 
-            handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-            try:
+            with forward_hooks((m, hook(name)) for name, m in linears.items()):
                 for part, items in inputs.items():
                     current[:] = [part]
                     for item in items:
                         run_block(block, b, item)
-            finally:
-                for h in handles:
-                    h.remove()
             t1 = time.perf_counter()
             for name, m in linears.items():
                 s = time.perf_counter()
