@@ -10,7 +10,7 @@ from tiny_models import FAMILIES, tiny_model
 
 from repro import evaluate
 from repro.methods.gptq import (accumulate_hessian, damping_search, gptq, gptq_quantize,
-                                inverse_cholesky, layer_loss, merge_hessians, split_calibration)
+                                hessian_factor, layer_loss, merge_hessians, split_calibration)
 from repro.models import fp_snapshot, stack_linears, weight_matrix
 from repro.quant import codes, compute_scale, quantize
 from repro.runs import RunConfig
@@ -64,11 +64,14 @@ def test_streamed_hessian_and_layer_loss_match_the_data():
     torch.testing.assert_close(layer_loss(dW, H), direct)
 
 
-def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+def test_hessian_factor_is_the_upper_factor_of_the_damped_hessian():
     _, _, H = correlated_problem()
-    U = inverse_cholesky(H, 0.1)
+    A = hessian_factor(H, 0.1)
     damped = H + 0.1 * torch.diag(H).mean() * torch.eye(len(H), dtype=H.dtype)
-    assert torch.equal(U, U.triu()) and bool((torch.diag(U) > 0).all())
+    assert torch.equal(A, A.triu()) and bool((torch.diag(A) > 0).all())
+    torch.testing.assert_close(A @ A.T, damped)
+    # A^-1 is the reference's factor U of the damped inverse: U^T U = H^-1
+    U = torch.linalg.inv(A)
     torch.testing.assert_close(U.T @ U, torch.linalg.inv(damped))
 
 
@@ -281,6 +284,35 @@ def test_whole_model_held_out_damping_then_all_tokens():
     scale = compute_scale(fp[name], 3, "minmax")
     Q = gptq_quantize(fp[name], merge_hessians(H_fit, n_fit, H_held, n_held), scale, 3, rec["damping"], 16)
     torch.testing.assert_close(stack_linears(model)[name].weight.detach(), Q, rtol=0, atol=1e-5)
+
+
+def test_linears_reading_one_input_share_its_hessian():
+    """q/k/v and gate/up read the same tensor: one Hessian (and one factor per damping) serves
+    them all, and each result equals a solve from that linear's own hooked inputs."""
+    model = tiny_model("llama", hidden=48)
+    fp = fp_snapshot(model)
+    calibration = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(4))
+    config = RunConfig(method="gptq", bits=3, observer="minmax", batch_size=2,
+                       options={"damping_grid": [1e-2, 1.0], "block_size": 16, "holdout": 0})
+    info = gptq(model, types.SimpleNamespace(calibration=calibration), config)
+    attn, mlp = "model.layers.0.self_attn", "model.layers.0.mlp"
+    sources = {name.split(".", 3)[-1]: rec["hessian_from"].split(".", 3)[-1]
+               for name, rec in info["layers"].items() if ".0." in name}
+    assert sources == {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+                       "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+                       "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj",
+                       "mlp.down_proj": "mlp.down_proj"}
+    model_fp = tiny_model("llama", hidden=48)
+    for name in (f"{attn}.v_proj", f"{mlp}.up_proj"):
+        hold = []
+        handle = stack_linears(model_fp)[name].register_forward_hook(lambda mod, args, out: hold.append(args[0]))
+        with torch.no_grad():
+            model_fp(input_ids=calibration)
+        handle.remove()
+        H, _ = accumulate_hessian(None, 0, torch.cat(hold))
+        rec = info["layers"][name]
+        Q = gptq_quantize(fp[name], H, torch.tensor(rec["scale"]), 3, rec["damping"], block_size=16)
+        torch.testing.assert_close(stack_linears(model)[name].weight.detach(), Q, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- embedded model

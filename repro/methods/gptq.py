@@ -7,7 +7,7 @@ not yet quantized through the inverse Hessian (optimal brain surgeon updates). T
 as pure functions on tensors (usable without a model):
 
 * ``accumulate_hessian(H, n, x)``  streamed ``H = 2/n sum_t x_t x_t^T`` over ``n`` input rows;
-* ``inverse_cholesky(H, damping)`` the upper Cholesky factor of ``(H + damping*mean(diag H) I)^-1``;
+* ``hessian_factor(H, damping)``  upper ``A`` with ``A A^T = H + damping*mean(diag H) I`` (one Cholesky);
 * ``gptq_quantize(W, H, scale, bits, damping, ...)`` one layer -> ``Q`` (lazy batched updates);
 * ``layer_loss(dW, H)``            the layer's output MSE on the calibration inputs, from ``H``;
 * ``damping_search(W, H, scale, bits, grid, H_held=...)`` the paper's change: solve at every
@@ -35,7 +35,7 @@ import torch
 from repro.evaluate import forward_hooks
 from repro.models import BLOCK_PATHS, block_linears, blocks, weight_matrix
 from repro.progress import progress
-from repro.quant import compute_scale, is_int, is_real, quantize
+from repro.quant import compute_scale, is_int, is_real, qmax, quantize
 from repro.stack import advance, capture, run_block
 
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -77,26 +77,24 @@ def layer_loss(delta_W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return ((delta_W @ H) * delta_W).sum(dim=(-2, -1)) / (2 * delta_W.shape[-2])
 
 
-def inverse_cholesky(H: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper-triangular ``U`` with ``U^T U = (H + damping * mean(diag H) * I)^-1``.
+def hessian_factor(H: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper-triangular ``A`` [..., in, in] with ``A A^T = H + damping * mean(diag H) * I``.
 
-    This is IST-DASLab's ``cholesky -> cholesky_inverse -> cholesky(upper)``, computed with
-    one factorization: if ``J H J = L L^T`` (``J`` reverses the index order) then
-    ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper triangular with a positive
-    diagonal, so it is the factor. Same ``U`` and about the same flops, but one Cholesky that
-    can fail instead of two, and no ``cholesky_inverse`` (LAPACK potri), which measured 20-50x
-    slower than this on a 2-core CPU shared with other processes. Raises
-    ``torch.linalg.LinAlgError`` when the damped ``H`` is not positive definite (or the
-    factor is not finite).
+    One Cholesky factorization of the index-reversed matrix (``J H J = L L^T`` gives
+    ``A = J L J``) and no inverse: ``gptq_solve`` sweeps with ``A`` itself. IST-DASLab's
+    reference needs the upper factor ``U`` of ``H^-1`` (``cholesky -> cholesky_inverse ->
+    cholesky``), but ``U = A^-1``, and the sweep can be written with ``A`` (see
+    ``gptq_solve``), which saves the O(in^3) inverse, the larger half of the factor's cost
+    at in = 1536. Raises ``torch.linalg.LinAlgError`` when the damped ``H`` is not positive
+    definite (or the factor is not finite).
     """
     H = H.clone()
-    H.diagonal().add_(damping * H.diagonal().mean())
-    L = torch.linalg.cholesky(H.flip(0, 1))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-    if not torch.isfinite(U).all():
-        raise torch.linalg.LinAlgError(f"non-finite inverse Cholesky factor at damping {damping:g}")
-    return U
+    diagonal = H.diagonal(dim1=-2, dim2=-1)
+    diagonal.add_(damping * diagonal.mean(-1, keepdim=True))
+    A = torch.linalg.cholesky(H.flip(-2, -1)).flip(-2, -1)
+    if not torch.isfinite(A).all():
+        raise torch.linalg.LinAlgError(f"non-finite Cholesky factor at damping {damping:g}")
+    return A
 
 
 def _prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool):
@@ -118,45 +116,54 @@ def _unpermute(Q: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return Q if perm is None else Q[..., torch.argsort(perm)]
 
 
-def gptq_solve(W: torch.Tensor, U: torch.Tensor, scale, bits: int, block_size: int = 128) -> torch.Tensor:
-    """The GPTQ column sweep given ``U = inverse_cholesky(H, damping)``; returns ``Q``.
+def gptq_solve(W: torch.Tensor, A: torch.Tensor, scale, bits: int, block_size: int = 128) -> torch.Tensor:
+    """The GPTQ column sweep given ``A = hessian_factor(H, damping)``; returns ``Q``.
 
-    Columns are quantized left to right; each one's scaled error updates the remaining
-    columns of its block immediately and the columns after the block lazily, in one matmul
-    per block. Works batched: ``W`` [..., out, in] with ``U`` [..., in, in]. The sweep runs on
-    the transpose (a column of ``W`` is a contiguous row there): same arithmetic, same result
-    to the bit, 2-3x faster on CPU than strided column updates (``benchmarks/gptq_bench.py``).
+    Batched: ``W`` [k, out, in] with ``A`` [k, in, in] (k candidates, e.g. damping values).
+    GPTQ rounds column ``j`` at its current value ``c_j`` and spreads the rounding error over
+    the later columns through ``U = A^-1``. Unrolling that recursion gives ``W - Q = E U``,
+    i.e. ``E = (W - Q) A``, and so ``c_j = w_j + sum_{i<j} (w_i - q_i) A_ij / A_jj``: each
+    column's value is the original plus the *original* residuals of the earlier columns
+    weighted by the column-normalised factor. The sweep accumulates that sum like the
+    reference: at once (rank-1) inside a block of ``block_size`` columns, lazily (one matmul)
+    for the columns after it. It runs on the transpose, where a column is a contiguous row,
+    with each column's row views taken once (``unbind``), the rounding written into ``Q``
+    in place and the rank-1 update as one ``baddbmm_``: 6 tensor ops per column.
     """
-    Wt = W.transpose(-1, -2).contiguous()  # [..., in, out]
-    Qt = torch.empty_like(Wt)
+    q_max = qmax(bits)
+    A_unit = A / A.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)  # column j scaled by 1 / A_jj
+    Wt = W.transpose(-1, -2).contiguous()  # [k, in, out]
+    Ct, Qt, Rt = Wt.clone(), torch.empty_like(Wt), torch.empty_like(Wt)  # current, rounded, residual
+    w_rows, q_rows, r_rows, c_rows = Wt.unbind(-2), Qt.unbind(-2), Rt.unbind(-2), Ct.unbind(-2)
     columns = Wt.shape[-2]
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1, U1 = Wt[..., i1:i2, :].clone(), U[..., i1:i2, i1:i2]
-        Err1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            w = W1[..., i, :]
-            q = quantize(w, scale, bits)
-            Qt[..., i1 + i, :] = q
-            err = torch.sub(w, q, out=Err1[..., i, :]).div_(U1[..., i, i, None])
-            W1[..., i + 1:, :].sub_(U1[..., i, i + 1:, None] * err[..., None, :])
-        Wt[..., i2:, :] -= U[..., i1:i2, i2:].transpose(-1, -2) @ Err1
+        for i in range(i1, i2):
+            q = torch.div(c_rows[i], scale, out=q_rows[i]).round_().clamp_(-q_max, q_max).mul_(scale)
+            r = torch.sub(w_rows[i], q, out=r_rows[i])
+            if i + 1 < i2:
+                Ct[..., i + 1:i2, :].baddbmm_(A_unit[..., i, i + 1:i2, None], r.unsqueeze(-2))
+        if i2 < columns:
+            Ct[..., i2:, :].baddbmm_(A_unit[..., i1:i2, i2:].transpose(-1, -2), Rt[..., i1:i2, :])
     return Qt.transpose(-1, -2)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale, bits: int, damping: float,
-                  block_size: int = 128, act_order: bool = False) -> torch.Tensor:
+                  block_size: int = 128, act_order: bool = False, factor: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ of one layer: ``W`` [out, in] and its Hessian ``H`` [in, in] -> ``Q`` on the grid
     ``scale * {-q..q}`` (same shape/dtype as ``W``; computed in float32, or float64 if ``W``
-    is float64). Raises ``torch.linalg.LinAlgError`` if the damped ``H`` cannot be factored."""
+    is float64). ``factor``: ``hessian_factor`` of the prepared ``H`` at ``damping`` when the
+    caller already has it (linears that share their input share it). Raises
+    ``torch.linalg.LinAlgError`` if the damped ``H`` cannot be factored."""
     Wp, Hp, perm = _prepare(W, H, act_order)
-    Q = gptq_solve(Wp, inverse_cholesky(Hp, damping), scale, bits, block_size)
+    A = hessian_factor(Hp, damping) if factor is None else factor
+    Q = gptq_solve(Wp[None], A[None], scale, bits, block_size)[0]
     return _unpermute(Q, perm).to(W.dtype)
 
 
 def damping_search(W: torch.Tensor, H: torch.Tensor, scale, bits: int, grid=DAMPING_GRID,
                    block_size: int = 128, act_order: bool = False, batch: int | None = None,
-                   H_held: torch.Tensor | None = None):
+                   H_held: torch.Tensor | None = None, factors: dict | None = None):
     """GPTQ at every damping value of ``grid``, one ``H`` for all; keep the best candidate.
 
     Every candidate is solved with ``H`` and scored by ``layer_loss`` on ``H`` (in sample) and,
@@ -164,7 +171,9 @@ def damping_search(W: torch.Tensor, H: torch.Tensor, scale, bits: int, grid=DAMP
     is by the held-out loss when ``H_held`` is given, else by the in-sample one (the paper's
     App. C, which nearly always favours the smallest damping: a weaker regulariser always fits
     its own data better). No pass over the data. Up to ``batch`` grid points (default: all) are
-    solved together as one batched sweep. Returns ``(Q, chosen, losses, held_losses, failures)``:
+    solved together as one batched sweep. ``factors``: a dict shared by the linears that read
+    the same input (same ``H``): ``{damping: hessian_factor or error message}``, filled here
+    on first use. Returns ``(Q, chosen, losses, held_losses, failures)``:
     the best ``Q``; its damping (``None`` on fallback); ``{damping: loss or None}`` in sample
     and held out (all ``None`` without ``H_held``); a list of messages, one per grid point whose
     Cholesky failed, plus a ``"fallback: ..."`` warning when all failed and ``Q`` is plain RTN
@@ -173,26 +182,32 @@ def damping_search(W: torch.Tensor, H: torch.Tensor, scale, bits: int, grid=DAMP
     grid = list(grid)
     Wp, Hp, perm = _prepare(W, H, act_order)
     W0, H0 = W.to(Wp.dtype), H.to(Wp.dtype)
+    factors = {} if factors is None else factors
     losses, held_losses, failures = dict.fromkeys(grid), dict.fromkeys(grid), []
     score = losses if H_held is None else held_losses
     best_Q, chosen = None, None
     batch = batch or len(grid)
     for start in range(0, len(grid), batch):
-        factors = {}
+        solvable = {}
         for damping in grid[start: start + batch]:
-            try:
-                factors[damping] = inverse_cholesky(Hp, damping)
-            except torch.linalg.LinAlgError as err:
-                failures.append(f"damping {damping:g}: {str(err).splitlines()[0]}")
-        if not factors:
+            if damping not in factors:
+                try:
+                    factors[damping] = hessian_factor(Hp, damping)
+                except torch.linalg.LinAlgError as err:
+                    factors[damping] = f"damping {damping:g}: {str(err).splitlines()[0]}"
+            if isinstance(factors[damping], str):
+                failures.append(factors[damping])
+            else:
+                solvable[damping] = factors[damping]
+        if not solvable:
             continue
-        Qs = gptq_solve(Wp.repeat(len(factors), 1, 1), torch.stack(list(factors.values())),
+        Qs = gptq_solve(Wp.expand(len(solvable), -1, -1), torch.stack(list(solvable.values())),
                         scale, bits, block_size)
         Qs = _unpermute(Qs, perm)
-        losses.update(zip(factors, layer_loss(Qs - W0, H0).tolist()))
+        losses.update(zip(solvable, layer_loss(Qs - W0, H0).tolist()))
         if H_held is not None:
-            held_losses.update(zip(factors, layer_loss(Qs - W0, H_held.to(Wp.dtype)).tolist()))
-        for damping, Q in zip(factors, Qs):
+            held_losses.update(zip(solvable, layer_loss(Qs - W0, H_held.to(Wp.dtype)).tolist()))
+        for damping, Q in zip(solvable, Qs):
             if chosen is None or score[damping] < score[chosen]:
                 best_Q, chosen = Q, damping
     if chosen is None:
@@ -208,6 +223,16 @@ def merge_hessians(H_a: torch.Tensor, n_a: int, H_b: torch.Tensor, n_b: int) -> 
 
 
 # ----------------------------------------------------------------------------- model driver
+def solve_on_all_tokens(W, fit, held, scale, bits: int, damping: float, opts: dict, factors: dict):
+    """GPTQ at the picked ``damping`` with the Hessian of the fit and held-out tokens together
+    (``fit``/``held``: ``(H, n)``); ``factors`` caches ``{damping: factor}`` of that merged
+    Hessian for the other readers of the same input."""
+    H = merge_hessians(*fit, *held)
+    if damping not in factors:
+        factors[damping] = hessian_factor(_prepare(W, H, opts["act_order"])[1], damping)
+    return gptq_quantize(W, H, scale, bits, damping, opts["block_size"], opts["act_order"], factors[damping])
+
+
 def split_calibration(calibration: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fit, held)``: the last ``round(holdout * n)`` (at least one) calibration sequences are
     held out (to score candidates or pick a best state), the rest fit; ``holdout == 0`` holds
@@ -273,10 +298,19 @@ def gptq(model, data, config) -> dict:
             t0 = time.perf_counter()
             hessians = {part: dict.fromkeys(linears, (None, 0)) for part in inputs}
             current = []  # the part whose inputs are flowing through the block
+            # linears fed the very same tensor (q/k/v, gate/up) share one Hessian and its
+            # factors: the first of them (in call order) accumulates it for all
+            leader, previous = {}, [None, None]  # name -> first reader; last (input, reader)
 
             def hook(name):
                 def accumulate(module, args, output):
-                    hessians[current[0]][name] = accumulate_hessian(*hessians[current[0]][name], args[0].detach())
+                    x = args[0]
+                    first = previous[1] if x is previous[0] else name
+                    if leader.setdefault(name, first) != first:
+                        raise RuntimeError(f"GPTQ: {name} shared its input inconsistently across calls")
+                    previous[:] = [x, first]
+                    if first == name:
+                        hessians[current[0]][name] = accumulate_hessian(*hessians[current[0]][name], x.detach())
                 return accumulate
 
             with forward_hooks((m, hook(name)) for name, m in linears.items()):
@@ -284,12 +318,15 @@ def gptq(model, data, config) -> dict:
                     current[:] = [part]
                     for item in items:
                         run_block(block, b, item)
+            previous[:] = [None, None]
             t1 = time.perf_counter()
+            factors = {}  # (reader, "fit" | "all") -> {damping: factor}: shared by the readers of one input
             for name, m in linears.items():
                 s = time.perf_counter()
                 W = weight_matrix(m)  # a view: writing into it writes the weight (Conv1D too)
                 scale = compute_scale(m.weight, config.bits, config.observer)
-                (H, n), (H_held, n_held) = hessians["fit"][name], hessians["held"][name]
+                first = leader.get(name, name)
+                (H, n), (H_held, n_held) = hessians["fit"][first], hessians["held"][first]
                 if H is None:  # no calibration input reached this layer
                     Q, chosen = quantize(W.detach(), scale, config.bits), None
                     losses = held_losses = dict.fromkeys(grid)
@@ -297,11 +334,11 @@ def gptq(model, data, config) -> dict:
                 else:
                     Q, chosen, losses, held_losses, failures = damping_search(
                         W.detach(), H, scale, config.bits, grid, opts["block_size"], opts["act_order"],
-                        opts["search_batch"], H_held=H_held)
+                        opts["search_batch"], H_held=H_held, factors=factors.setdefault((first, "fit"), {}))
                     if H_held is not None and chosen is not None:  # the chosen damping, all tokens
                         try:
-                            Q = gptq_quantize(W.detach(), merge_hessians(H, n, H_held, n_held), scale,
-                                              config.bits, chosen, opts["block_size"], opts["act_order"])
+                            Q = solve_on_all_tokens(W.detach(), (H, n), (H_held, n_held), scale, config.bits,
+                                                    chosen, opts, factors.setdefault((first, "all"), {}))
                         except torch.linalg.LinAlgError as err:
                             failures.append(f"damping {chosen:g} on all tokens: {str(err).splitlines()[0]}; "
                                             f"kept the solve on the fit tokens")
@@ -312,6 +349,7 @@ def gptq(model, data, config) -> dict:
                 layers[full] = {"damping": chosen, "losses": {f"{d:g}": v for d, v in losses.items()},
                                 "held_out_losses": {f"{d:g}": v for d, v in held_losses.items()},
                                 "failures": failures, "scale": float(scale), "tokens": n,
+                                "hessian_from": f"{prefix}.{b}.{first}",
                                 "held_out_tokens": n_held, "solve_s": time.perf_counter() - s}
             del hessians
             t2 = time.perf_counter()
