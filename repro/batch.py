@@ -37,6 +37,7 @@ NOTEBOOKS = {
         *(c for obs in OBSERVERS for c in runs.sweep_configs(("rtn",), tier=tier, model=model, observer=obs))]),
     "01_misalignment": ("per model", _sweep("fp", "rtn", "gptq", "qaft")),
     "02_pareto": ("all models", _sweep("fp", "rtn", "gptq", "qaft")),
+    "03_landscape": ("per model", _sweep("fp", "rtn", "gptq", "qaft"), "landscape"),
     "04_cross_block": ("per model", lambda tier, model: runs.cross_block_configs(tier, model), "cross_block"),
     "06_hyperparameters": ("per model", _sweep("qaft")),
 }

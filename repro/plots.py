@@ -9,6 +9,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib.colors
 import matplotlib.lines
 import matplotlib.patches
 import matplotlib.ticker
@@ -500,6 +501,103 @@ def window_time(records, ax=None):
     ax.set(xlabel="blocks run per step (m + l)", ylabel="s per optimizer step", title="block-wise cost")
     if points:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# paper Fig. 3: w black, RTN blue, GPTQ red, QAFT green; a segment takes a blend of its ends' colours
+LANDSCAPE_COLORS = {"fp": "black", "rtn": "tab:blue", "gptq": "tab:red", "qaft": "tab:green"}
+
+
+def _end_color(label: str):
+    return matplotlib.colors.to_rgb(LANDSCAPE_COLORS[label.split("@")[0]])
+
+
+def landscape(result: dict, bits: int):
+    """Paper Fig. 3 at ``bits``: NLL against the L2 distance from ``w`` (stack weights), training
+    (calibration) loss left, validation right. Thin gray lines: radial sweeps ``w + lam e`` (one
+    per direction and sign); circles: ``w`` (black), ``w_RTN`` (blue), ``w_GPTQ`` (red), ``w_QAFT``
+    (green); coloured lines: the straight segments between them (colour: the blend of the ends')."""
+    points = result["points"]
+    fp = next(p for p in points if p["spec"]["kind"] == "fp")
+    ends = {"fp": fp, **{f"{p['spec']['method']}@{bits}": p for p in points
+                         if p["spec"]["kind"] == "run" and p["spec"]["bits"] == bits}}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    far = max(p["distance"] for p in ends.values())
+    for ax, split in zip(axes, ("train", "validation")):
+        rays = defaultdict(list)
+        for p in points:
+            if p["spec"]["kind"] == "radial":
+                rays[(p["spec"]["seed"], p["spec"]["sign"])].append((p["distance"], p[split]))
+        for i, ray in enumerate(rays.values()):
+            xs, ys = zip(*sorted([(0.0, fp[split]), *ray]))
+            ax.plot(xs, ys, "-", color="0.75", lw=0.8, label="random directions" if i == 0 else None)
+        segments = defaultdict(list)
+        for p in points:
+            s = p["spec"]
+            if s["kind"] == "segment" and s["b"].endswith(f"@{bits}"):
+                segments[(s["a"], s["b"])].append((s["alpha"], p["distance"], p[split]))
+        for (a, b), seg in segments.items():
+            path = sorted([(0.0, ends[a]["distance"], ends[a][split]), *seg, (1.0, ends[b]["distance"], ends[b][split])])
+            color = tuple((x + y) / 2 for x, y in zip(_end_color(a), _end_color(b)))
+            ax.plot([d for _, d, _ in path], [v for _, _, v in path], "-", color=color, lw=1.5, alpha=0.9)
+        for label, p in ends.items():
+            method = label.split("@")[0]
+            ax.plot(p["distance"], p[split], "o", color=LANDSCAPE_COLORS[method], ms=8, mec="white", zorder=5,
+                    label="w (FP)" if method == "fp" else f"w_{method.upper()}")
+        ax.set_xlim(-0.02 * far, 2.5 * far)
+        ax.set(xlabel="L2 distance from w (stack weights)", ylabel=f"{split} NLL (nats/token)",
+               title=f"{split}, int{bits} — {result['model']}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def basin_fits(result: dict, split: str = "train"):
+    """The basin radius, beyond the paper: per direction, the rise of the NLL above ``L(w)``
+    (average of +e and -e, log-log) with its fitted saturating bowl ``A lam^n / (lam^n + R^n)``,
+    ``R`` marked; vertical lines: ``||w_RTN - w||`` at each width."""
+    from repro import landscape as landscape_mod
+
+    basin = landscape_mod.basin_radius(result, split)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (seed, (lams, rise)) in enumerate(landscape_mod.radial_profiles(result, split).items()):
+        color = f"C{i}"
+        ax.plot(lams, [max(r, 1e-4) for r in rise], "o", color=color, ms=4)
+        fit = basin["fits"][seed]
+        grid = [lams[0] * (lams[-1] / lams[0]) ** (k / 60) for k in range(61)]
+        ax.plot(grid, [fit["A"] * g ** fit["n"] / (g ** fit["n"] + fit["R"] ** fit["n"]) for g in grid], "-",
+                color=color, lw=1, label=f"direction {seed}: R={fit['R']:.3g}, n={fit['n']:.2f}"
+                + ("" if fit["accepted"] else " (not accepted)"))
+    for p in result["points"]:
+        s = p["spec"]
+        if s["kind"] == "run" and s["method"] == "rtn":
+            ax.axvline(p["distance"], color="tab:blue", lw=0.8, ls=":")
+            ax.text(p["distance"], 1.2e-4, f"RTN int{s['bits']}", rotation=90, fontsize=7, color="tab:blue")
+    ax.set(xscale="log", yscale="log", xlabel="distance from w", ylabel=f"{split} NLL rise over w (nats)",
+           title=f"basin radius R(w) = {basin['R']:.3g}" + (" (lower bound)" if basin["bound"] else "")
+           + f" — {result['model']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def eta_vs_rho(analysis: dict):
+    """The paper's explanation tested: misalignment ``eta = NLL_GPTQ - NLL_QAFT`` (test split)
+    against ``rho = ||w_RTN - w|| / R(w)``, one point per model and width; ``rho = 1`` dotted."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    models = sorted({r["model"] for r in analysis["rows"]})
+    colors = _model_colors(models)
+    for r in analysis["rows"]:
+        ax.plot(r["rho"], r["eta"], "o", color=colors[r["model"]], mfc="none" if r["R_is_bound"] else colors[r["model"]])
+        ax.annotate(f"int{r['bits']}", (r["rho"], r["eta"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for model in models:
+        ax.plot([], [], "o", color=colors[model], label=model)
+    ax.axvline(1, color="gray", ls=":", lw=1)
+    ax.axhline(analysis["gap"], color="gray", ls="--", lw=0.8)
+    ax.set(xscale="log", xlabel="rho = ||w_RTN - w|| / R(w)", ylabel="eta = NLL GPTQ - NLL QAFT (test)",
+           title=f"Spearman {analysis['spearman']:.2f} over {analysis['n']} (model, width)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -779,3 +779,73 @@ def blockwise_sweep_table(records) -> str:
                      [[method_label(r), f"int{r['config']['bits']}", opts[id(r)]["steps"], f"{opts[id(r)]['lr']:g}",
                        "fp32" if opts[id(r)]["mixed_precision"] == "no" else "bf16", v,
                        _nll(r["nll_test"]), _seconds(r)] for r, v in zip(rows, vals)])
+
+
+# ----------------------------------------------------------------------------- loss landscape (notebook 03)
+def basin_table(result: dict) -> str:
+    """Markdown: the basin radius R(w) per split (median over directions, IQR, bootstrap 95% CI,
+    R / ‖w‖, R_tau, directions whose bowl fit was accepted)."""
+    from repro import landscape
+
+    rows = []
+    for split in ("train", "validation"):
+        b = landscape.basin_radius(result, split)
+        bound = " (lower bound)" if b["bound"] else ""
+        rows.append([split, f"{b['R']:.4g}{bound}", f"{b['R_iqr'][0]:.4g} – {b['R_iqr'][1]:.4g}",
+                     f"{b['R_ci95'][0]:.4g} – {b['R_ci95'][1]:.4g}", f"{b['R_over_norm']:.3f}",
+                     f"{b['R_tau']:.4g}", f"{b['accepted']} of {b['directions']}"])
+    return (f"‖w‖ = {result['norm']:.4g} ({result['model']}, stack weights)\n\n"
+            + _markdown(["split", "R(w)", "IQR", "95% CI (median)", "R / ‖w‖",
+                         f"R_tau (tau = {result['settings']['tau']} nats)", "fits accepted"], rows))
+
+
+def rtn_vs_random_table(result: dict) -> str:
+    """Markdown: NLL of w_RTN per width against a random step of the same length from w."""
+    from repro import landscape
+
+    rows = []
+    for split in ("train", "validation"):
+        for r in landscape.rtn_vs_random(result, split):
+            rows.append([split, f"int{r['bits']}", f"{r['distance']:.4g}", _nll(r["nll_rtn"]),
+                         _nll(r["nll_random"]) if r["nll_random"] is not None else "beyond the sweep",
+                         f"{r['excess']:+.3f}" if r["excess"] is not None else DASH])
+    return _markdown(["split", "RTN", "‖w_RTN − w‖", "NLL w_RTN", "NLL random step, same length",
+                      "RTN − random"], rows)
+
+
+def barrier_table(result: dict, bits: int) -> str:
+    """Markdown: per segment at ``bits``, the barrier max_a L(a) - (L(0) + L(1)) / 2, both splits."""
+    from repro import landscape
+
+    train, val = (landscape.segment_barriers(result, bits, s) for s in ("train", "validation"))
+    rows = [[f"{t['a']} → {t['b']}", _nll(t["nll_a"]), _nll(t["nll_b"]), f"{t['barrier']:+.3f}", f"{v['barrier']:+.3f}"]
+            for t, v in zip(train, val)]
+    return _markdown(["segment", "train NLL start", "train NLL end", "barrier train", "barrier validation"], rows)
+
+
+def radius_summary(analysis: dict) -> str:
+    """Markdown, computed: does misalignment (eta = GPTQ - QAFT test NLL) start where rho =
+    ‖w_RTN − w‖ / R(w) passes 1, as the paper's explanation says?"""
+    rows = [[r["model"], f"int{r['bits']}", f"{r['distance_rtn']:.4g}", f"{r['R']:.4g}" + (" (≥)" if r["R_is_bound"] else ""),
+             f"{r['rho']:.2f}", f"{r['eta']:+.3f}"] for r in analysis["rows"]]
+    table = _markdown(["model", "bits", "‖w_RTN − w‖", "R(w)", "rho", "eta (test)"], rows)
+    gap, mis, ok = analysis["gap"], analysis["misaligned_rho"], analysis["aligned_rho"]
+    lines = [f"Spearman correlation of eta with rho: {analysis['spearman']:.2f} over {analysis['n']} (model, width)."]
+    if mis:
+        lines.append(f"Misaligned (eta > {gap} nats) at rho = {', '.join(f'{x:.2f}' for x in mis)}; "
+                     f"aligned at rho = {', '.join(f'{x:.2f}' for x in ok) or 'none'}.")
+    below = [x for x in mis if x <= 1]
+    above_ok = [x for x in ok if x > 1]
+    if not mis:
+        lines.append(f"No misalignment (eta > {gap} nats) at any width: nothing for rho to explain.")
+    elif not below and not above_ok:
+        lines.append("rho = 1 separates them exactly: **the paper's explanation holds** on these records.")
+    else:
+        lines.append(f"rho = 1 separates them in {analysis['threshold_agrees']} of {analysis['n']} cases: "
+                     + (f"misalignment already at rho ≤ 1 ({', '.join(f'{x:.2f}' for x in below)})" if below else "")
+                     + ("; " if below and above_ok else "")
+                     + (f"no misalignment at rho > 1 ({', '.join(f'{x:.2f}' for x in above_ok)})" if above_ok else "")
+                     + " — **the threshold of the paper's explanation does not hold here**"
+                     + (" (R is a lower bound: rho may be smaller still)" if any(r["R_is_bound"] for r in analysis["rows"]) else "")
+                     + ".")
+    return table + "\n\n" + " ".join(lines)

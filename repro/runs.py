@@ -32,7 +32,9 @@ from repro.quant import OBSERVERS, check_bits, is_int
 
 PARAMS_DIR = Path(__file__).parent / "params"
 TIERS = ("ci", "cpu", "paper")
-HASH_EXCLUDE = ("device", "tier")  # where a run executes does not change what it computes
+# where a run executes, and whether its weights are kept, do not change what it computes
+HASH_EXCLUDE = ("device", "tier", "save_weights")
+WEIGHT_METHODS = ("rtn", "gptq", "qaft", "blockwise")  # methods whose quantized weights can be kept
 # Versions of the code every record shares, part of every record's key: bump one when what it
 # computes changes, so stale records are recomputed rather than re-read. (Methods carry their own.)
 SHARED_VERSIONS = {"evaluation": 3,  # 2: layer MSE on test, both input readings; 3: FP size at 16 bits
@@ -86,6 +88,7 @@ class RunConfig:
     options: dict = field(default_factory=dict)
     tier: str | None = None
     device: str | None = None  # None: cuda when available, else cpu
+    save_weights: bool = False  # keep the quantized weights beside the record (``weights_path``)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -105,6 +108,9 @@ class RunConfig:
                 raise ValueError(f"{name}={value!r}: an integer >= {low}" + (" or None (the whole split / the "
                                  "model's maximum length)" if optional else ""))
         OPTION_CHECKS[self.method](self)  # options are checked now, not after the model has loaded
+        if self.save_weights and self.method not in WEIGHT_METHODS:
+            raise ValueError(f"save_weights: {self.method} runs have no quantized weights to keep "
+                             f"(methods that do: {', '.join(WEIGHT_METHODS)})")
 
     def key(self) -> str:
         """Hash of the config (placement excluded) and the method's version."""
@@ -159,6 +165,11 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
             raise ValueError(f"tier {tier!r} chooses an observer per bit-width for {sorted(by_bits)} only, not "
                              f"int{bits}; pass observer=... (CLI: --observer) or add int{bits} to params/{tier}.yaml")
         params["observer"] = by_bits[bits if bits is not None else max(by_bits)]
+    # the landscape (notebook 03) reads the quantized weights of its methods at its widths: keep them
+    landscape = params.get("landscape") or {}
+    # (RTN's follow from its record's scales: nothing to keep)
+    params["save_weights"] = (method != "rtn" and method in landscape.get("methods", ())
+                              and bits in landscape.get("bits", ()) and model in landscape.get("models", [model]))
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     params = {k: v for k, v in params.items() if k in fields}
     params.update({k: v for k, v in overrides.items() if v is not None})
@@ -170,6 +181,55 @@ def record_path(config: RunConfig, outputs: Path | None = None) -> Path:
     bits = "fp" if config.bits is None else f"int{config.bits}"
     model = config.model.replace("/", "--")
     return outputs / "records" / config.method / f"{model}-{config.corpus}-{bits}-{config.key()}.json"
+
+
+def weights_path(config: RunConfig, outputs: Path | None = None) -> Path:
+    """Where a run's quantized weights are kept: beside its record, ``<record>.safetensors``."""
+    return record_path(config, outputs).with_suffix(".safetensors")
+
+
+def save_weights(model, config: RunConfig, info: dict, path: Path) -> None:
+    """The stack's quantized weights as int8 codes and one float32 scale per linear
+    (``<name>`` and ``<name>.scale``), written atomically; a weight that is not exactly
+    ``code * scale`` raises. Scales come from the method's record (RTN/QAFT ``scales``, GPTQ
+    per layer), else from the observer on the FP weight (every method's grid)."""
+    from safetensors.torch import save_file
+
+    from repro.quant import codes, compute_scale
+
+    known = dict(info.get("scales") or {})
+    known.update({name: layer["scale"] for name, layer in (info.get("layers") or {}).items() if "scale" in layer})
+    tensors = {}
+    for name, m in models.stack_linears(model).items():
+        w = m.weight.detach().float().cpu()
+        scale = torch.tensor(known[name]) if name in known else compute_scale(_WORKBENCH[0].fp_weights[name],
+                                                                               config.bits, config.observer).cpu()
+        c = codes(w, scale, config.bits)
+        if not torch.equal(c.float() * scale, w):
+            raise RuntimeError(f"{config.label()}: {name} is not on its int{config.bits} grid; weights not saved")
+        tensors[name], tensors[f"{name}.scale"] = c.contiguous(), scale.reshape(()).float()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"key": config.key(), "bits": str(config.bits)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_weights(config: RunConfig, outputs: Path | None = None) -> dict[str, torch.Tensor]:
+    """A run's kept quantized weights (name -> float32 tensor, as stored in the module);
+    the run is computed (or recomputed) first if they are not on disk."""
+    from safetensors.torch import load_file
+
+    config = dataclasses.replace(config, save_weights=True)
+    path = weights_path(config, outputs)
+    if not path.exists():
+        run(config, outputs)
+    stored = load_file(str(path))
+    return {name: c.float() * stored[f"{name}.scale"] for name, c in stored.items() if not name.endswith(".scale")}
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -319,19 +379,29 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
     compute it: each takes the record's lock (``<record>.lock``), and the one that waited finds
     the record and reads it."""
     path = record_path(config, outputs)
-    record = None if force else read_record(config, outputs)
+    record = None if force else _reusable(config, outputs)
     if record is None:
         check_writable(path.parent)  # before hours of work, not after
         # Under `accelerate launch` every rank runs this config together (QAFT's DDP needs them all):
         # no lock between them; rank 0 writes the record.
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         with nullcontext() if distributed else models.file_lock(path.with_name(f".{path.name}.lock")):
-            record = None if force else read_record(config, outputs)  # another process may have just written it
+            record = None if force else _reusable(config, outputs)  # another process may have just written it
             if record is None:
                 record = _compute(config, outputs)
     # after the record is on disk (also when a process stopped between writing it and cleaning up)
     if config.method in AFTER_RECORD:
         AFTER_RECORD[config.method](config)
+    return record
+
+
+def _reusable(config: RunConfig, outputs: Path | None) -> dict | None:
+    """The cached record, unless the config keeps weights and they are missing (an older run)."""
+    record = read_record(config, outputs)
+    if record is not None and config.save_weights and not weights_path(config, outputs).exists():
+        warnings.warn(f"{config.model} {config.label()}: its record has no kept weights; computing it again "
+                      f"to keep them", stacklevel=2)
+        return None
     return record
 
 
@@ -370,6 +440,8 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
                         "device": str(next(bench.model.parameters()).device)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if config.save_weights:  # before the record: a record promises its weights
+        save_weights(bench.model, config, info, weights_path(config, outputs))
     write_json_atomic(record_path(config, outputs), record)
     record["cached"] = False
     return record

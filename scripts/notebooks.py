@@ -1,6 +1,7 @@
-"""Write the notebooks' sources, outputs cleared: `python scripts/notebooks.py`, then execute them
+"""Write the notebooks' sources, outputs cleared: `python scripts/notebooks.py [NAME ...]`, then execute them
 with papermill at the ci tier (what nbval compares), e.g.
 `REPRO_OUTPUTS=$(mktemp -d) papermill notebooks/01_misalignment.ipynb notebooks/01_misalignment.ipynb`."""
+import sys
 from pathlib import Path
 
 import nbformat
@@ -9,6 +10,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_HEAD = '# Parameters (papermill). tier: "ci" (minutes), "cpu" (embedded default), "paper" (GPU, hub)\n'
 OUTPUTS = "outputs = None  # None: $REPRO_OUTPUTS, else the repository's outputs/ (from any working directory)\n"
+ONLY = set(sys.argv[1:])  # notebook names to write (default: all)
 SETUP = "from repro import runs\noutputs = outputs or runs.outputs_dir()\n"
 
 
@@ -25,6 +27,8 @@ def code(text):
 
 
 def write(name, cells):
+    if ONLY and name not in ONLY:
+        return
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"}})
@@ -315,6 +319,92 @@ fig.savefig(figures / f"pareto_gap_{tier}.png", dpi=110)"""
 write("02_pareto", [
     md(INTRO), new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}), code(LOAD), md(HOW_TO_READ), code(PLOT),
     md(COMPUTED), code(WRITE), code(CHECK), md(GAP_MD), code(GAP),
+])
+
+
+write("03_landscape", [
+    md("""
+# 03 · The loss landscape around the pretrained weights (paper Fig. 3) and the basin radius R(w)
+
+The paper explains the misalignment of notebook 01 with the NLL landscape around the pretrained stack
+weights **w**: along random directions the loss rises like a quadratic bowl near w, then plateaus at a high
+level; quantization moves w by ‖w_RTN − w‖, and where that step is much larger than the bowl's radius
+R(w), a layer-wise objective (GPTQ) is blind to where the global loss is low. The paper only states this.
+Here R(w) is **measured** (fit of the averaged ± radial profiles) and the claim is tested against the
+records: is the misalignment η = NLL_GPTQ − NLL_QAFT large exactly where ρ = ‖w_RTN − w‖ / R(w) > 1?
+
+Every point (a radial step, a quantized model, a point on a segment between two of them) costs one NLL pass
+over a few calibration ("train") and validation sequences and is cached under `outputs/records/landscape/`;
+GPTQ's and QAFT's quantized weights come from the codes their runs kept (`repro.runs.load_weights`).
+**Scaled down**: the `cpu` tier sweeps 2 random directions (each at +e and −e) at 10 radii from 0.001 to 3
+‖w‖, segments with 3 interior points, int4, 8 + 8 sequences per point, SmolLM2 only in the main job (about
+2.5 min on 2 cores); the paper used opt-125m and the `paper` tier runs 8 directions at every width.
+"""),
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\nbits = None  # int or list; None: the tier\'s landscape bits\n'
+           'directions = None  # random directions (each swept at +e and -e); None: the tier\'s\ntier = "ci"\n'),
+    code(SETUP + """
+from repro import landscape, plots, report
+
+bits = bits or landscape.settings(tier)["bits"]
+bits = [bits] if isinstance(bits, int) else list(bits)
+result = landscape.landscape(model, bits, tier, outputs, directions=directions)
+print(f"{len(result['points'])} points, ||w|| = {result['norm']:.4g}")
+"""),
+    md("""
+## Paper Fig. 3: NLL against the distance from w
+
+Training (calibration) NLL left, validation right. Gray: the radial sweeps w + λê. Circles: w (black),
+w_RTN (blue), w_GPTQ (red), w_QAFT (green). Coloured lines: the straight segments between every pair
+(colour = blend of the two ends'), plotted against each point's own distance from w. The table gives each
+segment's barrier, max_α L(α) − (L(0) + L(1))/2: positive where the straight path climbs over a ridge.
+"""),
+    code("""
+for b in bits:
+    plots.landscape(result, b)
+"""),
+    code("""
+# NBVAL_CHECK_OUTPUT
+for b in bits:
+    print(f"int{b}:")
+    print(report.barrier_table(result, b))
+"""),
+    md("""
+## Beyond the paper: the basin radius R(w)
+
+Per direction the rise of the NLL over L(w), averaged over +e and −e (the average cancels the gradient term),
+is fitted with the saturating bowl A λⁿ / (λⁿ + Rⁿ): R is where the loss has risen half-way to its plateau,
+and n ≈ 2 is a quadratic bowl with curvature κ = 2A/R². A fit is accepted when n ∈ [1.6, 2.4] and the sweep
+reaches the plateau; otherwise R is reported as a lower bound (the distance where the rise passes half its
+largest measured value). R_τ = √(2τ/κ) is where the fitted quadratic rises by τ nats. Dotted lines: ‖w_RTN − w‖
+per width.
+"""),
+    code("""
+plots.basin_fits(result)
+print(report.basin_table(result))
+"""),
+    md("""
+## Does misalignment start where ρ = ‖w_RTN − w‖ / R(w) passes 1?
+
+One point per width of the tier: ρ from the RTN record's distance and the training-split R(w) above, η from
+the GPTQ and QAFT records (test split; the runs of notebook 01). Hollow markers: R is a lower bound, so ρ is
+an upper bound. The conclusion below is computed from these numbers.
+"""),
+    code("""
+analysis = landscape.misalignment_vs_radius([result], outputs)
+plots.eta_vs_rho(analysis)
+"""),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.radius_summary(analysis))
+"""),
+    md("""
+## Is quantization noise worse than a random step of the same length?
+
+NLL of w_RTN at each width against the radial profile (median over directions, ± averaged) at the same
+distance from w. A positive difference means the rounding error points in directions the loss is more
+sensitive to than a random direction.
+"""),
+    code("print(report.rtn_vs_random_table(result))"),
 ])
 
 

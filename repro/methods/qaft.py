@@ -314,6 +314,7 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     train_s = sum(r["train_s"] for r in state["runs"])
     return {
         "lr": best["lr"], "best_epoch": best["best_epoch"], "nll_validation": best["best_nll_validation"],
+        "scales": {name: float(s) for name, s in scales.items()},
         "rtn": state["rtn"],
         "runs": [{k: r[k] for k in ("lr", "history", "stop_reason", "best_epoch", "best_nll_validation",
                                     "steps", "step_s")} for r in state["runs"]],

@@ -1,0 +1,397 @@
+"""The loss landscape around the pretrained weights (paper §IV-C, Fig. 3 and 5), and its basin radius.
+
+``w`` is the transformer stack's linear weights, flattened and concatenated (D = 106M for
+SmolLM2-135M), in the modules' own storage layout: every quantity here (distances, directions,
+interpolations) is a sum or an elementwise map over entries, so GPT-2's transposed Conv1D needs
+no special case. A *point* is a set of stack weights:
+
+* ``radial``: ``w + lam * e`` along a unit direction ``e``, uniform on the sphere (a normalised
+  Gaussian drawn from a seed, layer by layer in the stack's order), at ``lam = r * ||w||`` for
+  the relative radii ``r`` of the settings; each seed is swept along ``+e`` and ``-e``;
+* ``run``: a method's quantized weights (``w_RTN``, ``w_GPTQ``, ``w_QAFT``), read from the codes
+  the run kept beside its record (``repro.runs.load_weights``), so a landscape never re-runs a
+  method that kept them;
+* ``segment``: ``(1 - a) w_A + a w_B`` between two of ``{w, w_RTN, w_GPTQ, w_QAFT}``.
+
+Each point costs one NLL pass over the first ``n_train`` calibration sequences (the data GPTQ
+and QAFT fit) and one over the first ``n_validation`` validation sequences, and nothing else:
+its weights are written into the model in place (float32) and the FP weights are copied back
+from the workbench's snapshot afterwards (exact); a direction is regenerated from its seed,
+one at a time. Every point is cached as a small JSON record (``outputs/records/landscape/``)
+keyed by what determines it, so more directions, radii or bit-widths compute only what is new.
+
+Beyond the paper, ``basin_radius`` measures the basin radius ``R(w)`` that the paper's
+explanation invokes, and ``misalignment_vs_radius`` tests it against the records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from repro import evaluate, models, runs
+from repro.progress import progress
+from repro.quant import quantize
+
+VERSION = 1  # bump when what a point's record holds changes
+DEFAULTS = {"directions": 2, "radii": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.4, 0.7, 1.0, 2.0, 3.0],
+            "alphas": [0.25, 0.5, 0.75], "n_train": 8, "n_validation": 8, "methods": ["rtn", "gptq", "qaft"],
+            "tau": 0.1}
+SPLITS = ("train", "validation")
+
+
+def settings(tier: str = "cpu", **overrides) -> dict:
+    """The landscape settings: ``DEFAULTS``, the tier's ``landscape`` section, then ``overrides``
+    (``None`` values ignored): ``directions`` (random seeds, each swept at +e and -e), ``radii``
+    (``lam / ||w||``), ``alphas`` (interior points of a segment), ``n_train``/``n_validation``
+    (sequences per point), ``methods``, ``bits`` (widths with segments), ``tau`` (nats, for R_tau)."""
+    section = runs.load_tier(tier).get("landscape") or {}
+    out = {**DEFAULTS, **{k: v for k, v in section.items() if k != "models"},
+           **{k: v for k, v in overrides.items() if v is not None}}
+    if not (isinstance(out["directions"], int) and out["directions"] >= 1):
+        raise ValueError(f"directions={out['directions']!r}: an integer >= 1")
+    if not out["radii"] or not all(r > 0 for r in out["radii"]):
+        raise ValueError(f"radii={out['radii']!r}: one or more values > 0 (lambda / ||w||)")
+    if not all(0 < a < 1 for a in out["alphas"]):
+        raise ValueError(f"alphas={out['alphas']!r}: interior points of a segment, each in (0, 1)")
+    return out
+
+
+# ----------------------------------------------------------------------------- weights of a point
+def stack_norm(fp_weights: dict[str, torch.Tensor]) -> float:
+    """``||w||``: the L2 norm of the concatenated stack weights."""
+    return math.sqrt(sum(float(w.double().pow(2).sum()) for w in fp_weights.values()))
+
+
+def direction(fp_weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A unit direction (norm 1 over the whole stack), uniform on the sphere: standard Gaussian
+    entries drawn layer by layer in the stack's order from ``seed``, divided by their norm."""
+    generator = torch.Generator().manual_seed(seed)
+    e = {name: torch.randn(w.shape, generator=generator) for name, w in fp_weights.items()}
+    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in e.values()))
+    return {name: v.div_(norm) for name, v in e.items()}
+
+
+@contextmanager
+def weights_set(model, fp_weights: dict[str, torch.Tensor]):
+    """Yield ``put(name -> tensor)``, which writes weights into the stack in place; on exit the
+    FP weights are copied back (exactly) from ``fp_weights``."""
+    linears = models.stack_linears(model)
+
+    @torch.no_grad()
+    def put(weights: dict[str, torch.Tensor]) -> None:
+        for name, m in linears.items():
+            m.weight.copy_(weights[name])
+
+    try:
+        yield put
+    finally:
+        models.restore(model, fp_weights)
+
+
+def distance(weights: dict[str, torch.Tensor], fp_weights: dict[str, torch.Tensor]) -> float:
+    """``||weights - w||`` over the stack."""
+    return math.sqrt(sum(float((weights[n].double() - w.double()).pow(2).sum()) for n, w in fp_weights.items()))
+
+
+# ----------------------------------------------------------------------------- cached points
+def _point_key(base: runs.RunConfig, spec: dict, opts: dict) -> str:
+    content = {"model": base.model, "corpus": base.corpus, "seq_len": base.seq_len, "n_calibration": base.n_calibration,
+               "n_eval": base.n_eval, "seed": base.seed, "n_train": opts["n_train"],
+               "n_validation": opts["n_validation"], "spec": spec, "version": VERSION, **runs.SHARED_VERSIONS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _point_path(base: runs.RunConfig, key: str, outputs: Path | None) -> Path:
+    root = Path(outputs) if outputs is not None else runs.outputs_dir()
+    return root / "records" / "landscape" / base.model.replace("/", "--") / f"{key}.json"
+
+
+def _read_point(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # a torn or hand-edited file: never trusted, computed again
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _measure(model, data, opts: dict, batch_size: int) -> dict:
+    return {"train": evaluate.nll(model, data.calibration[: opts["n_train"]], batch_size, desc=None),
+            "validation": evaluate.nll(model, data.validation[: opts["n_validation"]], batch_size, desc=None)}
+
+
+def landscape(model: str | None = None, bits=(4,), tier: str = "cpu", outputs: Path | None = None, **overrides) -> dict:
+    """Every point of the Fig. 3 picture for ``model`` at each width in ``bits``, computed or read.
+
+    Runs the method's configs of the tier (``runs.make_config``), reading their kept weights.
+    Returns ``{"model", "tier", "norm", "settings", "points": [...]}`` where every point is
+    ``{"spec", "distance", "train", "validation"}``; ``spec["kind"]`` is ``fp``, ``radial``
+    (``seed``, ``sign``, ``radius`` = lam/||w||), ``run`` (``method``, ``bits``) or ``segment``
+    (``a``, ``b`` as ``fp`` / ``method@bits``, ``alpha``). Also ``rtn`` points at every width of
+    the tier (for ``rtn_vs_random``). NLL in nats/token.
+    """
+    opts = settings(tier, **overrides)
+    bits = [bits] if isinstance(bits, int) else list(bits)
+    base = runs.make_config("fp", None, tier, model=model)
+    outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
+    runs.check_writable(outputs / "records" / "landscape")
+    tier_bits = runs.load_tier(tier)["bits"]
+    run_configs = {f"{m}@{b}": runs.make_config(m, b, tier, model=base.model)
+                   for b in bits for m in opts["methods"]}
+    run_configs.update({f"rtn@{b}": runs.make_config("rtn", b, tier, model=base.model) for b in tier_bits})
+    specs = [{"kind": "fp"}]
+    specs += [{"kind": "radial", "seed": seed, "sign": sign, "radius": r}
+              for seed in range(opts["directions"]) for sign in (1, -1) for r in opts["radii"]]
+    specs += [{"kind": "run", "method": label.split("@")[0], "bits": int(label.split("@")[1])} for label in run_configs]
+    for b in bits:
+        ends = ["fp", *(f"{m}@{b}" for m in opts["methods"])]
+        specs += [{"kind": "segment", "a": a, "b": c, "alpha": alpha}
+                  for i, a in enumerate(ends) for c in ends[i + 1:] for alpha in opts["alphas"]]
+    keyed = [(spec, _point_path(base, _point_key(base, _identity(spec, run_configs), opts), outputs)) for spec in specs]
+    cached = {str(path): _read_point(path) for _, path in keyed}
+    missing = [(spec, path) for spec, path in keyed if cached[str(path)] is None]
+    if missing:
+        _compute_points(base, missing, run_configs, opts, outputs)
+    points = [_read_point(path) for _, path in keyed]
+    bench_norm = points[0]["norm"]
+    return {"model": base.model, "tier": tier, "bits": bits, "norm": bench_norm, "settings": opts,
+            "points": points}
+
+
+def _identity(spec: dict, run_configs: dict) -> dict:
+    """What determines a point's weights: run points and segment ends by their run's record key."""
+    def end(label):
+        return "fp" if label == "fp" else run_configs[label].key()
+    if spec["kind"] == "run":
+        return {"kind": "run", "run": end(f"{spec['method']}@{spec['bits']}")}
+    if spec["kind"] == "segment":
+        return {"kind": "segment", "a": end(spec["a"]), "b": end(spec["b"]), "alpha": spec["alpha"]}
+    return spec
+
+
+def run_weights(config: runs.RunConfig, fp: dict, outputs: Path | None) -> dict[str, torch.Tensor]:
+    """A run's quantized stack weights: RTN's from its record's scales (``quantize`` of the FP
+    weights: nothing kept on disk), the others' from the codes kept beside their record."""
+    if config.method == "rtn":
+        scales = runs.run(config, outputs)["info"]["scales"]
+        return {name: quantize(w, torch.tensor(scales[name]), config.bits) for name, w in fp.items()}
+    return runs.load_weights(config, outputs)
+
+
+def _group(spec: dict):
+    """Evaluation order: radial points by seed (one direction in memory), then the points of one
+    width together (that width's run weights in memory)."""
+    if spec["kind"] == "radial":
+        return (0, spec["seed"])
+    if spec["kind"] == "fp":
+        return (1, 0)
+    return (2, -(spec["bits"] if spec["kind"] == "run" else int(spec["b"].split("@")[1])))
+
+
+def _compute_points(base, missing, run_configs, opts, outputs) -> None:
+    """Measure the ``missing`` points."""
+    bench = runs.workbench(base)
+    fp = bench.fp_weights
+    norm = stack_norm(fp)
+    loaded, group, e = {"fp": fp}, None, None
+
+    def weights_of(label):
+        if label not in loaded:
+            loaded[label] = run_weights(run_configs[label], fp, outputs)
+            models.restore(bench.model, fp)  # a run that had to compute left its weights in the model
+        return loaded[label]
+
+    with weights_set(bench.model, fp) as put:
+        for spec, path in progress(sorted(missing, key=lambda item: _group(item[0])),
+                                   desc=f"landscape {base.model}", unit="point"):
+            if _group(spec) != group:  # free the previous direction / width's weights
+                group, e = _group(spec), None
+                loaded = {"fp": fp}
+            if spec["kind"] == "fp":
+                weights = fp
+            elif spec["kind"] == "radial":
+                e = e or direction(fp, spec["seed"])
+                lam = spec["sign"] * spec["radius"] * norm
+                weights = {name: w + lam * e[name] for name, w in fp.items()}
+            elif spec["kind"] == "run":
+                weights = weights_of(f"{spec['method']}@{spec['bits']}")
+            else:
+                a, b, alpha = weights_of(spec["a"]), weights_of(spec["b"]), spec["alpha"]
+                weights = {name: torch.lerp(a[name], b[name], alpha) for name in fp}
+            put(weights)
+            point = {"spec": spec, "distance": distance(weights, fp), "norm": norm,
+                     **_measure(bench.model, bench.data, opts, base.batch_size), "code": runs.code_hash()}
+            runs.write_json_atomic(path, point)
+
+
+# ----------------------------------------------------------------------------- basin radius
+def fit_bowl(lams, rise) -> dict:
+    """Least-squares fit of ``rise(lam) = A lam^n / (lam^n + R^n)`` (the saturating bowl).
+
+    ``lams``: distances (> 0); ``rise``: the loss above ``L(w)`` there (nats). A grid over ``n``
+    (0.5..5) and ``log R`` with ``A`` solved in closed form at each grid point. ``R`` is where the
+    loss has risen half-way to its plateau ``A``; for ``n = 2`` the curvature at ``w`` is
+    ``kappa = 2A/R^2``. ``accepted``: ``n`` in [1.6, 2.4] and the plateau reached (the largest
+    measured rise is at least 80% of ``A``). Otherwise ``R_lower``: the distance where the
+    measured rise first passes half its largest value, a lower bound on ``R`` since the plateau
+    is at least that largest rise. Returns ``A, R, n, kappa, accepted, plateau, R_lower, rmse``.
+    """
+    lam = torch.tensor(lams, dtype=torch.float64)
+    y = torch.tensor(rise, dtype=torch.float64)
+    ns = torch.arange(0.5, 5.0001, 0.02, dtype=torch.float64)
+    Rs = torch.logspace(math.log10(float(lam.min()) / 10), math.log10(float(lam.max()) * 10), 400, dtype=torch.float64)
+    u = lam[None, None, :] ** ns[:, None, None]
+    f = u / (u + Rs[None, :, None] ** ns[:, None, None])  # [n, R, points]
+    A = (f * y).sum(-1) / (f * f).sum(-1).clamp_min(1e-300)
+    err = ((A[..., None] * f - y) ** 2).sum(-1)
+    i, j = divmod(int(err.argmin()), len(Rs))
+    A_fit, R_fit, n_fit = float(A[i, j]), float(Rs[j]), float(ns[i])
+    plateau = bool(float(y.max()) >= 0.8 * A_fit)
+    accepted = plateau and 1.6 <= n_fit <= 2.4 and A_fit > 0
+    half = float(y.max()) / 2
+    above = [float(x) for x, v in zip(lam, y) if float(v) >= half]
+    return {"A": A_fit, "R": R_fit, "n": n_fit, "kappa": 2 * A_fit / R_fit ** 2, "accepted": accepted,
+            "plateau": plateau, "R_lower": min(above) if above else None,
+            "rmse": math.sqrt(float(err[i, j]) / len(lams))}
+
+
+def radial_profiles(result: dict, split: str = "train") -> dict[int, tuple[list, list]]:
+    """Per seed: the radii (distances) and the rise above ``L(w)`` averaged over ``+e`` and ``-e``
+    (the average cancels the gradient term of the Taylor expansion)."""
+    fp = next(p for p in result["points"] if p["spec"]["kind"] == "fp")[split]
+    by = {}
+    for p in result["points"]:
+        s = p["spec"]
+        if s["kind"] == "radial":
+            by.setdefault(s["seed"], {}).setdefault(p["distance"], []).append(p[split] - fp)
+    return {seed: (sorted(d), [sum(d[k]) / len(d[k]) for k in sorted(d)]) for seed, d in by.items()}
+
+
+def _median(values):
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2 if v else float("nan")
+
+
+def _quantile(values, q):
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    x = q * (len(v) - 1)
+    lo, hi = math.floor(x), math.ceil(x)
+    return v[lo] + (v[hi] - v[lo]) * (x - lo)
+
+
+def basin_radius(result: dict, split: str = "train", tau: float | None = None, seed: int = 0) -> dict:
+    """``R(w)`` per direction (``fit_bowl`` on ``radial_profiles``) and across directions: median,
+    IQR and a bootstrap 95% CI of the median (2000 resamples, ``seed``), each over the directions
+    whose fit was accepted, else over the lower bounds (``bound: True``); and ``R_tau`` =
+    ``sqrt(2 tau / kappa)``, the distance at which the fitted quadratic bowl rises by ``tau`` nats."""
+    tau = result["settings"]["tau"] if tau is None else tau
+    fits = {s: fit_bowl(lams, rise) for s, (lams, rise) in radial_profiles(result, split).items()}
+    good = [f for f in fits.values() if f["accepted"]]
+    bound = not good
+    values = [f["R"] for f in good] if good else [f["R_lower"] for f in fits.values() if f["R_lower"]]
+    rng = random.Random(seed)
+    boots = sorted(_median([rng.choice(values) for _ in values]) for _ in range(2000)) if values else []
+    kappas = [f["kappa"] for f in (good or fits.values())]
+    return {"split": split, "fits": fits, "bound": bound, "directions": len(fits), "accepted": len(good),
+            "R": _median(values), "R_iqr": (_quantile(values, 0.25), _quantile(values, 0.75)),
+            "R_ci95": (boots[50], boots[1949]) if boots else (float("nan"),) * 2,
+            "R_tau": math.sqrt(2 * tau / _median(kappas)) if kappas else float("nan"), "tau": tau,
+            "R_over_norm": _median(values) / result["norm"]}
+
+
+# ----------------------------------------------------------------------------- the paper's claim
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 pairs."""
+    if len(x) < 3:
+        return float("nan")
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else float("nan")
+
+
+def misalignment_vs_radius(results: list[dict], outputs: Path | None = None, gap: float = 0.05) -> dict:
+    """Per (model, width of the tier): ``rho = ||w_RTN - w|| / R(w)`` (train-split R) and the
+    misalignment ``eta = NLL_GPTQ - NLL_QAFT`` on the test split, from the run records (computed
+    if missing); Spearman's correlation of ``eta`` with ``rho`` over all rows; and whether
+    misalignment (``eta > gap`` nats) appears exactly where ``rho > 1``."""
+    rows = []
+    for result in results:
+        basin = basin_radius(result)
+        for b in runs.load_tier(result["tier"])["bits"]:
+            rec = {m: runs.run(runs.make_config(m, b, result["tier"], model=result["model"]), outputs)
+                   for m in ("rtn", "gptq", "qaft")}
+            rows.append({"model": result["model"], "bits": b, "distance_rtn": rec["rtn"]["weight_distance"],
+                         "R": basin["R"], "R_is_bound": basin["bound"],
+                         "rho": rec["rtn"]["weight_distance"] / basin["R"],
+                         "eta": rec["gptq"]["nll_test"] - rec["qaft"]["nll_test"],
+                         "nll_test": {m: r["nll_test"] for m, r in rec.items()}})
+    agree = [(r["rho"] > 1) == (r["eta"] > gap) for r in rows]
+    return {"rows": rows, "spearman": spearman([r["rho"] for r in rows], [r["eta"] for r in rows]),
+            "gap": gap, "threshold_agrees": sum(agree), "n": len(rows),
+            "misaligned_rho": sorted(r["rho"] for r in rows if r["eta"] > gap),
+            "aligned_rho": sorted(r["rho"] for r in rows if r["eta"] <= gap)}
+
+
+def rtn_vs_random(result: dict, split: str = "validation") -> list[dict]:
+    """Per width: the NLL of ``w_RTN`` against the random-direction profile at the same distance
+    (median over directions of the +/- averaged profile, linearly interpolated in distance; None
+    beyond the sweep). ``excess`` > 0: quantization noise costs more than a random step as long."""
+    fp = next(p for p in result["points"] if p["spec"]["kind"] == "fp")[split]
+    profiles = radial_profiles(result, split)
+    rows = []
+    for p in result["points"]:
+        s = p["spec"]
+        if s["kind"] != "run" or s["method"] != "rtn":
+            continue
+        at = []
+        for lams, rise in profiles.values():
+            for (x0, y0), (x1, y1) in zip(zip(lams, rise), zip(lams[1:], rise[1:])):
+                if x0 <= p["distance"] <= x1:
+                    at.append(y0 + (y1 - y0) * (p["distance"] - x0) / (x1 - x0))
+        random_nll = fp + _median(at) if at else None
+        rows.append({"bits": s["bits"], "distance": p["distance"], "nll_rtn": p[split], "nll_random": random_nll,
+                     "excess": p[split] - random_nll if random_nll is not None else None})
+    return sorted(rows, key=lambda r: -r["bits"])
+
+
+def segment_barriers(result: dict, bits: int, split: str = "train") -> list[dict]:
+    """Per segment at ``bits``: the barrier ``max_a L(a) - (L(0) + L(1)) / 2`` over its measured
+    points (ends included), in nats; > 0 means the straight path climbs over a ridge."""
+    ends = {"fp": next(p for p in result["points"] if p["spec"]["kind"] == "fp")[split]}
+    for p in result["points"]:
+        s = p["spec"]
+        if s["kind"] == "run" and s["bits"] == bits:
+            ends[f"{s['method']}@{bits}"] = p[split]
+    segs = {}
+    for p in result["points"]:
+        s = p["spec"]
+        if s["kind"] == "segment" and s["b"].endswith(f"@{bits}"):
+            segs.setdefault((s["a"], s["b"]), []).append(p[split])
+    return [{"a": a, "b": b, "barrier": max(vals + [ends[a], ends[b]]) - (ends[a] + ends[b]) / 2,
+             "nll_a": ends[a], "nll_b": ends[b]} for (a, b), vals in segs.items()]

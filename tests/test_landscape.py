@@ -1,0 +1,146 @@
+"""Loss landscape: directions, exact restore, the bowl fit, the analyses on known numbers, kept weights."""
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+
+from repro import evaluate, landscape, runs
+from repro.methods.rtn import rtn
+from repro.models import fp_snapshot, stack_linears
+
+
+def test_a_direction_is_a_seeded_unit_vector_over_the_stack():
+    fp = fp_snapshot(tiny_model("llama"))
+    e, again, other = landscape.direction(fp, 3), landscape.direction(fp, 3), landscape.direction(fp, 4)
+    assert math.isclose(math.sqrt(sum(float(v.double().pow(2).sum()) for v in e.values())), 1.0, rel_tol=1e-6)
+    assert all(torch.equal(e[n], again[n]) for n in fp) and not torch.equal(e[next(iter(fp))], other[next(iter(fp))])
+    assert all(e[n].shape == w.shape for n, w in fp.items())
+    # uniform on the sphere: no preferred sign, entries of size ~1/sqrt(D)
+    flat = torch.cat([v.flatten() for v in e.values()])
+    assert abs(float(flat.mean())) < 3 / flat.numel() ** 0.5 * 3
+    assert math.isclose(float(flat.std()) * flat.numel() ** 0.5, 1.0, rel_tol=0.05)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_perturbed_weights_are_restored_exactly(family):
+    """A radial step and a segment point are written in place (Conv1D's [in, out] layout too),
+    change the loss, and leave the model bit-identical to before."""
+    model = tiny_model(family)
+    fp = fp_snapshot(model)
+    seqs = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = evaluate.nll(model, seqs, desc=None)
+    e = landscape.direction(fp, 0)
+    step = {n: w + 0.5 * landscape.stack_norm(fp) * e[n] for n, w in fp.items()}
+    with landscape.weights_set(model, fp) as put:
+        put(step)
+        assert evaluate.nll(model, seqs, desc=None) != before
+        assert math.isclose(landscape.distance(step, fp), 0.5 * landscape.stack_norm(fp), rel_tol=1e-5)
+        put({n: torch.lerp(w, step[n], 0.25) for n, w in fp.items()})
+    assert all(torch.equal(m.weight.detach(), fp[n]) for n, m in stack_linears(model).items())
+    assert evaluate.nll(model, seqs, desc=None) == before
+
+
+@pytest.mark.parametrize("n", [2.0, 1.5, 3.0])
+def test_bowl_fit_recovers_a_known_bowl(n):
+    A, R = 6.0, 0.3
+    lams = [0.3 * 10 ** (k / 4 - 2) for k in range(14)]
+    rise = [A * x ** n / (x ** n + R ** n) for x in lams]
+    fit = landscape.fit_bowl(lams, rise)
+    assert fit["R"] == pytest.approx(R, rel=0.02) and fit["A"] == pytest.approx(A, rel=0.02)
+    assert fit["n"] == pytest.approx(n, abs=0.03)
+    assert fit["plateau"] and fit["accepted"] == (1.6 <= n <= 2.4)
+    assert fit["kappa"] == pytest.approx(2 * fit["A"] / fit["R"] ** 2)
+
+
+def test_bowl_fit_without_a_plateau_gives_a_lower_bound():
+    A, R = 6.0, 0.3
+    lams = [0.3 * 10 ** (k / 4 - 2) for k in range(7)]  # up to 0.1: a third of R
+    fit = landscape.fit_bowl(lams, [A * x ** 2 / (x ** 2 + R ** 2) for x in lams])
+    assert not fit["accepted"]
+    assert fit["R_lower"] <= R
+
+
+def fake_result(profile, rtn_points, segment=None, norm=10.0):
+    """A landscape result with two directions whose +e / -e rises average to ``profile(lam)``."""
+    fp = 3.0
+    points = [{"spec": {"kind": "fp"}, "distance": 0.0, "train": fp, "validation": fp}]
+    for seed in (0, 1):
+        for lam in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0):
+            for sign, skew in ((1, 0.2), (-1, -0.2)):  # a gradient term that the average cancels
+                value = fp + profile(lam) + skew * lam / 30
+                points.append({"spec": {"kind": "radial", "seed": seed, "sign": sign, "radius": lam / norm},
+                               "distance": lam, "train": value, "validation": value})
+    for bits, (dist, nll) in rtn_points.items():
+        points.append({"spec": {"kind": "run", "method": "rtn", "bits": bits}, "distance": dist, "train": nll,
+                       "validation": nll})
+    for alpha, nll in (segment or {}).items():
+        points.append({"spec": {"kind": "segment", "a": "fp", "b": "rtn@4", "alpha": alpha}, "distance": 0.0,
+                       "train": nll, "validation": nll})
+    return {"model": "m", "tier": "ci", "norm": norm, "settings": {"tau": 0.1}, "points": points}
+
+
+def test_profiles_average_out_the_gradient_and_rtn_is_compared_at_its_distance():
+    result = fake_result(lambda x: 4 * x ** 2 / (x ** 2 + 9), {4: (3.0, 5.5), 8: (0.3, 3.0)}, {0.5: 7.0})
+    lams, rise = landscape.radial_profiles(result)[0]
+    assert lams == [0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+    assert rise[3] == pytest.approx(2.0)  # exactly the bowl at R: the +-0.2 lam/30 terms cancelled
+    basin = landscape.basin_radius(result)
+    assert basin["R"] == pytest.approx(3.0, rel=0.03) and basin["accepted"] == 2 and not basin["bound"]
+    assert basin["R_tau"] == pytest.approx(math.sqrt(2 * 0.1 / (2 * 4 / 9)), rel=0.05)
+    rows = {r["bits"]: r for r in landscape.rtn_vs_random(result)}
+    assert rows[4]["nll_random"] == pytest.approx(5.0) and rows[4]["excess"] == pytest.approx(0.5)
+    barrier, = landscape.segment_barriers(result, 4)
+    assert barrier["barrier"] == pytest.approx(7.0 - (3.0 + 5.5) / 2)
+
+
+def test_spearman_on_known_orders():
+    assert landscape.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert landscape.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert landscape.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)  # average ranks
+    assert math.isnan(landscape.spearman([1, 2], [2, 1]))
+
+
+def test_bad_landscape_settings_fail_early():
+    with pytest.raises(ValueError, match="directions"):
+        landscape.settings("ci", directions=0)
+    with pytest.raises(ValueError, match="alphas"):
+        landscape.settings("ci", alphas=[0.5, 1.0])
+    with pytest.raises(ValueError, match="radii"):
+        landscape.settings("ci", radii=[])
+
+
+def test_the_tier_keeps_weights_of_the_landscape_runs_only():
+    section = runs.load_tier("ci")["landscape"]
+    b = section["bits"][0]
+    assert runs.make_config("gptq", b, tier="ci").save_weights and runs.make_config("qaft", b, tier="ci").save_weights
+    assert not runs.make_config("rtn", b, tier="ci").save_weights  # follows from its record's scales
+    assert not runs.make_config("gptq", 8, tier="ci").save_weights
+    assert not runs.make_config("gptq", b, tier="ci", model="gemma3-270m").save_weights
+    # keeping weights does not change what a run is
+    assert runs.make_config("gptq", b, tier="ci").key() == runs.make_config("gptq", b, tier="ci", save_weights=False).key()
+    with pytest.raises(ValueError, match="save_weights"):
+        runs.RunConfig(method="fp", save_weights=True)
+
+
+def test_kept_weights_round_trip_exactly(tmp_path):
+    model = tiny_model("gpt2")
+    config = runs.RunConfig(method="rtn", bits=3, observer="minmax")
+    info = rtn(model, types.SimpleNamespace(), config)
+    path = tmp_path / "w.safetensors"
+    runs.save_weights(model, config, info, path)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(path))
+    for name, m in stack_linears(model).items():
+        assert stored[name].dtype == torch.int8
+        torch.testing.assert_close(stored[name].float() * stored[f"{name}.scale"], m.weight.detach(), rtol=0, atol=0)
+    name, m = next(iter(stack_linears(model).items()))
+    with torch.no_grad():
+        m.weight.add_(1e-3)  # off the grid: refused, nothing written
+    with pytest.raises(RuntimeError, match="not on its int3 grid"):
+        runs.save_weights(model, config, info, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob(".bad*"))
