@@ -119,6 +119,16 @@ def _figures(args) -> int:
                        for b in report.blockwise_bits(cross)}
             figures["window_time"] = lambda: plots.window_time(cross)
             drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
+    for model, result in _landscapes(args, params).items():  # notebook 03's figures
+        from repro import landscape
+
+        suffix = f"_{args.tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
+        figures = {f"landscape_int{b}": (lambda b=b: plots.landscape(result, b)) for b in result["bits"]}
+        figures["basin"] = lambda: plots.basin_fits(result)
+        analysis = landscape.misalignment_vs_radius([result], args.outputs, compute=False)
+        if analysis["rows"]:
+            figures["eta_vs_rho"] = lambda: plots.eta_vs_rho(analysis)
+        drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
     if len({r["config"]["model"] for r in every}) > 1:  # Fig. 2 over all of the tier's models
         fig = plots.pareto(every)
         fig.savefig(directory / f"pareto_{args.tier}.png", dpi=110, bbox_inches="tight")
@@ -126,6 +136,19 @@ def _figures(args) -> int:
         drawn[directory / f"pareto_{args.tier}.png"] = None
     print("\n".join(map(str, drawn)))
     return 0
+
+
+def _landscapes(args, params) -> dict:
+    """``{model: landscape}`` of the tier's landscape models whose every point is cached."""
+    from repro import landscape
+
+    section = params.get("landscape") or {}
+    found = {}
+    for model in section.get("models") or []:
+        result = landscape.landscape(model, section.get("bits", [4]), args.tier, args.outputs, cached_only=True)
+        if result is not None:
+            found[model] = result
+    return found
 
 
 def _report(args) -> int:
@@ -174,6 +197,16 @@ def _report(args) -> int:
                             for model in cross)
         sections["cross-block"] = (f"{report.cross_block_summary(every)}\n\n{growth}\n\n"
                                    f"{report.memory_table(blockwise)}\n\n{report.provenance(every, args.tier, command)}")
+    for model, result in _landscapes(args, params).items():
+        from repro import landscape
+
+        analysis = landscape.misalignment_vs_radius([result], args.outputs, compute=False)
+        sections[f"landscape-{model}"] = "\n\n".join(
+            [f"int{b} segments:\n\n{report.barrier_table(result, b)}" for b in result["bits"]]
+            + [f"Basin radius:\n\n{report.basin_table(result)}", report.radius_summary(analysis),
+               f"RTN against a random step of the same length:\n\n{report.rtn_vs_random_table(result)}",
+               f"*Generated from {len(result['points'])} cached landscape points by `{command}`: tier {args.tier}, "
+               f"model {model}, code {', '.join(sorted({p.get('code', 'unknown') for p in result['points']}))}.*"])
     summary = Path(args.outputs) / args.tier / "batch.json"
     if summary.is_file():
         from repro import batch

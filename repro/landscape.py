@@ -127,7 +127,8 @@ def _measure(model, data, opts: dict, batch_size: int) -> dict:
             "validation": evaluate.nll(model, data.validation[: opts["n_validation"]], batch_size, desc=None)}
 
 
-def landscape(model: str | None = None, bits=(4,), tier: str = "cpu", outputs: Path | None = None, **overrides) -> dict:
+def landscape(model: str | None = None, bits=(4,), tier: str = "cpu", outputs: Path | None = None,
+              cached_only: bool = False, **overrides) -> dict | None:
     """Every point of the Fig. 3 picture for ``model`` at each width in ``bits``, computed or read.
 
     Runs the method's configs of the tier (``runs.make_config``), reading their kept weights.
@@ -135,13 +136,15 @@ def landscape(model: str | None = None, bits=(4,), tier: str = "cpu", outputs: P
     ``{"spec", "distance", "train", "validation"}``; ``spec["kind"]`` is ``fp``, ``radial``
     (``seed``, ``sign``, ``radius`` = lam/||w||), ``run`` (``method``, ``bits``) or ``segment``
     (``a``, ``b`` as ``fp`` / ``method@bits``, ``alpha``). Also ``rtn`` points at every width of
-    the tier (for ``rtn_vs_random``). NLL in nats/token.
+    the tier (for ``rtn_vs_random``). NLL in nats/token. ``cached_only``: compute nothing, and
+    return ``None`` unless every point is cached (``repro report`` / ``repro figures``).
     """
     opts = settings(tier, **overrides)
     bits = [bits] if isinstance(bits, int) else list(bits)
     base = runs.make_config("fp", None, tier, model=model)
     outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
-    runs.check_writable(outputs / "records" / "landscape")
+    if not cached_only:
+        runs.check_writable(outputs / "records" / "landscape")
     tier_bits = runs.load_tier(tier)["bits"]
     run_configs = {f"{m}@{b}": runs.make_config(m, b, tier, model=base.model)
                    for b in bits for m in opts["methods"]}
@@ -157,6 +160,8 @@ def landscape(model: str | None = None, bits=(4,), tier: str = "cpu", outputs: P
     keyed = [(spec, _point_path(base, _point_key(base, _identity(spec, run_configs), opts), outputs)) for spec in specs]
     cached = {str(path): _read_point(path) for _, path in keyed}
     missing = [(spec, path) for spec, path in keyed if cached[str(path)] is None]
+    if missing and cached_only:
+        return None
     if missing:
         _compute_points(base, missing, run_configs, opts, outputs)
     points = [_read_point(path) for _, path in keyed]
@@ -335,17 +340,21 @@ def spearman(x, y) -> float:
     return cov / (sx * sy) if sx and sy else float("nan")
 
 
-def misalignment_vs_radius(results: list[dict], outputs: Path | None = None, gap: float = 0.05) -> dict:
+def misalignment_vs_radius(results: list[dict], outputs: Path | None = None, gap: float = 0.05,
+                           compute: bool = True) -> dict:
     """Per (model, width of the tier): ``rho = ||w_RTN - w|| / R(w)`` (train-split R) and the
     misalignment ``eta = NLL_GPTQ - NLL_QAFT`` on the test split, from the run records (computed
-    if missing); Spearman's correlation of ``eta`` with ``rho`` over all rows; and whether
-    misalignment (``eta > gap`` nats) appears exactly where ``rho > 1``."""
+    if missing, or skipped with ``compute=False``); Spearman's correlation of ``eta`` with
+    ``rho`` over all rows; and whether misalignment (``eta > gap`` nats) appears exactly where
+    ``rho > 1``."""
     rows = []
     for result in results:
         basin = basin_radius(result)
         for b in runs.load_tier(result["tier"])["bits"]:
-            rec = {m: runs.run(runs.make_config(m, b, result["tier"], model=result["model"]), outputs)
-                   for m in ("rtn", "gptq", "qaft")}
+            configs = {m: runs.make_config(m, b, result["tier"], model=result["model"]) for m in ("rtn", "gptq", "qaft")}
+            rec = {m: runs.run(c, outputs) if compute else runs.read_record(c, outputs) for m, c in configs.items()}
+            if None in rec.values():
+                continue
             rows.append({"model": result["model"], "bits": b, "distance_rtn": rec["rtn"]["weight_distance"],
                          "R": basin["R"], "R_is_bound": basin["bound"],
                          "rho": rec["rtn"]["weight_distance"] / basin["R"],

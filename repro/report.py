@@ -301,6 +301,14 @@ def misalignment_summary(records, local: str = "gptq", global_: str = "qaft") ->
     if not lines:
         return f"No bit-width has both {local} and {global_} records yet."
     return "\n".join(lines)
+def fallback_summary(records) -> str:
+    """One line per GPTQ record whose layers fell back to RTN (Cholesky failed at every damping
+    value), or one line saying none did: the record's warning, shown where people read results."""
+    lines = [f"**Warning** — GPTQ {r['config']['model']} int{r['config']['bits']}: {r['info']['warning']}"
+             for r in records if r["config"]["method"] == "gptq" and (r.get("info") or {}).get("warning")]
+    return "\n".join(lines) or "No GPTQ layer fell back to RTN: every layer solved at a damping of the grid."
+
+
 def first_epoch_summary(records) -> str:
     """Markdown: does one epoch of QAFT already beat GPTQ (test NLL), per bit-width?"""
     table = _table(records)

@@ -193,6 +193,11 @@ print(report.layer_share_table(records))
 print()
 print(report.misalignment_summary(records))
 """),
+    code("""
+from IPython.display import Markdown
+
+Markdown(report.fallback_summary(records))  # GPTQ layers whose every damping failed are quantized by RTN
+"""),
     md("""
 ## Fig. 7 — QAFT test NLL per epoch, GPTQ level in red
 Epoch 0 is RTN, QAFT's starting point; the curve is the learning rate chosen on validation.

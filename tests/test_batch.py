@@ -23,8 +23,10 @@ def test_plan_covers_every_notebook_and_model():
     (pareto,) = [j for j in jobs if j.notebook == "02_pareto"]
     assert pareto.model is None and {c.model for c in pareto.configs} == set(models)
     assert {c.method for c in pareto.configs} == {"fp", "rtn", "gptq", "qaft"}
+    landscape_models = runs.load_tier("ci")["landscape"]["models"]
+    assert [j.model for j in jobs if j.notebook == "03_landscape"] == landscape_models
     with pytest.raises(ValueError, match="unknown notebook"):
-        batch.plan("ci", ["03_landscape"])
+        batch.plan("ci", ["99_missing"])
 
 
 def _records(outputs: Path) -> dict:

@@ -1,4 +1,5 @@
 """QAFT: schedule, grid-exact result, resume, NaN handling, accumulation, and a real run."""
+import dataclasses
 import importlib
 import json
 import math
@@ -256,3 +257,26 @@ def test_a_known_rtn_nll_replaces_the_epoch_zero_evaluation(tmp_path, monkeypatc
     again = qaft(model, data, tiny_config(tmp_path / "b", lr_grid=[1e-2]), rtn_nll=reference["rtn"])
     assert again["runs"][0]["history"] == reference["runs"][0]["history"]
     assert len(calls) == 2 * 2  # validation + test after each of the two epochs, none at epoch 0
+
+
+def _without_timings(value):
+    """A record with its wall-clock fields (``*_s``, ``created``, ``cached``) removed, recursively."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items()
+                if not (k.endswith("_s") or k in ("created", "cached"))}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+@pytest.mark.embedded
+def test_embedded_qaft_is_deterministic(tmp_path):
+    """Two runs of one config (fresh outputs, same process) give records identical to the bit
+    apart from wall-clock times: same learning rate, epoch, history, NLLs and kept weights."""
+    config = runs.make_config("qaft", 4, tier="ci", options={"epochs": 1, "lr_grid": [1e-3]})
+    config = dataclasses.replace(config, save_weights=True)
+    first, second = (runs.run(config, outputs=tmp_path / name) for name in ("a", "b"))
+    assert _without_timings(first) == _without_timings(second)
+    assert first["info"]["runs"][0]["history"]  # it trained
+    a, b = (runs.weights_path(config, tmp_path / name).read_bytes() for name in ("a", "b"))
+    assert a == b
