@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -224,6 +225,54 @@ def _report(args) -> int:
     return 0
 
 
+BENCHMARKS = {  # name -> the script's arguments that measure each target of benchmarks/README.md
+    "gptq": ["gptq_bench.py", "--threads", "1", "--skip-model"],
+    "qaft": ["qaft_bench.py", "--seq-len", "512", "--steps", "3", "--rounds", "2"],
+    "eval": ["eval_bench.py"],
+}
+
+
+def _bench(args) -> int:
+    """Run the benchmarks one after another (never two at once: they time the same cores) and write
+    their output, with machine, torch, date and commit, to OUTPUTS/bench/bench-<date>.md."""
+    import platform
+    import subprocess
+    import time
+
+    import torch
+
+    directory = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not directory.is_dir():
+        raise RuntimeError(f"repro bench runs the scripts of a repository checkout's benchmarks/ ({directory} "
+                           f"not found); clone the repository and install it with `make install`")
+    names = args.which or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    extra = ["--device", args.device] if args.device else []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=directory, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    lines = [f"# repro bench, {time.strftime('%Y-%m-%d %H:%M')}, commit {commit}",
+             f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {os.cpu_count()} cores\n"]
+    for name in names:
+        command = [sys.executable, str(directory / BENCHMARKS[name][0]), *BENCHMARKS[name][1:], *extra]
+        print(f"$ {' '.join(command[1:])}", flush=True)
+        done = subprocess.run(command, cwd=directory, capture_output=True, text=True)
+        print(done.stdout, flush=True)
+        lines += [f"## {name}: `python benchmarks/{' '.join(BENCHMARKS[name] + extra)}`\n", done.stdout]
+        if done.returncode:
+            lines.append(f"FAILED (exit {done.returncode}):\n{done.stderr[-2000:]}")
+            print(done.stderr[-2000:], file=sys.stderr)
+    path = Path(args.outputs) / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from repro.runs import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines))
+    print(f"written to {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     from repro.data import CORPORA
     from repro.methods import METHODS
@@ -276,6 +325,15 @@ def main(argv=None) -> int:
     p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.add_argument("--readme", help="markdown file whose marker sections to rewrite (e.g. README.md)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("bench", help="run the benchmarks of benchmarks/README.md, one at a time, and keep their output",
+                       description="Each benchmark against its reference (GPTQ vs IST-DASLab's solve, the QAFT "
+                                   "step vs plain fine-tuning, evaluation vs a plain HF forward), printed and "
+                                   "written to OUTPUTS/bench/ with machine, torch, date and commit. Minutes on a CPU.")
+    p.add_argument("which", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--device", help="cpu or cuda (default: the scripts' own, cuda when available)")
+    p.add_argument("--outputs", help=OUTPUTS_HELP)
+    p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     if getattr(args, "outputs", "") is None:

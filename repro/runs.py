@@ -188,11 +188,14 @@ def weights_path(config: RunConfig, outputs: Path | None = None) -> Path:
     return record_path(config, outputs).with_suffix(".safetensors")
 
 
-def save_weights(model, config: RunConfig, info: dict, path: Path) -> None:
+def save_weights(model, config: RunConfig, info: dict, path: Path, fp_weights: dict | None = None,
+                 created: str = "") -> None:
     """The stack's quantized weights as int8 codes and one float32 scale per linear
-    (``<name>`` and ``<name>.scale``), written atomically; a weight that is not exactly
-    ``code * scale`` raises. Scales come from the method's record (RTN/QAFT ``scales``, GPTQ
-    per layer), else from the observer on the FP weight (every method's grid)."""
+    (``<name>`` and ``<name>.scale``), written atomically, with the record's ``created`` stamp in
+    the file's metadata (so a landscape point can tell which computation of the run it used). A
+    weight that is not ``code * scale`` (in the weight's own dtype) raises. Scales come from the
+    method's record (RTN/QAFT ``scales``, GPTQ per layer), else from the observer on the FP
+    weight in ``fp_weights`` (every method's grid)."""
     from safetensors.torch import save_file
 
     from repro.quant import codes, compute_scale
@@ -201,33 +204,48 @@ def save_weights(model, config: RunConfig, info: dict, path: Path) -> None:
     known.update({name: layer["scale"] for name, layer in (info.get("layers") or {}).items() if "scale" in layer})
     tensors = {}
     for name, m in models.stack_linears(model).items():
-        w = m.weight.detach().float().cpu()
-        scale = torch.tensor(known[name]) if name in known else compute_scale(_WORKBENCH[0].fp_weights[name],
-                                                                               config.bits, config.observer).cpu()
-        c = codes(w, scale, config.bits)
-        if not torch.equal(c.float() * scale, w):
+        w = m.weight.detach().cpu()
+        scale = torch.tensor(known[name]) if name in known else compute_scale(fp_weights[name], config.bits,
+                                                                               config.observer).cpu()
+        c = codes(w.float(), scale, config.bits)
+        if not torch.equal((c.float() * scale).to(w.dtype), w):
             raise RuntimeError(f"{config.label()}: {name} is not on its int{config.bits} grid; weights not saved")
         tensors[name], tensors[f"{name}.scale"] = c.contiguous(), scale.reshape(()).float()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"key": config.key(), "bits": str(config.bits)})
+        save_file(tensors, tmp, metadata={"key": config.key(), "bits": str(config.bits), "created": created})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def weights_stamp(config: RunConfig, outputs: Path | None = None) -> str | None:
+    """The ``created`` stamp of the record whose computation wrote the kept weights (None: none kept)."""
+    from safetensors import safe_open
+
+    path = weights_path(config, outputs)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("created")
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def load_weights(config: RunConfig, outputs: Path | None = None) -> dict[str, torch.Tensor]:
-    """A run's kept quantized weights (name -> float32 tensor, as stored in the module);
-    the run is computed (or recomputed) first if they are not on disk."""
+    """A run's kept quantized weights (name -> float32 tensor); the run is computed first, or
+    computed again when its record predates keeping weights."""
     from safetensors.torch import load_file
 
     config = dataclasses.replace(config, save_weights=True)
     path = weights_path(config, outputs)
     if not path.exists():
-        run(config, outputs)
+        run(config, outputs, need_weights=True)
+    if not path.exists():
+        raise RuntimeError(f"{config.model} {config.label()}: its weights could not be kept (see the warning "
+                           f"above); a landscape needs them")
     stored = load_file(str(path))
     return {name: c.float() * stored[f"{name}.scale"] for name, c in stored.items() if not name.endswith(".scale")}
 
@@ -372,21 +390,23 @@ def check_writable(directory: Path) -> None:
                            f"choose a writable directory with --outputs or REPRO_OUTPUTS") from None
 
 
-def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> dict:
+def run(config: RunConfig, outputs: Path | None = None, force: bool = False, need_weights: bool = False) -> dict:
     """Run one config (or read its cached record) and return the record dict.
 
     Runs of the same config at the same time (two ``repro batch`` on one outputs/) do not both
     compute it: each takes the record's lock (``<record>.lock``), and the one that waited finds
-    the record and reads it."""
+    the record and reads it. ``need_weights``: a record without kept weights (``save_weights``;
+    an older run) is computed again to keep them."""
     path = record_path(config, outputs)
-    record = None if force else _reusable(config, outputs)
+    record = None if force else _reusable(config, outputs, need_weights)
     if record is None:
         check_writable(path.parent)  # before hours of work, not after
         # Under `accelerate launch` every rank runs this config together (QAFT's DDP needs them all):
         # no lock between them; rank 0 writes the record.
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         with nullcontext() if distributed else models.file_lock(path.with_name(f".{path.name}.lock")):
-            record = None if force else _reusable(config, outputs)  # another process may have just written it
+            # another process may have just written it
+            record = None if force else _reusable(config, outputs, need_weights, warn=False)
             if record is None:
                 record = _compute(config, outputs)
     # after the record is on disk (also when a process stopped between writing it and cleaning up)
@@ -395,10 +415,12 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False) -> 
     return record
 
 
-def _reusable(config: RunConfig, outputs: Path | None) -> dict | None:
-    """The cached record, unless the config keeps weights and they are missing (an older run)."""
+def _reusable(config: RunConfig, outputs: Path | None, need_weights: bool = False, warn: bool = True) -> dict | None:
+    """The cached record, unless weights are needed and it kept none (an older run)."""
     record = read_record(config, outputs)
-    if record is not None and config.save_weights and not weights_path(config, outputs).exists():
+    if record is not None and need_weights and not weights_path(config, outputs).exists():
+        if not warn:
+            return None
         warnings.warn(f"{config.model} {config.label()}: its record has no kept weights; computing it again "
                       f"to keep them", stacklevel=2)
         return None
@@ -407,6 +429,7 @@ def _reusable(config: RunConfig, outputs: Path | None) -> dict | None:
 
 def _compute(config: RunConfig, outputs: Path | None) -> dict:
     """Load (or reuse) the model and data, run the method, evaluate, write the record."""
+    weights_path(config, outputs).unlink(missing_ok=True)  # kept by an earlier computation: stale now
     bench = workbench(config)
     if config.bits is not None and bench.fp_test_grams is None and \
             evaluate.gram_bytes(bench.model) <= evaluate.GRAM_LIMIT_BYTES:  # the model is FP here
@@ -431,6 +454,7 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
     metrics = evaluate_model(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits,
                              bench.fp_test_grams, bench.fp_test_hidden[1] if bench.fp_test_hidden else None,
                              nll_validation=known)
+    created = time.strftime("%Y-%m-%dT%H:%M:%S")
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
         "versions": {"package": repro.__version__, "code": code_hash(), "method": version, **SHARED_VERSIONS},
@@ -438,10 +462,13 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
         "wall_s": {"method": method_s, "evaluate": time.perf_counter() - start - method_s},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": str(next(bench.model.parameters()).device)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "created": created,
     }
-    if config.save_weights:  # before the record: a record promises its weights
-        save_weights(bench.model, config, info, weights_path(config, outputs))
+    if config.save_weights:  # before the record, which then has them; a failure costs the weights only
+        try:
+            save_weights(bench.model, config, info, weights_path(config, outputs), bench.fp_weights, created)
+        except RuntimeError as err:
+            warnings.warn(f"{err}; the record is written without them", stacklevel=2)
     write_json_atomic(record_path(config, outputs), record)
     record["cached"] = False
     return record

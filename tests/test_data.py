@@ -9,7 +9,7 @@ def test_wiki_corpus_is_real_and_split_by_article():
     assert len(articles) == 106
     assert sum(len(t) for _, t in articles) > 2_000_000  # megabytes of real prose
     assert articles[0][0] == "Anarchism"
-    assignment = data.wiki_splits([t for t, _ in articles])
+    assignment = data.title_splits([t for t, _ in articles])
     counts = {s: sum(v == s for v in assignment.values()) for s in data.SPLITS}
     assert counts == {"train": 84, "validation": 11, "test": 11}
     corpus = data.load_corpus("wiki")

@@ -1,6 +1,7 @@
 """Loss landscape: directions, exact restore, the bowl fit, the analyses on known numbers, kept weights."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -34,12 +35,11 @@ def test_perturbed_weights_are_restored_exactly(family):
     seqs = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     before = evaluate.nll(model, seqs, desc=None)
     e = landscape.direction(fp, 0)
-    step = {n: w + 0.5 * landscape.stack_norm(fp) * e[n] for n, w in fp.items()}
+    lam = 0.5 * landscape.stack_norm(fp)
     with landscape.weights_set(model, fp) as put:
-        put(step)
+        assert math.isclose(put(lambda name, w: torch.add(w, e[name], alpha=lam)), lam, rel_tol=1e-5)
         assert evaluate.nll(model, seqs, desc=None) != before
-        assert math.isclose(landscape.distance(step, fp), 0.5 * landscape.stack_norm(fp), rel_tol=1e-5)
-        put({n: torch.lerp(w, step[n], 0.25) for n, w in fp.items()})
+        assert math.isclose(put(lambda name, w: torch.lerp(w, w + lam * e[name], 0.25)), lam / 4, rel_tol=1e-5)
     assert all(torch.equal(m.weight.detach(), fp[n]) for n, m in stack_linears(model).items())
     assert evaluate.nll(model, seqs, desc=None) == before
 
@@ -62,6 +62,9 @@ def test_bowl_fit_without_a_plateau_gives_a_lower_bound():
     fit = landscape.fit_bowl(lams, [A * x ** 2 / (x ** 2 + R ** 2) for x in lams])
     assert not fit["accepted"]
     assert fit["R_lower"] <= R
+    # two samples, the second past R without a plateau: the bound is the sample before the half-way rise
+    fit = landscape.fit_bowl([0.5 * R, 1.94 * R], [A * x ** 2 / (x ** 2 + R ** 2) for x in (0.5 * R, 1.94 * R)])
+    assert fit["R_lower"] == pytest.approx(0.5 * R)
 
 
 def fake_result(profile, rtn_points, segment=None, norm=10.0):
@@ -73,7 +76,8 @@ def fake_result(profile, rtn_points, segment=None, norm=10.0):
             for sign, skew in ((1, 0.2), (-1, -0.2)):  # a gradient term that the average cancels
                 value = fp + profile(lam) + skew * lam / 30
                 points.append({"spec": {"kind": "radial", "seed": seed, "sign": sign, "radius": lam / norm},
-                               "distance": lam, "train": value, "validation": value})
+                               "distance": lam * (1 + sign * 1e-7),  # float32 rounding: +e and -e differ
+                               "train": value, "validation": value})
     for bits, (dist, nll) in rtn_points.items():
         points.append({"spec": {"kind": "run", "method": "rtn", "bits": bits}, "distance": dist, "train": nll,
                        "validation": nll})
@@ -84,9 +88,9 @@ def fake_result(profile, rtn_points, segment=None, norm=10.0):
 
 
 def test_profiles_average_out_the_gradient_and_rtn_is_compared_at_its_distance():
-    result = fake_result(lambda x: 4 * x ** 2 / (x ** 2 + 9), {4: (3.0, 5.5), 8: (0.3, 3.0)}, {0.5: 7.0})
+    result = fake_result(lambda x: 4 * x ** 2 / (x ** 2 + 9), {4: (3.0, 5.5), 8: (0.3, 3.0)}, {0.5: 7.0, 0.25: 4.0})
     lams, rise = landscape.radial_profiles(result)[0]
-    assert lams == [0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+    assert lams == pytest.approx([0.1, 0.3, 1.0, 3.0, 10.0, 30.0], rel=1e-12)
     assert rise[3] == pytest.approx(2.0)  # exactly the bowl at R: the +-0.2 lam/30 terms cancelled
     basin = landscape.basin_radius(result)
     assert basin["R"] == pytest.approx(3.0, rel=0.03) and basin["accepted"] == 2 and not basin["bound"]
@@ -94,7 +98,9 @@ def test_profiles_average_out_the_gradient_and_rtn_is_compared_at_its_distance()
     rows = {r["bits"]: r for r in landscape.rtn_vs_random(result)}
     assert rows[4]["nll_random"] == pytest.approx(5.0) and rows[4]["excess"] == pytest.approx(0.5)
     barrier, = landscape.segment_barriers(result, 4)
-    assert barrier["barrier"] == pytest.approx(7.0 - (3.0 + 5.5) / 2)
+    assert barrier["barrier"] == pytest.approx(7.0 - (3.0 + 5.5) / 2)  # at alpha 0.5, above the chord
+    rising = fake_result(lambda x: x, {4: (3.0, 5.5)}, {0.5: 4.0, 0.75: 4.5})  # below the chord: no ridge
+    assert landscape.segment_barriers(rising, 4)[0]["barrier"] == 0.0
 
 
 def test_spearman_on_known_orders():
@@ -144,3 +150,54 @@ def test_kept_weights_round_trip_exactly(tmp_path):
     with pytest.raises(RuntimeError, match="not on its int3 grid"):
         runs.save_weights(model, config, info, tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_kept_weights_lifecycle(tmp_path, monkeypatch):
+    """A run keeps its weights when its config says so; a record without them is reused by
+    ``run`` but computed again by ``load_weights``; a recomputation removes the stale file first
+    and stamps the new one; weights off the grid cost the weights, not the record."""
+    model = tiny_model("llama")
+    fp = fp_snapshot(model)
+    bench = types.SimpleNamespace(model=model, data=None, fp_weights=fp, fp_test_grams={},
+                                  fp_test_hidden=(4, []))
+    calls = []
+
+    def fake_gptq(model, data, config):  # RTN onto the grid, as a stand-in for a slow method
+        calls.append(1)
+        return rtn(model, data, config)
+
+    def fresh_bench(config):
+        from repro.models import restore
+
+        restore(model, fp)
+        return bench
+
+    monkeypatch.setattr(runs, "workbench", fresh_bench)
+    monkeypatch.setattr(runs, "evaluate_model", lambda *args, **kwargs: {"nll_validation": 1.0, "nll_test": 1.0})
+    monkeypatch.setitem(runs.METHODS, "gptq", (fake_gptq, 99))
+    plain = runs.RunConfig(method="gptq", bits=3, observer="minmax", options={"damping_grid": [0.01]})
+    runs.run(plain, tmp_path)
+    path = runs.weights_path(plain, tmp_path)
+    assert not path.exists() and len(calls) == 1
+    keeping = dataclasses.replace(plain, save_weights=True)
+    assert runs.run(keeping, tmp_path)["cached"] and len(calls) == 1  # the record serves; weights not needed
+    weights = runs.load_weights(keeping, tmp_path)  # needed now: computed again, kept
+    assert len(calls) == 2 and path.exists()
+    assert runs.weights_stamp(keeping, tmp_path) == runs.read_record(keeping, tmp_path)["created"]
+    for name, m in stack_linears(model).items():
+        assert torch.equal(weights[name], m.weight.detach())
+    runs.load_weights(keeping, tmp_path)
+    assert len(calls) == 2  # kept: read, not computed
+    runs.run(plain, tmp_path, force=True)  # recomputed without keeping: the old weights are stale, gone
+    assert not path.exists()
+
+    def off_grid(model, data, config):
+        info = rtn(model, data, config)
+        with torch.no_grad():
+            next(iter(stack_linears(model).values())).weight.add_(1e-3)
+        return info
+
+    monkeypatch.setitem(runs.METHODS, "gptq", (off_grid, 99))
+    with pytest.warns(UserWarning, match="not on its int3 grid.*without them"):
+        record = runs.run(keeping, tmp_path, force=True)
+    assert record["key"] == keeping.key() and runs.read_record(keeping, tmp_path) and not path.exists()

@@ -198,3 +198,31 @@ def test_precision_table_flags_a_difference_over_one_percent():
     table = report.precision_table(pairs)
     assert "| int4 | 5.020 | 5.000 | +0.40% | yes | 1.00 | 2.00 |" in table
     assert "+6.67% | **no**" in table
+
+
+def test_fallback_summary_names_the_layers_that_fell_back():
+    clean = record("gptq", 4)
+    assert report.fallback_summary([clean, record("rtn", 4)]).startswith("No GPTQ layer fell back")
+    bad = record("gptq", 8)
+    bad["info"]["warning"] = "1 layer(s) fell back to RTN (Cholesky failed at every damping): model.layers.0.mlp.up_proj"
+    text = report.fallback_summary([clean, bad])
+    assert text.count("**Warning**") == 1 and "int8" in text and "model.layers.0.mlp.up_proj" in text
+
+
+def _analysis(pairs, bound=False):
+    rows = [{"model": "m", "bits": b, "distance_rtn": rho * 10, "R": 10.0, "R_is_bound": bound, "rho": rho, "eta": eta}
+            for b, (rho, eta) in zip((8, 6, 4, 3), pairs)]
+    mis = sorted(r["rho"] for r in rows if r["eta"] > 0.05)
+    agree = sum((r["rho"] > 1) == (r["eta"] > 0.05) for r in rows)
+    return {"rows": rows, "spearman": 1.0, "gap": 0.05, "threshold_agrees": agree, "n": len(rows),
+            "misaligned_rho": mis, "aligned_rho": sorted(r["rho"] for r in rows if r["eta"] <= 0.05)}
+
+
+def test_radius_summary_states_whether_rho_one_separates_misalignment():
+    holds = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.02), (2.0, 1.0), (5.0, 3.0)]))
+    assert "the paper's explanation holds" in holds
+    fails = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.9), (2.0, 1.0), (5.0, 3.0)], bound=True))
+    assert "does not hold here" in fails and "misalignment already at rho ≤ 1 (0.50)" in fails
+    assert "lower bound" in fails
+    none = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.02)]))
+    assert "No misalignment" in none

@@ -213,3 +213,8 @@ def test_an_embedded_model_is_built_once_by_concurrent_loaders(tmp_path, monkeyp
 def test_bad_sizes_are_refused_when_the_config_is_made(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}: an integer"):
         runs.RunConfig(method="rtn", **{field: value})
+
+
+def test_cli_bench_refuses_an_unknown_benchmark(capsys):
+    assert cli.main(["bench", "gptqq"]) == 2
+    assert "unknown benchmark(s) gptqq" in capsys.readouterr().err

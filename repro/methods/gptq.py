@@ -300,15 +300,16 @@ def gptq(model, data, config) -> dict:
             current = []  # the part whose inputs are flowing through the block
             # linears fed the very same tensor (q/k/v, gate/up) share one Hessian and its
             # factors: the first of them (in call order) accumulates it for all
-            leader, previous = {}, [None, None]  # name -> first reader; last (input, reader)
+            leader, previous = {}, [None, None, None]  # name -> first reader; last (input, its version, reader)
 
             def hook(name):
                 def accumulate(module, args, output):
                     x = args[0]
-                    first = previous[1] if x is previous[0] else name
+                    same = x is previous[0] and x._version == previous[1]  # not changed in place since
+                    first = previous[2] if same else name
                     if leader.setdefault(name, first) != first:
                         raise RuntimeError(f"GPTQ: {name} shared its input inconsistently across calls")
-                    previous[:] = [x, first]
+                    previous[:] = [x, x._version, first]
                     if first == name:
                         hessians[current[0]][name] = accumulate_hessian(*hessians[current[0]][name], x.detach())
                 return accumulate
@@ -318,9 +319,13 @@ def gptq(model, data, config) -> dict:
                     current[:] = [part]
                     for item in items:
                         run_block(block, b, item)
-            previous[:] = [None, None]
+            previous[:] = [None, None, None]
             t1 = time.perf_counter()
             factors = {}  # (reader, "fit" | "all") -> {damping: factor}: shared by the readers of one input
+            readers_left = {}  # first reader -> readers still to solve: its factors go after the last one
+            for name in linears:
+                first = leader.get(name, name)
+                readers_left[first] = readers_left.get(first, 0) + 1
             for name, m in linears.items():
                 s = time.perf_counter()
                 W = weight_matrix(m)  # a view: writing into it writes the weight (Conv1D too)
@@ -343,6 +348,9 @@ def gptq(model, data, config) -> dict:
                             failures.append(f"damping {chosen:g} on all tokens: {str(err).splitlines()[0]}; "
                                             f"kept the solve on the fit tokens")
                 W.copy_(Q)
+                readers_left[first] -= 1
+                if not readers_left[first]:  # in x in per damping: freed once no reader needs them
+                    factors.pop((first, "fit"), None), factors.pop((first, "all"), None)
                 full = f"{prefix}.{b}.{name}"
                 if chosen is None:
                     fallbacks.append(full)
