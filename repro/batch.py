@@ -29,6 +29,13 @@ def _sweep(*methods):
     return lambda tier, model: runs.sweep_configs(methods, tier=tier, model=model)
 
 
+def _corpora(tier, model):
+    """Notebook 05's runs: FP, RTN, GPTQ and QAFT at the ``datasets`` widths on each of its corpora."""
+    section = runs.load_tier(tier).get("datasets") or {}
+    return [c for corpus in section.get("corpora", []) for c in
+            runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), section.get("bits"), tier, model=model, corpus=corpus)]
+
+
 # name -> (one execution per model of the tier, or one over all of them; the runs it reads; the tier
 # section whose ``models`` list replaces the tier's for this notebook, where it has one)
 NOTEBOOKS = {
@@ -39,6 +46,7 @@ NOTEBOOKS = {
     "02_pareto": ("all models", _sweep("fp", "rtn", "gptq", "qaft")),
     "03_landscape": ("per model", _sweep("fp", "rtn", "gptq", "qaft"), "landscape"),
     "04_cross_block": ("per model", lambda tier, model: runs.cross_block_configs(tier, model), "cross_block"),
+    "05_datasets": ("per model", _corpora, "datasets"),
     "06_hyperparameters": ("per model", _sweep("qaft")),
 }
 
@@ -69,12 +77,13 @@ def tier_models(tier: str, models=None) -> list[str]:
 
 def plan(tier: str, notebooks=None, models=None) -> list[Job]:
     """The jobs of a batch; ``models`` defaults to the tier's ``models``. Per-model notebooks come
-    first, grouped by model (each model is loaded once), then the notebooks over all models."""
-    names = list(notebooks or NOTEBOOKS)
+    first, grouped by model (each model is loaded once), then the notebooks over all models.
+    Without ``notebooks``: every notebook but the tier's ``on_request`` ones."""
+    params = runs.load_tier(tier)
+    names = list(notebooks or [n for n in NOTEBOOKS if n not in (params.get("on_request") or [])])
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebook(s) {', '.join(unknown)}; available: {', '.join(NOTEBOOKS)}")
-    params = runs.load_tier(tier)
 
     def notebook_models(name):
         section = NOTEBOOKS[name][2] if len(NOTEBOOKS[name]) > 2 else None

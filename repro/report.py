@@ -802,7 +802,7 @@ def basin_table(result: dict) -> str:
         rows.append([split, f"{b['R']:.4g}{bound}", f"{b['R_iqr'][0]:.4g} – {b['R_iqr'][1]:.4g}",
                      f"{b['R_ci95'][0]:.4g} – {b['R_ci95'][1]:.4g}", f"{b['R_over_norm']:.3f}",
                      f"{b['R_tau']:.4g}", f"{b['accepted']} of {b['directions']}"])
-    return (f"‖w‖ = {result['norm']:.4g} ({result['model']}, stack weights)\n\n"
+    return (f"‖w‖ = {result['norm']:.4g} ({result['model']}, stack weights; corpus {result.get('corpus', DASH)})\n\n"
             + _markdown(["split", "R(w)", "IQR", "95% CI (median)", "R / ‖w‖",
                          f"R_tau (tau = {result['settings']['tau']} nats)", "fits accepted"], rows))
 
@@ -834,9 +834,10 @@ def barrier_table(result: dict, bits: int) -> str:
 def radius_summary(analysis: dict) -> str:
     """Markdown, computed: does misalignment (eta = GPTQ - QAFT test NLL) start where rho =
     ‖w_RTN − w‖ / R(w) passes 1, as the paper's explanation says?"""
-    rows = [[r["model"], f"int{r['bits']}", f"{r['distance_rtn']:.4g}", f"{r['R']:.4g}" + (" (≥)" if r["R_is_bound"] else ""),
-             f"{r['rho']:.2f}", f"{r['eta']:+.3f}"] for r in analysis["rows"]]
-    table = _markdown(["model", "bits", "‖w_RTN − w‖", "R(w)", "rho", "eta (test)"], rows)
+    rows = [[r["model"], r.get("corpus") or DASH, f"int{r['bits']}", f"{r['distance_rtn']:.4g}",
+             f"{r['R']:.4g}" + (" (≥)" if r["R_is_bound"] else ""), f"{r['rho']:.2f}", f"{r['eta']:+.3f}"]
+            for r in analysis["rows"]]
+    table = _markdown(["model", "corpus", "bits", "‖w_RTN − w‖", "R(w)", "rho", "eta (test)"], rows)
     gap, mis, ok = analysis["gap"], analysis["misaligned_rho"], analysis["aligned_rho"]
     lines = [f"Spearman correlation of eta with rho: {analysis['spearman']:.2f} over {analysis['n']} (model, width)."]
     if mis:
@@ -857,3 +858,51 @@ def radius_summary(analysis: dict) -> str:
                      + (" (R is a lower bound: rho may be smaller still)" if any(r["R_is_bound"] for r in analysis["rows"]) else "")
                      + ".")
     return table + "\n\n" + " ".join(lines)
+
+
+# ----------------------------------------------------------------------------- other corpora (notebook 05)
+def corpora_table(records) -> str:
+    """Markdown: test NLL of FP, RTN, GPTQ and QAFT per corpus and width, GPTQ − QAFT, and the order
+    of the three methods (the paper's Fig. 4 question: does QAFT < GPTQ < RTN hold on every corpus?)."""
+    cells = defaultdict(dict)
+    fp = {}
+    for r in records:
+        c = r["config"]
+        if c["method"] == "fp":
+            fp[c["corpus"]] = r["nll_test"]
+        elif c["method"] in METHODS:
+            cells[(c["corpus"], c["bits"])][c["method"]] = r["nll_test"]
+    rows = []
+    for (corpus, bits), by in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        if set(METHODS) <= set(by):
+            order = " < ".join(m.upper() for m in sorted(METHODS, key=by.get))
+            rows.append([corpus, f"int{bits}", _nll(fp.get(corpus)) if corpus in fp else DASH,
+                         *(_nll(by[m]) for m in METHODS), f"{by['gptq'] - by['qaft']:+.3f}", order])
+    return _markdown(["corpus", "bits", "FP", "RTN", "GPTQ", "QAFT", "GPTQ − QAFT", "order (test NLL)"], rows) \
+        if rows else "No complete (RTN, GPTQ, QAFT) sets of records yet."
+
+
+def corpora_summary(records, gap: float = 0.05) -> str:
+    """Markdown, computed: per corpus, at which widths QAFT beats GPTQ by more than ``gap`` nats
+    (the misalignment) and whether that holds on every corpus."""
+    by = defaultdict(dict)
+    for r in records:
+        c = r["config"]
+        if c["method"] in ("gptq", "qaft"):
+            by[(c["corpus"], c["bits"])][c["method"]] = r["nll_test"]
+    verdicts = defaultdict(list)
+    for (corpus, bits), v in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        if {"gptq", "qaft"} <= set(v):
+            verdicts[corpus].append((bits, v["gptq"] - v["qaft"]))
+    if not verdicts:
+        return "No GPTQ/QAFT pairs yet."
+    lines = []
+    for corpus, pairs in verdicts.items():
+        mis = [f"int{b} ({d:+.3f})" for b, d in pairs if d > gap]
+        not_mis = [f"int{b} ({d:+.3f})" for b, d in pairs if d <= gap]
+        lines.append(f"- {corpus}: QAFT beats GPTQ by more than {gap} nats at {', '.join(mis) or 'no width'}"
+                     + (f"; not at {', '.join(not_mis)}" if not_mis else "") + ".")
+    everywhere = all(d > gap for pairs in verdicts.values() for _, d in pairs)
+    lines.append("The misalignment holds on every corpus at every width measured." if everywhere else
+                 "The misalignment does **not** hold on every corpus and width measured (see above).")
+    return "\n".join(lines)

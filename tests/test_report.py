@@ -6,6 +6,7 @@ from repro import cli, report, runs
 
 LAYERS = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
 # test NLL per method and bits; validation = test + 0.5 unless a test overrides it
+METHODS_ALL = ("rtn", "gptq", "qaft")
 TEST_NLL = {"rtn": {8: 3.111, 4: 5.222}, "gptq": {8: 3.055, 4: 4.444}, "qaft": {8: 3.022, 4: 4.111}}
 MSE = {"rtn": 0.0423, "gptq": 0.0122, "qaft": 0.0484}  # own inputs; FP inputs: / 2; per bit-width x 2^(8-b)
 
@@ -226,3 +227,20 @@ def test_radius_summary_states_whether_rho_one_separates_misalignment():
     assert "lower bound" in fails
     none = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.02)]))
     assert "No misalignment" in none
+
+
+def test_corpora_table_and_summary_per_corpus():
+    wiki = [record(m, b) for m in METHODS_ALL for b in (8, 4)] + [record("fp")]
+    news = []
+    for r in [record(m, b) for m in METHODS_ALL for b in (8, 4)]:
+        r["config"] = {**r["config"], "corpus": "news"}
+        if r["config"]["method"] == "qaft" and r["config"]["bits"] == 8:
+            r["nll_test"] = 3.5  # QAFT loses to GPTQ here: no misalignment at int8 on news
+        news.append(r)
+    table = report.corpora_table(wiki + news)
+    assert "| news | int8 | — | 3.111 | 3.055 | 3.500 | -0.445 | GPTQ < RTN < QAFT |" in table
+    assert "| wiki | int4 | 2.790 | 5.222 | 4.444 | 4.111 | +0.333 | QAFT < GPTQ < RTN |" in table
+    summary = report.corpora_summary(wiki + news)
+    assert "- news: QAFT beats GPTQ by more than 0.05 nats at int4 (+0.333); not at int8 (-0.445)." in summary
+    assert "does **not** hold on every corpus" in summary
+    assert "holds on every corpus" in report.corpora_summary([r for r in wiki if r["config"]["bits"] != 8])
