@@ -130,6 +130,12 @@ def _figures(args) -> int:
         if analysis["rows"]:
             figures["eta_vs_rho"] = lambda: plots.eta_vs_rho(analysis)
         drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
+    for model, (records, results) in _datasets(args, params).items():  # notebook 05's figures
+        suffix = f"_{args.tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
+        figures = {"corpora_misalignment": lambda: plots.misalignment_scatter(records, column="corpus")}
+        figures.update({f"landscape_{r['corpus']}_int{b}": (lambda r=r, b=b: plots.landscape(r, b))
+                        for r in results for b in r["bits"]})
+        drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
     if len({r["config"]["model"] for r in every}) > 1:  # Fig. 2 over all of the tier's models
         fig = plots.pareto(every)
         fig.savefig(directory / f"pareto_{args.tier}.png", dpi=110, bbox_inches="tight")
@@ -149,6 +155,25 @@ def _landscapes(args, params) -> dict:
         result = landscape.landscape(model, section.get("bits", [4]), args.tier, args.outputs, cached_only=True)
         if result is not None:
             found[model] = result
+    return found
+
+
+def _datasets(args, params) -> dict:
+    """``{model: (records, landscapes)}`` of notebook 05 (the tier's ``datasets`` section), cached only:
+    FP/RTN/GPTQ/QAFT records on each corpus (and the default corpus) and the complete landscapes."""
+    from repro import landscape, runs
+
+    section = params.get("datasets") or {}
+    found = {}
+    for model in section.get("models") or []:
+        configs = [c for corpus in [*section.get("corpora", []), None] for c in
+                   runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), section.get("bits"), args.tier, model=model,
+                                      corpus=corpus)]
+        records = _read_records(configs, args.outputs)
+        results = [landscape.landscape(model, section.get("bits"), args.tier, args.outputs, cached_only=True,
+                                       corpus=corpus, **section.get("landscape", {})) for corpus in section.get("corpora", [])]
+        if any(r["config"]["corpus"] in section.get("corpora", []) for r in records):
+            found[model] = (records, [r for r in results if r is not None])
     return found
 
 
@@ -208,6 +233,16 @@ def _report(args) -> int:
                f"RTN against a random step of the same length:\n\n{report.rtn_vs_random_table(result)}",
                f"*Generated from {len(result['points'])} cached landscape points by `{command}`: tier {args.tier}, "
                f"model {model}, code {', '.join(sorted({p.get('code', 'unknown') for p in result['points']}))}.*"])
+    for model, (records, results) in _datasets(args, params).items():
+        from repro import landscape
+
+        parts = [report.corpora_table(records), report.corpora_summary(records)]
+        parts += [f"{r['corpus']}:\n\n{report.basin_table(r)}" for r in results]
+        if results:
+            section = params.get("datasets") or {}
+            parts.append(report.radius_summary(landscape.misalignment_vs_radius(
+                results, args.outputs, compute=False, bits=section.get("bits"))))
+        sections[f"datasets-{model}"] = "\n\n".join(parts + [report.provenance(records, args.tier, command)])
     summary = Path(args.outputs) / args.tier / "batch.json"
     if summary.is_file():
         from repro import batch

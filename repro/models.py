@@ -275,13 +275,19 @@ def _get_attr_path(obj, path: str):
     return obj
 
 
-def blocks(model: nn.Module) -> nn.ModuleList:
-    """The ordered decoder blocks of a GPT-2, OPT, Llama or Mistral causal LM."""
+def block_path(model: nn.Module) -> str:
+    """Attribute path of the decoder block list (``model.layers`` ...); a clear error for a family
+    this package does not know."""
     family = getattr(model.config, "model_type", None)
     if family not in BLOCK_PATHS:
         raise ValueError(f"model family {family!r} is not supported; known families: "
                          f"{', '.join(BLOCK_PATHS)} (add its block path to repro.models.BLOCK_PATHS)")
-    return _get_attr_path(model, BLOCK_PATHS[family])
+    return BLOCK_PATHS[family]
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The ordered decoder blocks of a GPT-2, OPT, Llama, Mistral or Gemma 3 causal LM."""
+    return _get_attr_path(model, block_path(model))
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -301,7 +307,7 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
 
 def stack_linears(model: nn.Module) -> dict[str, nn.Module]:
     """All quantizable linears of the stack: full module name -> module, in block order."""
-    prefix = BLOCK_PATHS[model.config.model_type]
+    prefix = block_path(model)
     return {f"{prefix}.{i}.{name}": m
             for i, block in enumerate(blocks(model)) for name, m in block_linears(block).items()}
 

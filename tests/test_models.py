@@ -62,6 +62,14 @@ def test_unsupported_family_is_named():
                                        num_attention_heads=2, intermediate_size=32))
     with pytest.raises(ValueError, match="'bert' is not supported.*gpt2, opt, llama, mistral"):
         models.blocks(model)
+    import types
+
+    from repro.methods.gptq import gptq
+    from repro.runs import RunConfig
+
+    calibration = torch.randint(0, 32, (2, 8))
+    with pytest.raises(ValueError, match="'bert' is not supported"):  # a method says so too, not KeyError
+        gptq(model, types.SimpleNamespace(calibration=calibration), RunConfig(method="gptq", bits=4, observer="minmax"))
 
 
 def test_unknown_model_offline_names_the_embedded_default(monkeypatch):

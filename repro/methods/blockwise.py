@@ -52,7 +52,7 @@ from torch.nn.utils import parametrize
 
 from repro.evaluate import model_device
 from repro.methods.gptq import split_calibration
-from repro.models import BLOCK_PATHS, block_linears, blocks
+from repro.models import block_linears, block_path, blocks
 from repro.progress import progress
 from repro.quant import bake, fp_weight, is_int, is_real, prepare
 from repro.stack import capture, run_block, run_blocks
@@ -140,7 +140,7 @@ def blockwise(model, data, config) -> dict:
     stride = opts["stride"] or m
     stack = blocks(model)
     n = len(stack)
-    prefix = BLOCK_PATHS[model.config.model_type]
+    prefix = block_path(model)
     device = model_device(model)
     cuda = device.type == "cuda"
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}  # by object: prepare renames weights

@@ -33,7 +33,7 @@ import warnings
 import torch
 
 from repro.evaluate import forward_hooks
-from repro.models import BLOCK_PATHS, block_linears, blocks, weight_matrix
+from repro.models import block_linears, block_path, blocks, weight_matrix
 from repro.progress import progress
 from repro.quant import compute_scale, is_int, is_real, qmax, quantize
 from repro.stack import advance, capture, run_block
@@ -282,7 +282,7 @@ def gptq(model, data, config) -> dict:
     """
     opts = gptq_options(config)
     grid = opts["damping_grid"]
-    prefix = BLOCK_PATHS[model.config.model_type]
+    prefix = block_path(model)
     was_training = model.training
     model.eval()
     layers, block_times, fallbacks = {}, [], []
