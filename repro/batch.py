@@ -118,18 +118,41 @@ def _execute(job: Job, tier: str, outputs: Path, models: list[str]) -> None:
     os.replace(partial, job.output)
 
 
-def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None = None, echo=print) -> list[Job]:
-    """Run the batch (see the module docstring); returns the jobs with their status and times."""
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with 1 <= K <= N, or a ValueError saying the form."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. --shard 2/8")
+    return k, n
+
+
+def in_shard(config, shard: tuple[int, int] | None) -> bool:
+    """Whether a run belongs to shard ``(K, N)``: by its record key (a hash), so every process and
+    node agrees without talking to the others, and the N shards cover every run exactly once."""
+    return shard is None or int(config.key(), 16) % shard[1] == shard[0] - 1
+
+
+def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None = None, echo=print,
+          shard: tuple[int, int] | None = None) -> list[Job]:
+    """Run the batch (see the module docstring); returns the jobs with their status and times.
+
+    ``shard=(K, N)``: compute only the K-th of N deterministic parts of the runs and execute no
+    notebook (``repro batch --shard K/N``, e.g. one per GPU or SLURM array task, on one shared
+    outputs directory); a final unsharded batch then reads every record and executes the notebooks."""
     outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
     jobs = plan(tier, notebooks, models)  # per notebook: the models given, else its own or the tier's list
     models = tier_models(tier, models)
     unique = {}
     for job in jobs:
+        job.configs = [c for c in job.configs if in_shard(c, shard)]
         for config in job.configs:
             unique.setdefault(runs.record_path(config, outputs), config)
     cached = {path for path in unique if path.exists()}
-    echo(f"repro batch --tier {tier}: {len(jobs)} notebook(s), {len(unique)} run(s), {len(cached)} cached, "
-         f"{len(unique) - len(cached)} to compute; outputs in {outputs}")
+    echo(f"repro batch --tier {tier}{f' --shard {shard[0]}/{shard[1]}' if shard else ''}: {len(jobs)} notebook(s), "
+         f"{len(unique)} run(s), {len(cached)} cached, {len(unique) - len(cached)} to compute; outputs in {outputs}")
     done, failed = set(cached), {}
     bar = progress(total=len(unique) - len(cached), desc="runs", unit="run")
     for job in jobs:
@@ -152,6 +175,10 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
             bar.update(1)
         job.runs_s = time.perf_counter() - start
         missing = [c for c in job.configs if runs.record_path(c, outputs) in failed]
+        if shard is not None:  # the notebooks run once every shard's records are in
+            job.status = "failed" if missing else "passed"
+            job.error = f"{len(missing)} run(s) failed" if missing else None
+            continue
         if missing:
             job.status = "failed"
             job.error = f"{len(missing)} of its run(s) failed: " + ", ".join(f"{c.model} {c.label()}" for c in missing)
@@ -171,7 +198,8 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
                   + (f" -> {job.output}" if job.output else ""))
     bar.close()
     echo(summary_table(jobs, len(cached)))
-    write_summary(jobs, tier, outputs, len(cached))
+    if shard is None:  # batch.json describes a whole main job
+        write_summary(jobs, tier, outputs, len(cached))
     return jobs
 
 

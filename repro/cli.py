@@ -44,7 +44,8 @@ def _run(args) -> int:
 def _batch(args) -> int:
     from repro import batch
 
-    jobs = batch.batch(args.tier, args.notebooks or None, args.models, args.outputs)
+    shard = batch.parse_shard(args.shard) if args.shard else None
+    jobs = batch.batch(args.tier, args.notebooks or None, args.models, args.outputs, shard=shard)
     return 0 if all(job.status == "passed" for job in jobs) else 1
 
 
@@ -343,6 +344,8 @@ def main(argv=None) -> int:
     p.add_argument("--tier", choices=TIERS, default="cpu")
     p.add_argument("--models", nargs="+", help="models (default: the tier's `models`)")
     p.add_argument("--outputs", help=OUTPUTS_HELP)
+    p.add_argument("--shard", metavar="K/N", help="compute only the K-th of N deterministic parts of the runs, no "
+                   "notebooks (one per GPU or SLURM array task on a shared --outputs; then one plain batch)")
     p.set_defaults(func=_batch)
 
     p = sub.add_parser("figures", help="save the figures of the cached records as PNG under OUTPUTS/figures")

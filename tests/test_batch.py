@@ -68,6 +68,44 @@ def test_batch_killed_after_the_first_notebook_resumes(tmp_path):
     assert not list((tmp_path / "ci" / "notebooks").glob(".*partial"))
 
 
+def _numbers(outputs: Path) -> dict:
+    """Each record's key and results (test and validation NLL, layer MSE), no timings."""
+    out = {}
+    for path in sorted((outputs / "records").rglob("*.json")):
+        r = json.loads(path.read_text())
+        out[path.relative_to(outputs)] = (r["key"], r["nll_test"], r["nll_validation"], r["layer_mse"])
+    return out
+
+
+@pytest.mark.embedded
+def test_two_shards_in_two_processes_equal_the_unsharded_batch(tmp_path):
+    """`repro batch --shard 1/2` and `--shard 2/2` at the same time on one outputs/ compute the
+    same records as one unsharded batch, each exactly once, and execute no notebook."""
+    base = [*REPRO, "batch", "--tier", "ci", "00_quickstart", "--models", "smollm2-135m"]
+    env = {**os.environ, "REPRO_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    procs = [subprocess.Popen([*base, "--shard", f"{k}/2"], env={**env, "REPRO_OUTPUTS": str(shared)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) for k in (1, 2)]
+    logs = [p.communicate()[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    computed = [int(log.split(" to compute")[0].rsplit(" ", 1)[1]) for log in logs]
+    assert min(computed) > 0  # both shards had work
+    assert not (shared / "ci" / "notebooks").exists() and not (shared / "ci" / "batch.json").exists()
+    done = subprocess.run(base, env={**env, "REPRO_OUTPUTS": str(alone)}, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert _numbers(shared) == _numbers(alone) and sum(computed) == len(_numbers(alone))
+    final = subprocess.run(base, env={**env, "REPRO_OUTPUTS": str(shared)}, capture_output=True, text=True, cwd=ROOT)
+    assert final.returncode == 0 and " 0 to compute" in final.stdout.splitlines()[0], final.stdout[-2000:]
+    assert (shared / "ci" / "notebooks" / "00_quickstart-smollm2-135m.ipynb").is_file()
+
+
+def test_a_bad_shard_is_refused():
+    for text in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(ValueError, match="K/N"):
+            batch.parse_shard(text)
+    assert batch.parse_shard("2/8") == (2, 8)
+
+
 @pytest.mark.embedded
 def test_pareto_notebook_runs_as_typed_from_root_and_from_notebooks(tmp_path):
     """`papermill notebooks/02_pareto.ipynb -p bits 3` with no output notebook, from a checkout's
