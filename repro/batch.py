@@ -30,10 +30,12 @@ def _sweep(*methods):
 
 
 def _corpora(tier, model):
-    """Notebook 05's runs: FP, RTN, GPTQ and QAFT at the ``datasets`` widths on each of its corpora."""
+    """Notebook 05's runs: FP, RTN, GPTQ and QAFT at the ``datasets`` widths on each of its corpora,
+    and RTN at every width of the tier (the landscape compares each with a random step)."""
     section = runs.load_tier(tier).get("datasets") or {}
     return [c for corpus in section.get("corpora", []) for c in
-            runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), section.get("bits"), tier, model=model, corpus=corpus)]
+            [*runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), section.get("bits"), tier, model=model, corpus=corpus),
+             *runs.sweep_configs(("rtn",), None, tier, model=model, corpus=corpus)]]
 
 
 # name -> (one execution per model of the tier, or one over all of them; the runs it reads; the tier
@@ -198,7 +200,7 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
                   + (f" -> {job.output}" if job.output else ""))
     bar.close()
     echo(summary_table(jobs, len(cached)))
-    if shard is None:  # batch.json describes a whole main job
+    if shard is None and notebooks is None:  # batch.json describes a whole main job, not a part of it
         write_summary(jobs, tier, outputs, len(cached))
     return jobs
 

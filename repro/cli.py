@@ -306,7 +306,7 @@ def _bench(args) -> int:
 
     write_text_atomic(path, "\n".join(lines))
     print(f"written to {path}")
-    return 0
+    return 1 if any(line.startswith("FAILED") for line in lines) else 0
 
 
 def main(argv=None) -> int:

@@ -280,6 +280,8 @@ def fit_bowl(lams, rise) -> dict:
     """
     lam = torch.tensor(lams, dtype=torch.float64)
     y = torch.tensor(rise, dtype=torch.float64)
+    finite = torch.isfinite(y)  # a diverged NLL far out says nothing about the bowl's shape
+    lam, y = lam[finite], y[finite]
     ns = torch.arange(0.5, 5.0001, 0.02, dtype=torch.float64)
     Rs = torch.logspace(math.log10(float(lam.min()) / 10), math.log10(float(lam.max()) * 10), 400, dtype=torch.float64)
     u = lam[None, None, :] ** ns[:, None, None]
@@ -290,7 +292,7 @@ def fit_bowl(lams, rise) -> dict:
     A_fit, R_fit, n_fit = float(A[i, j]), float(Rs[j]), float(ns[i])
     plateau = bool(float(y.max()) >= 0.8 * A_fit)
     accepted = plateau and 1.6 <= n_fit <= 2.4 and A_fit > 0
-    first_above = next(i for i, v in enumerate(y.tolist()) if v >= float(y.max()) / 2)
+    first_above = next((i for i, v in enumerate(y.tolist()) if v >= float(y.max()) / 2), 0)
     return {"A": A_fit, "R": R_fit, "n": n_fit, "kappa": 2 * A_fit / R_fit ** 2, "accepted": accepted,
             "plateau": plateau, "R_lower": float(lam[first_above - 1]) if first_above > 0 else None,
             "rmse": math.sqrt(float(err[i, j]) / len(lams))}

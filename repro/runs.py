@@ -168,8 +168,9 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
     # the landscape (notebook 03) reads the quantized weights of its methods at its widths: keep them
     landscape = params.get("landscape") or {}
     # (RTN's follow from its record's scales: nothing to keep)
+    landscape_models = {*landscape.get("models", [model]), *(params.get("datasets") or {}).get("models", [])}
     params["save_weights"] = (method != "rtn" and method in landscape.get("methods", ())
-                              and bits in landscape.get("bits", ()) and model in landscape.get("models", [model]))
+                              and bits in landscape.get("bits", ()) and model in landscape_models)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     params = {k: v for k, v in params.items() if k in fields}
     params.update({k: v for k, v in overrides.items() if v is not None})
@@ -230,7 +231,7 @@ def weights_stamp(config: RunConfig, outputs: Path | None = None) -> str | None:
     try:
         with safe_open(str(path), "pt") as f:
             return (f.metadata() or {}).get("created")
-    except (FileNotFoundError, OSError):
+    except Exception:  # noqa: BLE001 - missing or torn (safetensors raises its own error type): not kept
         return None
 
 

@@ -518,10 +518,7 @@ bits = bits or section["bits"]
 bits = [bits] if isinstance(bits, int) else list(bits)
 configs = [c for corpus in corpora for c in runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), bits, tier, model=model,
                                                               corpus=corpus)]
-records = [runs.run(c, outputs) for c in progress(configs, desc="runs")]
-# the default corpus, where notebook 01 already ran it
-records += [r for r in (runs.read_record(c, outputs) for c in runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), bits,
-                                                                                  tier, model=model)) if r]
+records = [runs.run(c, outputs) for c in progress(configs, desc="runs")]  # the default corpus: notebook 01
 """),
     md("""
 ## Paper Fig. 4: QAFT against GPTQ on each corpus
