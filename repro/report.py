@@ -845,8 +845,14 @@ def radius_summary(analysis: dict) -> str:
                      f"aligned at rho = {', '.join(f'{x:.2f}' for x in ok) or 'none'}.")
     below = [x for x in mis if x <= 1]
     above_ok = [x for x in ok if x > 1]
+    bound = any(r["R_is_bound"] for r in analysis["rows"])
     if not mis:
         lines.append(f"No misalignment (eta > {gap} nats) at any width: nothing for rho to explain.")
+    elif bound:  # R a lower bound: every rho an upper bound, so only rho <= 1 with misalignment is conclusive
+        lines.append("R(w) is only a lower bound here (no bowl fit accepted), so every rho is an upper bound: "
+                     + (f"misalignment already at rho ≤ {max(below):.2f} — **the threshold of the paper's "
+                        f"explanation does not hold here**." if below else
+                        "the threshold rho = 1 cannot be tested with these points (more radii or directions)."))
     elif not below and not above_ok:
         lines.append("rho = 1 separates them exactly: **the paper's explanation holds** on these records.")
     else:
@@ -854,9 +860,7 @@ def radius_summary(analysis: dict) -> str:
                      + (f"misalignment already at rho ≤ 1 ({', '.join(f'{x:.2f}' for x in below)})" if below else "")
                      + ("; " if below and above_ok else "")
                      + (f"no misalignment at rho > 1 ({', '.join(f'{x:.2f}' for x in above_ok)})" if above_ok else "")
-                     + " — **the threshold of the paper's explanation does not hold here**"
-                     + (" (R is a lower bound: rho may be smaller still)" if any(r["R_is_bound"] for r in analysis["rows"]) else "")
-                     + ".")
+                     + " — **the threshold of the paper's explanation does not hold here**.")
     return table + "\n\n" + " ".join(lines)
 
 

@@ -222,9 +222,12 @@ def _analysis(pairs, bound=False):
 def test_radius_summary_states_whether_rho_one_separates_misalignment():
     holds = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.02), (2.0, 1.0), (5.0, 3.0)]))
     assert "the paper's explanation holds" in holds
-    fails = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.9), (2.0, 1.0), (5.0, 3.0)], bound=True))
+    fails = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.9), (2.0, 1.0), (5.0, 3.0)]))
     assert "does not hold here" in fails and "misalignment already at rho ≤ 1 (0.50)" in fails
-    assert "lower bound" in fails
+    bound = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.9), (2.0, 1.0), (5.0, 3.0)], bound=True))
+    assert "every rho is an upper bound" in bound and "already at rho ≤ 0.50" in bound
+    untestable = report.radius_summary(_analysis([(0.1, 0.01), (2.0, 1.0)], bound=True))
+    assert "cannot be tested" in untestable and "holds" not in untestable
     none = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.02)]))
     assert "No misalignment" in none
 
