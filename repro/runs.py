@@ -230,7 +230,8 @@ def weights_stamp(config: RunConfig, outputs: Path | None = None) -> str | None:
     path = weights_path(config, outputs)
     try:
         with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("created")
+            created = (f.metadata() or {}).get("created")
+        return created or f"mtime:{path.stat().st_mtime_ns}"  # a file kept before the stamp existed
     except Exception:  # noqa: BLE001 - missing or torn (safetensors raises its own error type): not kept
         return None
 
