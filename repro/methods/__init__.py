@@ -15,8 +15,9 @@ from repro.methods.rtn import fp, rtn
 METHODS = {
     "fp": (fp, 1),
     "rtn": (rtn, 1),
-    "gptq": (gptq, 3),  # 2: damping scored on held-out calibration sequences; 3: each block gets its own
-    #                     arguments (Gemma 3's global-attention blocks had block 0's sliding-window rotary)
+    "gptq": (gptq, 4),  # 2: damping scored on held-out calibration sequences; 3: each block gets its own
+    #                     arguments (Gemma 3's global-attention blocks had block 0's sliding-window rotary);
+    #                     4: the sweep with the Hessian's Cholesky factor (other float rounding, see README)
     "blockwise": (blockwise, 1),  # block PTQ / MB-PTQ / LA-PTQ by options window, lookahead
     "qaft": (qaft, 1),
 }
