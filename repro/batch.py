@@ -200,8 +200,9 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
                   + (f" -> {job.output}" if job.output else ""))
     bar.close()
     echo(summary_table(jobs, len(cached)))
-    if shard is None and notebooks is None:  # batch.json describes a whole main job, not a part of it
-        write_summary(jobs, tier, outputs, len(cached))
+    if shard is None:  # batch.json describes a whole main job; a batch of some notebooks gets its own file
+        write_summary(jobs, tier, outputs, len(cached), "batch" if notebooks is None else
+                      "batch-" + "+".join(dict.fromkeys(notebooks)))
     return jobs
 
 
@@ -221,9 +222,10 @@ def summary_table(jobs: list[Job], cached: int) -> str:
     return "\n".join(lines)
 
 
-def write_summary(jobs: list[Job], tier: str, outputs: Path, cached: int) -> Path:
-    """``OUTPUTS/<tier>/batch.json``: per notebook the status, runs computed and wall times."""
-    path = outputs / tier / "batch.json"
+def write_summary(jobs: list[Job], tier: str, outputs: Path, cached: int, name: str = "batch") -> Path:
+    """``OUTPUTS/<tier>/<name>.json`` (``batch.json`` for the main job, ``batch-<notebooks>.json`` for
+    a batch of some notebooks): per notebook the status, runs computed and wall times."""
+    path = outputs / tier / f"{name}.json"
     runs.write_json_atomic(path, {
         "tier": tier, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": runs.code_hash(), "cached": cached,
         "jobs": [{"notebook": j.notebook, "model": j.model, "status": j.status, "error": j.error,

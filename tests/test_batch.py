@@ -61,8 +61,9 @@ def test_batch_killed_after_the_first_notebook_resumes(tmp_path):
     after = _records(tmp_path)
     assert all(after[path] == content for path, content in before.items())  # untouched
     assert len(after) > len(before)
-    summary = json.loads((tmp_path / "ci" / "batch.json").read_text())
+    summary = json.loads((tmp_path / "ci" / "batch-00_quickstart.json").read_text())
     assert [j["status"] for j in summary["jobs"]] == ["passed", "passed"]
+    assert not (tmp_path / "ci" / "batch.json").exists()  # the main job's summary is not overwritten
     assert all((tmp_path / "ci" / "notebooks" / f"00_quickstart-{m}.ipynb").is_file()
                for m in runs.load_tier("ci")["models"])
     assert not list((tmp_path / "ci" / "notebooks").glob(".*partial"))
