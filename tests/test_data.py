@@ -71,8 +71,8 @@ def test_split_shorter_than_one_sequence():
 
 
 def test_unknown_corpus():
-    with pytest.raises(ValueError, match="wiki"):
-        data.load_corpus("shakespeare")
+    with pytest.raises(ValueError, match="unknown corpus 'homer'.*wiki, news, shakespeare.*'wiki' works offline"):
+        data.load_corpus("homer")
 
 
 def test_hub_corpus_offline_names_the_embedded_corpus(monkeypatch):
