@@ -160,7 +160,7 @@ def load_corpus(name: str = DEFAULT_CORPUS) -> dict[str, str]:
     """Text of each split (``train``, ``validation``, ``test``) of a corpus."""
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)} "
-                         f"('{DEFAULT_CORPUS}' works offline)")
+                         f"({', '.join(OFFLINE_CORPORA)} work offline)")
     if name in DOCUMENTS:
         parts = {s: [] for s in SPLITS}
         documents = DOCUMENTS[name]()

@@ -71,7 +71,7 @@ def test_split_shorter_than_one_sequence():
 
 
 def test_unknown_corpus():
-    with pytest.raises(ValueError, match="unknown corpus 'homer'.*wiki, news, shakespeare.*'wiki' works offline"):
+    with pytest.raises(ValueError, match="unknown corpus 'homer'.*wiki, news, shakespeare, wikitext2.*wiki, news, shakespeare work offline"):
         data.load_corpus("homer")
 
 
