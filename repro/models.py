@@ -7,6 +7,7 @@ the stack and are never quantized.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repro.quant import fp_weight
+from repro.quant import fp_weight, is_conv1d
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -294,12 +295,6 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     return _get_attr_path(model, block_path(model))
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D stores its weight as [in, out], the transpose of nn.Linear.
-    (By class name, through the MRO: a parametrized module is a subclass of its class.)"""
-    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
-
-
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -327,9 +322,17 @@ def stack_param_count(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in stack_linears(model).values())
 
 
-def weight_size_gb(model: nn.Module, bits: int | float) -> float:
-    """Size of the stack's linear weights in GB (1e9 bytes) at ``bits`` bits per weight."""
-    return stack_param_count(model) * bits / 8 / 1e9
+def weight_size_gb(model: nn.Module, bits: int | float, granularity: str = "tensor", group_size: int = 128) -> float:
+    """Size of the stack's linear weights in GB (1e9 bytes) at ``bits`` bits per weight, plus
+    one float16 scale per output channel (``channel``) or per channel and group of ``group_size``
+    input columns (``group``). Per tensor, the one scale per linear is left out, as the paper does
+    (a few hundred bytes)."""
+    total = stack_param_count(model) * bits
+    if granularity != "tensor":
+        for m in stack_linears(model).values():
+            out, columns = weight_matrix(m).shape
+            total += 16 * out * (math.ceil(columns / group_size) if granularity == "group" else 1)
+    return total / 8 / 1e9
 
 
 def max_length(model: nn.Module) -> int:

@@ -1,8 +1,16 @@
-"""Per-tensor symmetric intB fake-quantization of the transformer stack's linear weights.
+"""Symmetric intB fake-quantization of the transformer stack's linear weights.
 
 A weight tensor ``W`` is mapped to ``Q_a(W) = a * clamp(round(W / a), -q, q)`` with
-``q = 2**(B-1) - 1`` (the symmetric integer range, no -2**(B-1) code) and one scale ``a``
-per tensor. The scale comes from an *observer*:
+``q = 2**(B-1) - 1`` (the symmetric integer range, no -2**(B-1) code). The *granularity* says
+how many scales ``a`` a weight matrix [out, in] has:
+
+* ``tensor``  - one (the paper's choice, the default): a 0-d scale;
+* ``channel`` - one per output channel: scale [out, 1];
+* ``group``   - one per output channel and group of ``group_size`` consecutive input columns
+  (the last group may be shorter): scale [out, ceil(in / group_size)].
+
+Channel and group scales are laid out against the [out, in] matrix (``repro.models.weight_matrix``:
+GPT-2's Conv1D stores the transpose) and broadcast after ``expand_scale``. The scale comes from an *observer*:
 
 * ``histogram`` - torch's ``HistogramObserver``, used as the paper did. It minimises the
   quantization error of a histogram, but always for a 256-level grid: torch sets its target
@@ -10,8 +18,11 @@ per tensor. The scale comes from an *observer*:
   it returns the *same clip range* at every bit-width (``tests/test_quant.py`` pins this).
   Divided by q, that range is right for int8 and far too wide for int4/3/2, which is why it
   lands 2-8x above the MSE optimum at 4 and 3 bits (and often does not clip at all),
-* ``mse``       - exact search of ``argmin_a ||Q_a(W) - W||^2`` on the full tensor,
-* ``minmax``    - ``a = max|W| / q`` (no clipping).
+* ``mse``       - exact search of ``argmin_a ||Q_a(W) - W||^2`` on the full tensor (per row of
+  a channel or group: each scale minimises its own weights' error),
+* ``minmax``    - ``a = max|W| / q`` (no clipping; per row of a channel or group).
+
+torch has no per-channel ``HistogramObserver``, so ``histogram`` is per tensor only.
 
 ``prepare(linears, bits, observer)`` puts a set of linears (the stack's, or one window's) into fake-quant mode (a
 ``torch.nn.utils.parametrize`` parametrization on ``weight``, so the same module object keeps
@@ -29,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 OBSERVERS = ("histogram", "mse", "minmax")
+GRANULARITIES = ("tensor", "channel", "group")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -58,34 +70,56 @@ def qmax(bits: int) -> int:
     return 2 ** (check_bits(bits) - 1) - 1
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """Round-to-nearest onto the grid ``scale * {-q..q}``; same shape and dtype as ``w``."""
+def check_granularity(granularity: str, group_size: int) -> None:
+    """Raise a ValueError naming the choices when ``granularity``/``group_size`` are not valid."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    if not is_int(group_size, 1):
+        raise ValueError(f"group_size={group_size!r}: an integer >= 1 (input columns per scale; common: 128)")
+
+
+def expand_scale(scale: torch.Tensor | float, in_features: int, group_size: int | None = None):
+    """A scale that broadcasts against an [..., out, in] matrix: group scales [..., out, n_groups]
+    (n_groups > 1) are repeated over their ``group_size`` columns ([..., out, in]); a 0-d, per-channel
+    [out, 1] or one-group scale, or a 1-d one (one per entry of a column), is returned as it is."""
+    if not torch.is_tensor(scale) or scale.dim() < 2 or scale.shape[-1] == 1:
+        return scale
+    if group_size is None or math.ceil(in_features / group_size) != scale.shape[-1]:
+        raise ValueError(f"a scale of {scale.shape[-1]} groups does not fit {in_features} input columns in groups "
+                         f"of {group_size}: pass the group_size the scale was computed with")
+    return scale.repeat_interleave(group_size, dim=-1)[..., :in_features]
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor | float, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Round-to-nearest onto the grid ``scale * {-q..q}``; same shape and dtype as ``w``
+    ([..., out, in] when the scale is per channel or group; ``group_size`` for group scales)."""
     q = qmax(bits)
+    scale = expand_scale(scale, w.shape[-1], group_size)
     # in place on one temporary rather than four: QAFT quantizes every stack weight on every
     # step, and each fresh full-size temporary costs an allocation and its page faults
     return (w / scale).round_().clamp_(-q, q).mul_(scale)
 
 
-def codes(w: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+def codes(w: torch.Tensor, scale: torch.Tensor | float, bits: int, group_size: int | None = None) -> torch.Tensor:
     """Integer codes (int8) of a weight that lies on the grid (e.g. a baked weight)."""
     q = qmax(bits)
-    return torch.clamp(torch.round(w / scale), -q, q).to(torch.int8)
+    return torch.clamp(torch.round(w / expand_scale(scale, w.shape[-1], group_size)), -q, q).to(torch.int8)
 
 
 class _STE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, scale, bits):
-        return quantize(w, scale, bits)
+    def forward(ctx, w, scale, bits, group_size):
+        return quantize(w, scale, bits, group_size)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None
+        return grad, None, None, None
 
 
-def fake_quant(w: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, scale: torch.Tensor | float, bits: int, group_size: int | None = None) -> torch.Tensor:
     """``quantize`` in the forward pass (exactly on the grid), identity gradient w.r.t. ``w``
     (straight-through estimator); the scale gets no gradient."""
-    return _STE.apply(w, scale, bits)
+    return _STE.apply(w, scale, bits, group_size)
 
 
 def quant_error(w: torch.Tensor, scale: torch.Tensor | float, bits: int) -> float:
@@ -98,7 +132,7 @@ def clipped_fraction(w: torch.Tensor, scale: torch.Tensor | float, bits: int) ->
     return float((w.abs() > (qmax(bits) + 0.5) * scale).float().mean())
 
 
-def _mse_scale(w: torch.Tensor, bits: int, grid: int = 40, rounds: int = 3) -> torch.Tensor:
+def _mse_scale(w: torch.Tensor, bits: int, grid: int = 40, rounds: int = 3) -> torch.Tensor:  # per tensor
     """Search ``argmin_a ||Q_a(w) - w||^2`` over ``a = r * max|w| / q`` with r in (0, 1].
 
     A coarse grid over r is refined twice around its best point; every candidate is scored
@@ -121,6 +155,39 @@ def _mse_scale(w: torch.Tensor, bits: int, grid: int = 40, rounds: int = 3) -> t
     return (top * best).to(torch.float32)
 
 
+def _mse_row_scales(rows: torch.Tensor, bits: int, grid: int = 40, rounds: int = 3) -> torch.Tensor:
+    """``_mse_scale`` for every row of ``rows`` [..., n, k] at once: scales [..., n], each the
+    argmin of its own row's ``||Q_a(row) - row||^2`` (same coarse grid and two refinements)."""
+    q = qmax(bits)
+    rows = rows.detach().to(torch.promote_types(rows.dtype, torch.float32))
+    top = rows.abs().amax(-1).clamp_min(1e-12) / q
+    lo, hi = torch.full_like(top, 0.01), torch.ones_like(top)
+    best = torch.ones_like(top)
+    steps = torch.linspace(0, 1, grid, dtype=rows.dtype, device=rows.device)
+    for _ in range(rounds):
+        ratios = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * steps  # [..., n, grid]
+        errs = torch.stack([quantize(rows, (top * ratios[..., i]).unsqueeze(-1), bits).sub_(rows).pow_(2).sum(-1)
+                            for i in range(grid)], -1)
+        best = ratios.gather(-1, errs.argmin(-1, keepdim=True)).squeeze(-1)
+        step = (hi - lo) / (grid - 1)
+        lo, hi = (best - step).clamp_min(1e-4), (best + step).clamp_max(1.0)
+    return top * best
+
+
+def row_scales(rows: torch.Tensor, bits: int, observer: str) -> torch.Tensor:
+    """One scale per row of ``rows`` [..., n, k] (a channel, or one group of it): [..., n], float32
+    (float64 for float64 rows)."""
+    if observer == "minmax":
+        rows = rows.detach()
+        return rows.abs().amax(-1).to(torch.promote_types(rows.dtype, torch.float32)).clamp_min(1e-12) / qmax(bits)
+    if observer == "mse":
+        return _mse_row_scales(rows, bits)
+    if observer == "histogram":
+        raise ValueError("the histogram observer is per tensor only (torch's HistogramObserver has no "
+                         "per-channel form): use observer 'mse' or 'minmax' with granularity channel or group")
+    raise ValueError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
+
+
 def _histogram_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     from torch.ao.quantization.observer import HistogramObserver
 
@@ -135,13 +202,19 @@ def _histogram_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     return scale.reshape(()).to(torch.float32)
 
 
-def compute_scale(w: torch.Tensor, bits: int, observer: str = "histogram") -> torch.Tensor:
-    """Per-tensor scale (0-d float32 tensor, on ``w``'s device) for ``w`` at ``bits`` bits."""
+def compute_scale(w: torch.Tensor, bits: int, observer: str = "histogram", granularity: str = "tensor",
+                  group_size: int = 128) -> torch.Tensor:
+    """Scale(s) for ``w`` at ``bits`` bits, float32 on ``w``'s device: 0-d per tensor; per
+    ``channel`` [out, 1] and per ``group`` [out, ceil(in / group_size)] of the [out, in] matrix ``w``."""
     check_bits(bits)
+    check_granularity(granularity, group_size)
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"the weight to quantize holds {bad} NaN/inf value(s) of {w.numel()}: the model is broken "
                          f"before quantization (check its loading and dtype); no scale can be computed")
+    if granularity != "tensor":
+        width = group_size if granularity == "group" else w.shape[-1]
+        return torch.stack([row_scales(part, bits, observer) for part in w.split(width, dim=-1)], -1)
     if observer == "minmax":
         scale = w.detach().abs().max().float().clamp_min(1e-12) / qmax(bits)
     elif observer == "mse":
@@ -154,15 +227,38 @@ def compute_scale(w: torch.Tensor, bits: int, observer: str = "histogram") -> to
 
 
 class FakeQuant(nn.Module):
-    """Parametrization ``weight -> fake_quant(weight, scale, bits)`` with a fixed scale buffer."""
+    """Parametrization ``weight -> fake_quant(weight, scale, bits)`` with a fixed scale buffer.
 
-    def __init__(self, scale: torch.Tensor, bits: int):
+    ``scale``: 0-d, or per channel / group against the [out, in] matrix (``transposed``: the
+    weight is stored [in, out], GPT-2's Conv1D); ``group_size`` for group scales."""
+
+    def __init__(self, scale: torch.Tensor, bits: int, group_size: int | None = None, transposed: bool = False):
         super().__init__()
         self.bits = check_bits(bits)
-        self.register_buffer("scale", scale.detach().clone().reshape(()))
+        self.group_size, self.transposed = group_size, transposed
+        scale = scale.detach().clone()
+        self.register_buffer("scale", scale.reshape(()) if scale.numel() == 1 else scale)
+
+    def _matrix(self, w: torch.Tensor) -> torch.Tensor:  # [out, in] view of a stored weight (and back)
+        return w.t() if self.transposed and self.scale.dim() else w
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quant(w, self.scale.to(w.dtype), self.bits)
+        return self._matrix(fake_quant(self._matrix(w), self.scale.to(w.dtype), self.bits, self.group_size))
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Int8 codes of ``w`` (stored layout) on this grid."""
+        return self._matrix(codes(self._matrix(w), self.scale.to(w.device), self.bits, self.group_size))
+
+    def dequantize(self, c: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Weights (stored layout) of int8 codes ``c``: ``c * scale``."""
+        m = self._matrix(c).to(dtype)
+        return self._matrix(m * expand_scale(self.scale.to(c.device, dtype), m.shape[-1], self.group_size))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as [in, out], the transpose of nn.Linear.
+    (By class name, through the MRO: a parametrized module is a subclass of its class.)"""
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
 
 
 def is_prepared(module: nn.Module) -> bool:
@@ -176,30 +272,41 @@ def fp_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def grid(module: nn.Module) -> FakeQuant:
+    """The fake-quant parametrization (scale, bits, grouping) of a prepared linear."""
+    return module.parametrizations.weight[0]
+
+
 def prepare(linears: dict[str, nn.Module], bits: int, observer: str = "histogram",
-            scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+            scales: dict[str, torch.Tensor] | None = None, granularity: str = "tensor",
+            group_size: int = 128) -> dict[str, torch.Tensor]:
     """Put the given linears into fake-quant mode, in place: the whole stack
     (``prepare(repro.models.stack_linears(model), ...)``) or any subset, e.g. one window of blocks.
 
     ``linears`` maps names to ``nn.Linear``/``Conv1D`` modules. Scales are computed by
-    ``observer`` on the current (FP) weights unless given in ``scales`` (name -> 0-d tensor).
-    Returns the scales used. Idempotent at the same ``bits``: an already prepared layer keeps its
-    scale; one prepared at another bit-width raises (bake it or restore the model first).
+    ``observer`` at ``granularity`` (``compute_scale``) on the current (FP) weights unless given
+    in ``scales`` (name -> tensor of that granularity). Returns the scales used. Idempotent at
+    the same ``bits``: an already prepared layer keeps its scale; one prepared at another
+    bit-width raises (bake it or restore the model first).
     """
     check_bits(bits)
+    check_granularity(granularity, group_size)
     if isinstance(linears, nn.Module):
         raise TypeError("prepare takes a dict of linears, e.g. prepare(repro.models.stack_linears(model), bits)")
     used = {}
     for name, module in linears.items():
         if is_prepared(module):
-            fq = module.parametrizations.weight[0]
+            fq = grid(module)
             if fq.bits != bits:
                 raise ValueError(f"{name} is already in fake-quant mode at int{fq.bits}, not int{bits}: call "
                                  f"repro.quant.bake(...) or repro.models.restore(...) before preparing it again")
             used[name] = fq.scale
             continue
-        scale = scales[name] if scales is not None else compute_scale(module.weight, bits, observer)
-        parametrize.register_parametrization(module, "weight", FakeQuant(scale.to(module.weight.device), bits))
+        transposed = is_conv1d(module)
+        matrix = module.weight.t() if transposed else module.weight
+        scale = scales[name] if scales is not None else compute_scale(matrix, bits, observer, granularity, group_size)
+        fq = FakeQuant(scale.to(module.weight.device), bits, group_size if granularity == "group" else None, transposed)
+        parametrize.register_parametrization(module, "weight", fq)
         used[name] = scale
     return used
 
@@ -208,14 +315,15 @@ def bake(linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Write quantized values into the weights of the given linears (those in fake-quant mode)
     and leave fake-quant mode, in place.
 
-    Returns name -> scale so integer codes can be recovered with ``codes(weight, scale, bits)``.
+    Returns name -> scale so integer codes can be recovered with ``codes(weight, scale, bits)``
+    (per channel / group: of the [out, in] matrix, with the grid's ``group_size``).
     """
     scales = {}
     for name, module in linears.items():
         if is_prepared(module):
-            fq = module.parametrizations.weight[0]
+            fq = grid(module)
             with torch.no_grad():
-                baked = quantize(module.parametrizations.weight.original, fq.scale, fq.bits)
+                baked = fq(module.parametrizations.weight.original)
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
                 module.weight.copy_(baked)
             scales[name] = fq.scale.detach().clone()

@@ -28,7 +28,7 @@ from repro import data as data_mod
 from repro import evaluate, models
 from repro.methods import AFTER_RECORD, METHODS, OPTION_CHECKS
 from repro.progress import progress
-from repro.quant import OBSERVERS, check_bits, is_int
+from repro.quant import OBSERVERS, check_bits, check_granularity, expand_scale, is_int
 
 PARAMS_DIR = Path(__file__).parent / "params"
 TIERS = ("ci", "cpu", "paper")
@@ -80,6 +80,8 @@ class RunConfig:
     model: str = models.DEFAULT_MODEL
     corpus: str = data_mod.DEFAULT_CORPUS
     observer: str = "histogram"
+    granularity: str = "tensor"  # scales per tensor, output channel or group (repro.quant)
+    group_size: int = 128  # input columns per scale at granularity "group"
     seq_len: int | None = 512  # None: the model's maximum length (paper protocol)
     n_calibration: int = 128
     n_eval: int | None = None  # validation/test sequences (None: whole split)
@@ -99,6 +101,10 @@ class RunConfig:
             check_bits(self.bits)
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
+        check_granularity(self.granularity, self.group_size)
+        if self.granularity != "tensor" and self.observer == "histogram":
+            raise ValueError(f"observer 'histogram' is per tensor only (torch has no per-channel HistogramObserver); "
+                             f"granularity {self.granularity!r} takes observer 'mse' or 'minmax'")
         if self.corpus not in data_mod.CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {', '.join(data_mod.CORPORA)}")
         for name, low, optional in (("n_calibration", 1, False), ("n_eval", 1, True), ("seq_len", 2, True),
@@ -115,18 +121,29 @@ class RunConfig:
     def key(self) -> str:
         """Hash of the config (placement excluded) and the method's version."""
         content = {k: v for k, v in dataclasses.asdict(self).items() if k not in HASH_EXCLUDE}
+        # per-tensor keys as before granularity existed (their records stay valid); a group size
+        # matters only to groups
+        if self.granularity == "tensor":
+            del content["granularity"]
+        if self.granularity != "group":
+            del content["group_size"]
         content["method_version"] = METHODS[self.method][1]
         content.update(SHARED_VERSIONS)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
+    def grid_label(self) -> str:
+        """The grid's scales: "" per tensor (the default), "per channel" or "g128"."""
+        return {"tensor": "", "channel": "per channel"}.get(self.granularity, f"g{self.group_size}")
+
     def label(self) -> str:
         if self.bits is None:
             return "fp"
+        name = self.method
         if self.method == "blockwise":
             from repro.methods.blockwise import variant
 
-            return f"{variant(self.options)} int{self.bits}"
-        return f"{self.method} int{self.bits}"
+            name = variant(self.options)
+        return " ".join(filter(None, (name, f"int{self.bits}", self.grid_label())))
 
 
 # Tier keys a model may set for itself under ``model_settings`` (the data, the grid and method
@@ -190,33 +207,45 @@ def weights_path(config: RunConfig, outputs: Path | None = None) -> Path:
 
 
 def save_weights(model, config: RunConfig, info: dict, path: Path, fp_weights: dict | None = None,
-                 created: str = "") -> None:
-    """The stack's quantized weights as int8 codes and one float32 scale per linear
-    (``<name>`` and ``<name>.scale``), written atomically, with the record's ``created`` stamp in
-    the file's metadata (so a landscape point can tell which computation of the run it used). A
-    weight that is not ``code * scale`` (in the weight's own dtype) raises. Scales come from the
-    method's record (RTN/QAFT ``scales``, GPTQ per layer), else from the observer on the FP
-    weight in ``fp_weights`` (every method's grid)."""
+                 created: str = "", grid_scales: dict | None = None) -> None:
+    """The stack's quantized weights as int8 codes (the weight's stored layout) and their float32
+    scales (``<name>`` and ``<name>.scale``: 0-d, or [out, 1] / [out, n_groups] of the [out, in]
+    matrix), written atomically, with the record's ``created`` stamp, the group size and the
+    transposed (Conv1D) layers in the file's metadata (so a landscape point can tell which
+    computation of the run it used). A weight that is not ``code * scale``
+    (in the weight's own dtype) raises. Scales come from ``grid_scales`` (per channel / group, as
+    the method returned them), else the method's record (per tensor: RTN/QAFT ``scales``, GPTQ per
+    layer), else from the observer on the FP weight in ``fp_weights`` (every method's grid)."""
     from safetensors.torch import save_file
 
     from repro.quant import codes, compute_scale
 
-    known = dict(info.get("scales") or {})
-    known.update({name: layer["scale"] for name, layer in (info.get("layers") or {}).items() if "scale" in layer})
-    tensors = {}
+    known = {}
+    if config.granularity == "tensor":
+        known = {name: torch.tensor(s) for name, s in (info.get("scales") or {}).items()}
+        known.update({name: torch.tensor(layer["scale"]) for name, layer in (info.get("layers") or {}).items()
+                      if "scale" in layer})
+    known.update(grid_scales or {})
+    group_size = config.group_size if config.granularity == "group" else None
+    tensors, transposed = {}, []
     for name, m in models.stack_linears(model).items():
-        w = m.weight.detach().cpu()
-        scale = torch.tensor(known[name]) if name in known else compute_scale(fp_weights[name], config.bits,
-                                                                               config.observer).cpu()
-        c = codes(w.float(), scale, config.bits)
-        if not torch.equal((c.float() * scale).to(w.dtype), w):
+        w = models.weight_matrix(m).detach().cpu()
+        scale = known[name] if name in known else compute_scale(
+            models.weight_matrix(m, fp_weights[name]), config.bits, config.observer, config.granularity,
+            config.group_size).cpu()
+        c = codes(w.float(), scale, config.bits, group_size)
+        if not torch.equal((c.float() * expand_scale(scale, w.shape[-1], group_size)).to(w.dtype), w):
             raise RuntimeError(f"{config.label()}: {name} is not on its int{config.bits} grid; weights not saved")
-        tensors[name], tensors[f"{name}.scale"] = c.contiguous(), scale.reshape(()).float()
+        if models.is_conv1d(m):
+            c = c.t()
+            transposed.append(name)
+        tensors[name], tensors[f"{name}.scale"] = c.contiguous(), scale.float().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"key": config.key(), "bits": str(config.bits), "created": created})
+        save_file(tensors, tmp, metadata={"key": config.key(), "bits": str(config.bits), "created": created,
+                                          "group_size": str(group_size or ""), "transposed": ",".join(transposed)})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -237,8 +266,8 @@ def weights_stamp(config: RunConfig, outputs: Path | None = None) -> str | None:
 
 
 def load_weights(config: RunConfig, outputs: Path | None = None) -> dict[str, torch.Tensor]:
-    """A run's kept quantized weights (name -> float32 tensor); the run is computed first, or
-    computed again when its record predates keeping weights."""
+    """A run's kept quantized weights (name -> float32 tensor, the weight's stored layout); the
+    run is computed first, or computed again when its record predates keeping weights."""
     from safetensors.torch import load_file
 
     config = dataclasses.replace(config, save_weights=True)
@@ -248,8 +277,19 @@ def load_weights(config: RunConfig, outputs: Path | None = None) -> dict[str, to
     if not path.exists():
         raise RuntimeError(f"{config.model} {config.label()}: its weights could not be kept (see the warning "
                            f"above); a landscape needs them")
-    stored = load_file(str(path))
-    return {name: c.float() * stored[f"{name}.scale"] for name, c in stored.items() if not name.endswith(".scale")}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    group_size = int(metadata.get("group_size") or 0) or None
+    transposed = set(filter(None, metadata.get("transposed", "").split(",")))
+    stored, weights = load_file(str(path)), {}
+    for name, c in stored.items():
+        if not name.endswith(".scale"):
+            matrix = c.t() if name in transposed else c
+            weight = matrix.float() * expand_scale(stored[f"{name}.scale"], matrix.shape[-1], group_size)
+            weights[name] = weight.t() if name in transposed else weight
+    return weights
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -312,7 +352,7 @@ def workbench(config: RunConfig) -> Workbench:
 
 def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int, bits: int | None,
                    fp_grams: dict | None = None, fp_hidden: list | None = None,
-                   nll_validation: float | None = None) -> dict:
+                   nll_validation: float | None = None, granularity: str = "tensor", group_size: int = 128) -> dict:
     """The metrics every record carries (definitions in ``repro.evaluate``).
 
     Validation NLL is for selection (QAFT's lr0 and epoch); every comparison across methods
@@ -322,6 +362,7 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
     (``evaluate.block_outputs`` of the FP model on test) the same test pass also measures every
     block's output MSE against the FP residual stream (``block_output_mse``; else ``None``).
     ``nll_validation``, when the method already measured it on these weights, is not measured again.
+    ``granularity``/``group_size``: the grid's, for the weight size (its scales count).
     """
     nll_val = nll_validation if nll_validation is not None else \
         evaluate.nll(model, data.validation, batch_size, desc="NLL validation")
@@ -345,7 +386,9 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
         "block_output_mse": block_mse, "mean_block_output_mse": sum(block_mse) / len(block_mse) if block_mse else None,
         "weight_mse": sum(evaluate.weight_mse(model, fp_weights).values()) / n_layers,
         "weight_distance": evaluate.weight_distance(model, fp_weights),
-        "weight_size_gb": models.weight_size_gb(model, bits if bits is not None else 16),  # FP: float16, as the paper
+        # FP: float16, as the paper
+        "weight_size_gb": models.weight_size_gb(model, 16) if bits is None else
+        models.weight_size_gb(model, bits, granularity, group_size),
         "stack_params": models.stack_param_count(model),
     }
 
@@ -450,12 +493,13 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
             extra["rtn_nll"] = {"nll_validation": rtn["nll_validation"], "nll_test": rtn["nll_test"]}
     start = time.perf_counter()
     info = method(bench.model, bench.data, config, **extra)
+    grid_scales = info.pop("grid_scales", None)  # tensors (per channel / group), for the kept weights only
     method_s = time.perf_counter() - start
     # QAFT measured the validation NLL of exactly these (baked) weights when it picked them
     known = info["nll_validation"] if config.method == "qaft" else None
     metrics = evaluate_model(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits,
                              bench.fp_test_grams, bench.fp_test_hidden[1] if bench.fp_test_hidden else None,
-                             nll_validation=known)
+                             nll_validation=known, granularity=config.granularity, group_size=config.group_size)
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
@@ -468,7 +512,8 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
     }
     if config.save_weights:  # before the record, which then has them; a failure costs the weights only
         try:
-            save_weights(bench.model, config, info, weights_path(config, outputs), bench.fp_weights, created)
+            save_weights(bench.model, config, info, weights_path(config, outputs), bench.fp_weights, created,
+                         grid_scales)
         except RuntimeError as err:
             warnings.warn(f"{err}; the record is written without them", stacklevel=2)
     write_json_atomic(record_path(config, outputs), record)

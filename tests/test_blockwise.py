@@ -100,7 +100,7 @@ def test_initial_loss_is_the_block_output_mse_computed_by_hand(lookahead):
 
 
 def test_identity_quantizer_gives_zero_loss_and_leaves_weights(monkeypatch):
-    monkeypatch.setattr(quant, "quantize", lambda w, scale, bits: w.clone())
+    monkeypatch.setattr(quant, "quantize", lambda w, scale, bits, group_size=None: w.clone())
     model = tiny_model("llama", layers=2, hidden=48)
     fp = fp_snapshot(model)
     info = bw.blockwise(model, _data(), _config(window=2))

@@ -2,9 +2,9 @@
 
 The stack is cut into *windows* of ``window`` = m consecutive blocks, visited in order with
 stride ``stride`` (default m: non-overlapping, as AutoRound's ``nblocks``). For each window the
-linears of its blocks go into fake-quant mode (``repro.quant.prepare``: fixed per-tensor scales
-from the tier's observer on the FP weights) and their latent weights are trained with Adam
-through the straight-through estimator to minimise
+linears of its blocks go into fake-quant mode (``repro.quant.prepare``: fixed scales per
+tensor, channel or group from the tier's observer on the FP weights) and their latent weights
+are trained with Adam through the straight-through estimator to minimise
 
     MSE( f_{i+m+l-1} o ... o f_i^Q (x_i^Q) ,  h_{i+m+l}^FP )
 
@@ -196,7 +196,9 @@ def blockwise(model, data, config) -> dict:
             by_block = {i: {f"{prefix}.{i}.{name}": mod for name, mod in block_linears(stack[i]).items()}
                         for i in range(start, stop)}
             linears = {name: mod for layer in by_block.values() for name, mod in layer.items()}
-            prepare(linears, config.bits, config.observer)  # blocks kept latent by an overlap keep their scales
+            # blocks kept latent by an overlap keep their scales
+            prepare(linears, config.bits, config.observer, granularity=config.granularity,
+                    group_size=config.group_size)
             latent = [fp_weight(mod) for mod in linears.values()]
             for p in latent:
                 p.requires_grad_(True)

@@ -35,7 +35,7 @@ import torch
 from repro.evaluate import forward_hooks
 from repro.models import block_linears, block_path, blocks, weight_matrix
 from repro.progress import progress
-from repro.quant import compute_scale, is_int, is_real, qmax, quantize
+from repro.quant import compute_scale, is_int, is_real, qmax, quantize, row_scales
 from repro.stack import advance, capture, run_block
 
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -116,8 +116,16 @@ def _unpermute(Q: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return Q if perm is None else Q[..., torch.argsort(perm)]
 
 
-def gptq_solve(W: torch.Tensor, A: torch.Tensor, scale, bits: int, block_size: int = 128) -> torch.Tensor:
+def gptq_solve(W: torch.Tensor, A: torch.Tensor, scale, bits: int, block_size: int = 128,
+               group_size: int | None = None, observer: str = "minmax") -> torch.Tensor:
     """The GPTQ column sweep given ``A = hessian_factor(H, damping)``; returns ``Q``.
+
+    ``scale``: 0-d (per tensor) or [out, 1] (per channel), fixed. With ``group_size``, ``scale``
+    is an output [k, out, ceil(in / group_size)]: as the sweep reaches the first column of a
+    group it sets the group's scales by ``observer`` from the group's *current* (already
+    updated) columns, as the original GPTQ's ``groupsize`` option does (``_group_now``). Lazy
+    blocks then hold whole groups (``block_size`` becomes ``group_size`` unless a multiple of
+    it), so those columns carry every update of the columns before them.
 
     Batched: ``W`` [k, out, in] with ``A`` [k, in, in] (k candidates, e.g. damping values).
     GPTQ rounds column ``j`` at its current value ``c_j`` and spreads the rounding error over
@@ -131,6 +139,9 @@ def gptq_solve(W: torch.Tensor, A: torch.Tensor, scale, bits: int, block_size: i
     in place and the rank-1 update as one ``baddbmm_``: 6 tensor ops per column.
     """
     q_max = qmax(bits)
+    if group_size is not None and block_size % group_size:
+        block_size = group_size
+    column_scale = scale.reshape(-1) if torch.is_tensor(scale) and scale.dim() else scale  # [out] on a row
     A_unit = A / A.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)  # column j scaled by 1 / A_jj
     Wt = W.transpose(-1, -2).contiguous()  # [k, in, out]
     Ct, Qt, Rt = Wt.clone(), torch.empty_like(Wt), torch.empty_like(Wt)  # current, rounded, residual
@@ -139,7 +150,10 @@ def gptq_solve(W: torch.Tensor, A: torch.Tensor, scale, bits: int, block_size: i
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         for i in range(i1, i2):
-            q = torch.div(c_rows[i], scale, out=q_rows[i]).round_().clamp_(-q_max, q_max).mul_(scale)
+            if group_size is not None and i % group_size == 0:  # a group starts: its scales, [k, out]
+                column_scale = row_scales(_group_now(Wt, Ct, A, i, i + group_size).transpose(-1, -2), bits, observer)
+                scale[..., i // group_size] = column_scale
+            q = torch.div(c_rows[i], column_scale, out=q_rows[i]).round_().clamp_(-q_max, q_max).mul_(column_scale)
             r = torch.sub(w_rows[i], q, out=r_rows[i])
             if i + 1 < i2:
                 Ct[..., i + 1:i2, :].baddbmm_(A_unit[..., i, i + 1:i2, None], r.unsqueeze(-2))
@@ -148,22 +162,53 @@ def gptq_solve(W: torch.Tensor, A: torch.Tensor, scale, bits: int, block_size: i
     return Qt.transpose(-1, -2)
 
 
+def _group_now(Wt: torch.Tensor, Ct: torch.Tensor, A: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The columns ``start:stop`` (rows of the transposed ``Wt``/``Ct`` [k, in, out]) as the
+    reference sweep holds them once the columns before ``start`` are quantized: the OBS-optimal
+    adjustment to those roundings, ``W_G + R_F H_FG H_GG^-1`` restricted to the group (for the
+    leading block of the not-yet-quantized columns). With ``H = A A^T`` that is
+    ``W_G + (R_F A_FG) A_GG^-1``, and the sweep's ``C_G - W_G`` is ``R_F A_FG`` column-scaled by
+    ``1 / A_jj``: one triangular solve of the group's size. (``C_G`` itself is that only at a
+    group's first column: the A-form sweep adds each residual's final share at once.)"""
+    A_group = A[..., start:stop, start:stop]
+    shared = (Ct[..., start:stop, :] - Wt[..., start:stop, :]) * A_group.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    return Wt[..., start:stop, :] + torch.linalg.solve_triangular(A_group.transpose(-1, -2), shared, upper=False)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale, bits: int, damping: float,
-                  block_size: int = 128, act_order: bool = False, factor: torch.Tensor | None = None) -> torch.Tensor:
+                  block_size: int = 128, act_order: bool = False, factor: torch.Tensor | None = None,
+                  group_size: int | None = None, observer: str = "minmax") -> torch.Tensor:
     """GPTQ of one layer: ``W`` [out, in] and its Hessian ``H`` [in, in] -> ``Q`` on the grid
     ``scale * {-q..q}`` (same shape/dtype as ``W``; computed in float32, or float64 if ``W``
-    is float64). ``factor``: ``hessian_factor`` of the prepared ``H`` at ``damping`` when the
-    caller already has it (linears that share their input share it). Raises
-    ``torch.linalg.LinAlgError`` if the damped ``H`` cannot be factored."""
+    is float64). ``scale``: 0-d or [out, 1]; with ``group_size``, an output [out, n_groups]
+    that receives the group scales (``gptq_solve``). ``factor``: ``hessian_factor`` of the
+    prepared ``H`` at ``damping`` when the caller already has it (linears that share their
+    input share it). Raises ``torch.linalg.LinAlgError`` if the damped ``H`` cannot be factored."""
+    _check_grouping(group_size, act_order)
     Wp, Hp, perm = _prepare(W, H, act_order)
     A = hessian_factor(Hp, damping) if factor is None else factor
-    Q = gptq_solve(Wp[None], A[None], scale, bits, block_size)[0]
+    found = _group_scales(scale, 1) if group_size else scale
+    Q = gptq_solve(Wp[None], A[None], found, bits, block_size, group_size, observer)[0]
+    if group_size:
+        scale.copy_(found[0])
     return _unpermute(Q, perm).to(W.dtype)
+
+
+def _check_grouping(group_size: int | None, act_order: bool) -> None:
+    if group_size is not None and act_order:
+        raise ValueError("GPTQ with group scales takes act_order=False: groups are runs of consecutive input "
+                         "columns, which act-order's permutation would scatter")
+
+
+def _group_scales(scale: torch.Tensor, k: int) -> torch.Tensor:
+    """A [k, out, n_groups] buffer for ``k`` candidates' group scales, shaped like ``scale``."""
+    return scale.new_zeros(k, *scale.shape)
 
 
 def damping_search(W: torch.Tensor, H: torch.Tensor, scale, bits: int, grid=DAMPING_GRID,
                    block_size: int = 128, act_order: bool = False, batch: int | None = None,
-                   H_held: torch.Tensor | None = None, factors: dict | None = None):
+                   H_held: torch.Tensor | None = None, factors: dict | None = None,
+                   group_size: int | None = None, observer: str = "minmax"):
     """GPTQ at every damping value of ``grid``, one ``H`` for all; keep the best candidate.
 
     Every candidate is solved with ``H`` and scored by ``layer_loss`` on ``H`` (in sample) and,
@@ -177,15 +222,18 @@ def damping_search(W: torch.Tensor, H: torch.Tensor, scale, bits: int, grid=DAMP
     the best ``Q``; its damping (``None`` on fallback); ``{damping: loss or None}`` in sample
     and held out (all ``None`` without ``H_held``); a list of messages, one per grid point whose
     Cholesky failed, plus a ``"fallback: ..."`` warning when all failed and ``Q`` is plain RTN
-    (``repro.quant.quantize``). Never raises for a bad ``H``.
+    (``repro.quant.quantize``). Never raises for a bad ``H``. With ``group_size``, ``scale`` is
+    an output [out, n_groups] that receives the best candidate's group scales (``gptq_solve``;
+    on fallback, the ``observer``'s on ``W``).
     """
+    _check_grouping(group_size, act_order)
     grid = list(grid)
     Wp, Hp, perm = _prepare(W, H, act_order)
     W0, H0 = W.to(Wp.dtype), H.to(Wp.dtype)
     factors = {} if factors is None else factors
     losses, held_losses, failures = dict.fromkeys(grid), dict.fromkeys(grid), []
     score = losses if H_held is None else held_losses
-    best_Q, chosen = None, None
+    best_Q, best_scale, chosen = None, None, None
     batch = batch or len(grid)
     for start in range(0, len(grid), batch):
         solvable = {}
@@ -201,19 +249,25 @@ def damping_search(W: torch.Tensor, H: torch.Tensor, scale, bits: int, grid=DAMP
                 solvable[damping] = factors[damping]
         if not solvable:
             continue
+        found = _group_scales(scale, len(solvable)) if group_size else scale
         Qs = gptq_solve(Wp.expand(len(solvable), -1, -1), torch.stack(list(solvable.values())),
-                        scale, bits, block_size)
+                        found, bits, block_size, group_size, observer)
         Qs = _unpermute(Qs, perm)
         losses.update(zip(solvable, layer_loss(Qs - W0, H0).tolist()))
         if H_held is not None:
             held_losses.update(zip(solvable, layer_loss(Qs - W0, H_held.to(Wp.dtype)).tolist()))
-        for damping, Q in zip(solvable, Qs):
+        for i, (damping, Q) in enumerate(zip(solvable, Qs)):
             if chosen is None or score[damping] < score[chosen]:
                 best_Q, chosen = Q, damping
+                best_scale = found[i] if group_size else None
     if chosen is None:
         failures.append(f"fallback: Cholesky failed at all {len(grid)} damping values; "
                         f"the layer is quantized by RTN")
-        return quantize(W, scale, bits), None, losses, held_losses, failures
+        if group_size:
+            scale.copy_(compute_scale(W, bits, observer, "group", group_size))
+        return quantize(W, scale, bits, group_size), None, losses, held_losses, failures
+    if group_size:
+        scale.copy_(best_scale)
     return best_Q.to(W.dtype), chosen, losses, held_losses, failures
 
 
@@ -223,14 +277,16 @@ def merge_hessians(H_a: torch.Tensor, n_a: int, H_b: torch.Tensor, n_b: int) -> 
 
 
 # ----------------------------------------------------------------------------- model driver
-def solve_on_all_tokens(W, fit, held, scale, bits: int, damping: float, opts: dict, factors: dict):
+def solve_on_all_tokens(W, fit, held, scale, bits: int, damping: float, opts: dict, factors: dict,
+                        group_size: int | None = None, observer: str = "minmax"):
     """GPTQ at the picked ``damping`` with the Hessian of the fit and held-out tokens together
     (``fit``/``held``: ``(H, n)``); ``factors`` caches ``{damping: factor}`` of that merged
     Hessian for the other readers of the same input."""
     H = merge_hessians(*fit, *held)
     if damping not in factors:
         factors[damping] = hessian_factor(_prepare(W, H, opts["act_order"])[1], damping)
-    return gptq_quantize(W, H, scale, bits, damping, opts["block_size"], opts["act_order"], factors[damping])
+    return gptq_quantize(W, H, scale, bits, damping, opts["block_size"], opts["act_order"], factors[damping],
+                         group_size, observer)
 
 
 def split_calibration(calibration: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +316,8 @@ def gptq_options(config) -> dict:
         raise ValueError(f"GPTQ option block_size={opts['block_size']!r}: an integer >= 1 (the paper: 128)")
     if not isinstance(opts["act_order"], bool):
         raise ValueError(f"GPTQ option act_order={opts['act_order']!r}: true or false")
+    if opts["act_order"] and getattr(config, "granularity", "tensor") == "group":
+        _check_grouping(config.group_size, True)
     if opts["search_batch"] is not None and not is_int(opts["search_batch"], 1):
         raise ValueError(f"GPTQ option search_batch={opts['search_batch']!r}: an integer >= 1, or None (all at once)")
     opts["damping_grid"] = [float(d) for d in opts["damping_grid"]]
@@ -285,7 +343,9 @@ def gptq(model, data, config) -> dict:
     prefix = block_path(model)
     was_training = model.training
     model.eval()
-    layers, block_times, fallbacks = {}, [], []
+    layers, block_times, fallbacks, grid_scales = {}, [], [], {}
+    group_size = config.group_size if config.granularity == "group" else None
+    grouping = {"group_size": group_size, "observer": config.observer}
     start = time.perf_counter()
     try:
         # nothing to choose with one damping value: every sequence fits
@@ -329,21 +389,28 @@ def gptq(model, data, config) -> dict:
             for name, m in linears.items():
                 s = time.perf_counter()
                 W = weight_matrix(m)  # a view: writing into it writes the weight (Conv1D too)
-                scale = compute_scale(m.weight, config.bits, config.observer)
+                if config.granularity == "group":  # found by the sweep (an output, see gptq_solve)
+                    scale = W.new_zeros(W.shape[0], math.ceil(W.shape[1] / group_size), dtype=torch.float32)
+                else:  # (the stored weight: per tensor, the layout does not matter)
+                    scale = compute_scale(W if config.granularity == "channel" else m.weight, config.bits,
+                                          config.observer, config.granularity)
                 first = leader.get(name, name)
                 (H, n), (H_held, n_held) = hessians["fit"][first], hessians["held"][first]
                 if H is None:  # no calibration input reached this layer
-                    Q, chosen = quantize(W.detach(), scale, config.bits), None
+                    if group_size:
+                        scale = compute_scale(W, config.bits, config.observer, "group", group_size)
+                    Q, chosen = quantize(W.detach(), scale, config.bits, group_size), None
                     losses = held_losses = dict.fromkeys(grid)
                     failures = ["fallback: the layer received no calibration inputs; quantized by RTN"]
                 else:
                     Q, chosen, losses, held_losses, failures = damping_search(
                         W.detach(), H, scale, config.bits, grid, opts["block_size"], opts["act_order"],
-                        opts["search_batch"], H_held=H_held, factors=factors.setdefault((first, "fit"), {}))
+                        opts["search_batch"], H_held=H_held, factors=factors.setdefault((first, "fit"), {}),
+                        **grouping)
                     if H_held is not None and chosen is not None:  # the chosen damping, all tokens
                         try:
                             Q = solve_on_all_tokens(W.detach(), (H, n), (H_held, n_held), scale, config.bits,
-                                                    chosen, opts, factors.setdefault((first, "all"), {}))
+                                                    chosen, opts, factors.setdefault((first, "all"), {}), **grouping)
                         except torch.linalg.LinAlgError as err:
                             failures.append(f"damping {chosen:g} on all tokens: {str(err).splitlines()[0]}; "
                                             f"kept the solve on the fit tokens")
@@ -356,9 +423,12 @@ def gptq(model, data, config) -> dict:
                     fallbacks.append(full)
                 layers[full] = {"damping": chosen, "losses": {f"{d:g}": v for d, v in losses.items()},
                                 "held_out_losses": {f"{d:g}": v for d, v in held_losses.items()},
-                                "failures": failures, "scale": float(scale), "tokens": n,
+                                # per channel / group: the mean of the layer's scales (all in grid_scales)
+                                "failures": failures, "scale": float(scale.mean()), "tokens": n,
                                 "hessian_from": f"{prefix}.{b}.{first}",
                                 "held_out_tokens": n_held, "solve_s": time.perf_counter() - s}
+                if config.granularity != "tensor":
+                    grid_scales[full] = scale.detach().cpu()
             del hessians
             t2 = time.perf_counter()
             for items in inputs.values():
@@ -373,6 +443,7 @@ def gptq(model, data, config) -> dict:
         warnings.warn(f"GPTQ: {len(fallbacks)} layer(s) fell back to RTN (Cholesky failed at every damping): "
                       f"{', '.join(fallbacks)}", stacklevel=2)
     return {"options": opts, "layers": layers, "blocks": block_times, "wall_s": wall,
+            **({"grid_scales": grid_scales} if grid_scales else {}),
             "fallbacks": fallbacks,
             "warning": (f"{len(fallbacks)} layer(s) fell back to RTN (Cholesky failed at every "
                         f"damping): {', '.join(fallbacks)}") if fallbacks else None}

@@ -1,7 +1,7 @@
 """QAFT: quantization-aware fine-tuning of the whole stack on the global NLL (paper §III-D).
 
-The stack's linears go into fake-quant mode (``repro.quant.prepare``: one scale per tensor from
-``config.observer`` on the FP weights, then fixed) and their latent FP weights are trained through
+The stack's linears go into fake-quant mode (``repro.quant.prepare``: scales per tensor, channel
+or group (``config.granularity``) from ``config.observer`` on the FP weights, then fixed) and their latent FP weights are trained through
 the straight-through estimator on the calibration sequences; everything else is frozen. AdamW
 (weight decay 0); the learning rate decays linearly from lr0 at the first step to lr0/10 at the
 last (``lr_at``); ``epochs`` passes over the same sequences; validation and test NLL after every
@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 from repro.evaluate import model_device, nll, sequence_nll
 from repro.models import cache_dir, stack_linears
 from repro.progress import progress
-from repro.quant import bake, codes, fp_weight, prepare
+from repro.quant import bake, fp_weight, grid, prepare
 
 DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
             "mixed_precision": "no"}
@@ -162,9 +162,9 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     try:
         # Fake-quant mode with fixed scales; only the latent stack weights train.
         linears = stack_linears(model)
-        prepare(linears, config.bits, config.observer)
+        prepare(linears, config.bits, config.observer, granularity=config.granularity, group_size=config.group_size)
         latent = {name: fp_weight(m) for name, m in linears.items()}
-        scales = {name: m.parametrizations.weight[0].scale for name, m in linears.items()}
+        grids = {name: grid(m) for name, m in linears.items()}
         fp = {name: w.detach().to("cpu", copy=True) for name, w in latent.items()}  # every lr0 starts here
         for p in model.parameters():
             p.requires_grad_(False)
@@ -172,7 +172,7 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
             w.requires_grad_(True)
 
         def grid_codes() -> dict:  # the current weights on the grid, as int8 codes (CPU)
-            return {name: codes(w.detach(), scales[name], config.bits).cpu() for name, w in latent.items()}
+            return {name: grids[name].codes(w.detach()).cpu() for name, w in latent.items()}
 
         def evaluate() -> tuple[float, float]:
             model.eval()
@@ -228,7 +228,7 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
                 rtn = state["rtn"]
                 run = {"lr": lr0, "history": [{"epoch": 0, **rtn, "lr": lr0}], "stop_reason": None,
                        "best_epoch": 0, "best_nll_validation": rtn["nll_validation"], "steps": 0, "train_s": 0.0}
-                best_codes = _rtn_codes(fp, scales, config.bits)
+                best_codes = _rtn_codes(fp, grids)
 
             wrapped.train()
             bar = progress(total=total_steps, initial=run["steps"], desc=f"QAFT int{config.bits} lr0={lr0:g}",
@@ -296,7 +296,7 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
         best = min(state["runs"], key=lambda r: r["best_nll_validation"])
         with torch.no_grad():
             for name, w in latent.items():
-                w.copy_(state["best_codes"][name].to(w.device, w.dtype) * scales[name].to(w.dtype))
+                w.copy_(grids[name].dequantize(state["best_codes"][name].to(w.device), w.dtype))
         bake(linears)
     finally:
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
@@ -314,7 +314,10 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     train_s = sum(r["train_s"] for r in state["runs"])
     return {
         "lr": best["lr"], "best_epoch": best["best_epoch"], "nll_validation": best["best_nll_validation"],
-        "scales": {name: float(s) for name, s in scales.items()},
+        # per channel or group: each layer's mean scale here, the scales themselves in grid_scales
+        "scales": {name: float(g.scale) if g.scale.dim() == 0 else float(g.scale.mean()) for name, g in grids.items()},
+        **({"grid_scales": {name: g.scale.detach().cpu() for name, g in grids.items()}}
+           if config.granularity != "tensor" else {}),
         "rtn": state["rtn"],
         "runs": [{k: r[k] for k in ("lr", "history", "stop_reason", "best_epoch", "best_nll_validation",
                                     "steps", "step_s")} for r in state["runs"]],
@@ -336,6 +339,6 @@ def discard_state(config) -> None:
         path.parent.rmdir()
 
 
-def _rtn_codes(fp: dict, scales: dict, bits: int) -> dict:
+def _rtn_codes(fp: dict, grids: dict) -> dict:
     """Int8 codes of round-to-nearest of the FP weights (every lr0's epoch 0)."""
-    return {name: codes(w, scales[name].cpu(), bits) for name, w in fp.items()}
+    return {name: grids[name].codes(w) for name, w in fp.items()}

@@ -1,22 +1,31 @@
-"""Round-to-nearest: every stack weight onto its per-tensor grid, scale from the observer."""
+"""Round-to-nearest: every stack weight onto its grid (per tensor, channel or group), scales from the observer."""
+from repro import models
 from repro.models import stack_linears
-from repro.quant import bake, clipped_fraction, fp_weight, prepare, qmax
+from repro.quant import bake, clipped_fraction, expand_scale, fp_weight, grid, prepare, qmax
 
 
 def rtn(model, data, config) -> dict:
     """Quantize the stack by rounding to nearest; ``data`` is unused (data-free method).
 
-    Records, per layer, the scale, the fraction of weights the scale clips and ``clip_ratio``
-    = max|W| / (q * scale): how far beyond the grid's edge the largest weight lies (1 = no clip).
+    Records, per layer, the scale (per channel or group: their mean), the fraction of weights
+    the scale clips and ``clip_ratio`` = max|W| / (q * scale): how far beyond the grid's edge the
+    largest weight lies (1 = no clip; per channel or group, the largest over them).
     """
     linears = stack_linears(model)
-    scales = prepare(linears, config.bits, config.observer)
+    scales = prepare(linears, config.bits, config.observer, granularity=config.granularity,
+                     group_size=config.group_size)
     q = qmax(config.bits)
-    info = {
-        "scales": {name: float(s) for name, s in scales.items()},
-        "clipped": {name: clipped_fraction(fp_weight(m), scales[name], config.bits) for name, m in linears.items()},
-        "clip_ratio": {name: float(fp_weight(m).detach().abs().max() / (q * scales[name])) for name, m in linears.items()},
-    }
+    # per channel or group, the record gets each layer's scales' mean (thousands per layer);
+    # the scales themselves follow from the FP weights and the observer (`compute_scale`)
+    info = {"scales": {name: float(s) if s.dim() == 0 else float(s.mean()) for name, s in scales.items()},
+            "clipped": {}, "clip_ratio": {}}
+    for name, m in linears.items():
+        w, fq = models.weight_matrix(m, fp_weight(m)).detach(), grid(m)
+        scale = expand_scale(fq.scale, w.shape[-1], fq.group_size)
+        info["clipped"][name] = clipped_fraction(w, scale, config.bits)
+        # per channel / group: the largest such ratio
+        info["clip_ratio"][name] = float((w.abs() / (q * scale)).max()) if scale.dim() else \
+            float(w.abs().max() / (q * scale))
     bake(linears)
     return info
 
