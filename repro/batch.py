@@ -50,6 +50,7 @@ NOTEBOOKS = {
     "04_cross_block": ("per model", lambda tier, model: runs.cross_block_configs(tier, model), "cross_block"),
     "05_datasets": ("per model", _corpora, "datasets"),
     "06_hyperparameters": ("per model", _sweep("qaft")),
+    "08_granularity": ("per model", lambda tier, model: runs.granularity_configs(tier, model), "granularity_study"),
 }
 
 

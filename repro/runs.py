@@ -544,6 +544,35 @@ def cross_block_configs(tier: str = "cpu", model: str | None = None, bits=None, 
             *(make_config("blockwise", b, tier, options=dict(v), model=model) for b in bits for v in variants)]
 
 
+def granularity_configs(tier: str = "cpu", model: str | None = None, bits=None, granularities=None) -> list[RunConfig]:
+    """Notebook 08's runs for one model: FP; the section's methods at its widths per tensor (the
+    tier's own runs) and at each of its ``granularities`` (with the section's observer per width
+    and ``group_size``); the locality spectrum's block-wise ``variants`` at its ``locality`` widths,
+    per tensor and at each granularity. ``None``: the tier's ``granularity_study`` section."""
+    params = load_tier(tier)
+    section = params.get("granularity_study") or {}
+    model = model or params["model"]
+    bits = section.get("bits", params["bits"]) if bits is None else bits
+    bits = [bits] if isinstance(bits, int) else list(bits)
+    granularities = section.get("granularities", ["channel", "group"]) if granularities is None else granularities
+    locality = section.get("locality") or {}
+
+    def grid(granularity, b):
+        if granularity == "tensor":
+            return {}
+        observer = section.get("observer")
+        return {"granularity": granularity, "group_size": section.get("group_size", 128),
+                "observer": observer.get(b) if isinstance(observer, dict) else observer}
+
+    methods = section.get("methods", ["rtn", "gptq", "qaft"])
+    configs = [make_config("fp", None, tier, model=model)]
+    for granularity in ["tensor", *granularities]:
+        configs += [make_config(m, b, tier, model=model, **grid(granularity, b)) for b in bits for m in methods]
+        configs += [make_config("blockwise", b, tier, options=dict(v), model=model, **grid(granularity, b))
+                    for b in locality.get("bits", []) for v in locality.get("variants", [])]
+    return configs
+
+
 def sweep(methods=("fp", "rtn"), bits=None, tier: str = "cpu", outputs: Path | None = None,
           **overrides) -> list[dict]:
     """Run every (method, bits) pair (``fp`` once), resuming from cached records.
