@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 run: install
 	$(VENV)/bin/repro batch --tier $(TIER)
 
-# Whole test suite: unit/property/end-to-end tests and nbval over every notebook (ci tier).
+# Whole test suite: unit/property/end-to-end tests, the explorer in JupyterLab + headless Chromium,
+# and nbval over every notebook (ci tier).
 test: install
+	bash scripts/install_browser.sh
 	$(VENV)/bin/python -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider tests notebooks

@@ -35,7 +35,8 @@ def _run(args) -> int:
 
     for bits in ([None] if args.method == "fp" else args.bits):
         config = runs.make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
-                                  corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device)
+                                  corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,
+                                  granularity=args.granularity, group_size=args.group_size)
         record = runs.run(config, args.outputs, force=args.force)
         print(runs.summary(record), flush=True)
     return 0
@@ -137,6 +138,14 @@ def _figures(args) -> int:
         figures.update({f"landscape_{r['corpus']}_int{b}": (lambda r=r, b=b: plots.landscape(r, b))
                         for r in results for b in r["bits"]})
         drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
+    for model, (records, _) in _granularity(args, params).items():  # notebook 08's figures
+        from repro import report
+
+        suffix = f"_{args.tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
+        main = [r for r in records if r["config"]["method"] != "blockwise"]
+        figures = {"granularity_misalignment": lambda main=main: plots.misalignment_scatter(main, column=report.grid_of),
+                   "granularity_pareto": lambda main=main: plots.pareto(main)}
+        drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
     if len({r["config"]["model"] for r in every}) > 1:  # Fig. 2 over all of the tier's models
         fig = plots.pareto(every)
         fig.savefig(directory / f"pareto_{args.tier}.png", dpi=110, bbox_inches="tight")
@@ -175,6 +184,21 @@ def _datasets(args, params) -> dict:
                                        corpus=corpus, **section.get("landscape", {})) for corpus in section.get("corpora", [])]
         if any(r["config"]["corpus"] in section.get("corpora", []) for r in records):
             found[model] = (records, [r for r in results if r is not None])
+    return found
+
+
+def _granularity(args, params) -> dict:
+    """``{model: (records, basin)}`` of notebook 08 (the tier's ``granularity_study``), cached only, for
+    the models with any per-channel or group record; basin: ``landscape.basin_radius`` of the FP
+    landscape where it is cached, else None."""
+    from repro import landscape, runs
+
+    found = {}
+    for model in (params.get("granularity_study") or {}).get("models") or []:
+        records = _read_records(runs.granularity_configs(args.tier, model), args.outputs)
+        if any(r["config"].get("granularity", "tensor") != "tensor" for r in records):
+            result = landscape.landscape(model, None, args.tier, args.outputs, cached_only=True)
+            found[model] = (records, landscape.basin_radius(result) if result else None)
     return found
 
 
@@ -244,6 +268,12 @@ def _report(args) -> int:
             parts.append(report.radius_summary(landscape.misalignment_vs_radius(
                 results, args.outputs, compute=False, bits=section.get("bits"))))
         sections[f"datasets-{model}"] = "\n\n".join(parts + [report.provenance(records, args.tier, command)])
+    for model, (records, basin) in _granularity(args, params).items():
+        sections[f"granularity-{model}"] = "\n\n".join([report.granularity_table(records),
+                                                          report.granularity_summary(records, **(
+                                                              {"radius": basin["R"], "bound": basin["bound"]}
+                                                              if basin else {})),
+                                                          report.provenance(records, args.tier, command)])
     summary = Path(args.outputs) / args.tier / "batch.json"
     if summary.is_file():
         from repro import batch
@@ -312,7 +342,7 @@ def _bench(args) -> int:
 def main(argv=None) -> int:
     from repro.data import CORPORA
     from repro.methods import METHODS
-    from repro.quant import OBSERVERS
+    from repro.quant import GRANULARITIES, OBSERVERS
     from repro.runs import TIERS
 
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
@@ -327,6 +357,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="embedded name (smollm2-135m) or hub id; default: the tier's")
     p.add_argument("--corpus", choices=CORPORA, help="default: the tier's")
     p.add_argument("--observer", choices=OBSERVERS, help="scale observer; default: the tier's")
+    p.add_argument("--granularity", choices=GRANULARITIES,
+                   help="scales per tensor (default, the paper's), output channel or group of --group-size columns")
+    p.add_argument("--group-size", type=int, help="input columns per scale with --granularity group (default 128)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--outputs", help=OUTPUTS_HELP)

@@ -147,7 +147,8 @@ def _square(ax, values, log: bool):
 def misalignment_scatter(records, metric_rows=("nll_test", "layer_mse_fp_inputs", "layer_mse"),
                          local: str = "gptq", global_: str = "qaft", column: str = "model"):
     """Paper Fig. 1 in its own layout: one column per model (or per value of another config key
-    ``column``, e.g. ``corpus`` for paper Fig. 4), one row per metric, ``local`` (x) against
+    ``column``, e.g. ``corpus`` for paper Fig. 4, or of a function of the record, e.g.
+    ``report.grid_of``; a column without its own FP record gets the others'), one row per metric, ``local`` (x) against
     ``global_`` (y) at each bit-width both have.
 
     A scalar metric (``nll_test``) draws one dot per format at (local, global) with a line from
@@ -155,13 +156,16 @@ def misalignment_scatter(records, metric_rows=("nll_test", "layer_mse_fp_inputs"
     (``layer_mse*``) draws one small dot per linear at (local's MSE, global's MSE), log-log.
     Below the diagonal the global method is the better one, above it the local one.
     """
-    models = list(dict.fromkeys(r["config"][column] for r in records))
+    value = column if callable(column) else (lambda r: r["config"][column])
+    models = list(dict.fromkeys(value(r) for r in records))
     fig, axes = plt.subplots(len(metric_rows), max(len(models), 1), squeeze=False, layout="constrained",
                              figsize=(3.6 * max(len(models), 1), 3.4 * len(metric_rows)))
     colors = _format_colors(records)
     handles = {}
     for col, model in enumerate(models):
-        recs = [r for r in records if r["config"][column] == model]
+        recs = [r for r in records if value(r) == model]
+        if not any(r["config"]["method"] == "fp" for r in recs):  # e.g. a granularity: FP has none
+            recs += [r for r in records if r["config"]["method"] == "fp"]
         table = _by_method_bits(recs)
         bits = sorted(set(table.get(local, {})) & set(table.get(global_, {})), reverse=True)
         for row, metric in enumerate(metric_rows):

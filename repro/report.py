@@ -354,8 +354,11 @@ def pareto_points(records, metric: str = "nll_test") -> list[dict]:
         bits = FP_BITS if c["method"] == "fp" else c["bits"]
         if r.get("stack_params") is None or r.get(metric) is None or bits is None:
             continue
-        points.append({"model": c["model"], "method": c["method"], "bits": bits,
-                       "size_gb": r["stack_params"] * bits / 8 / 1e9, "nll": r[metric]})
+        tensor = c.get("granularity", "tensor") == "tensor"
+        # per channel / group: the format is its own series, and its size counts the scales
+        points.append({"model": c["model"] if tensor else f"{c['model']} {grid_of(r)}", "method": c["method"],
+                       "bits": bits, "nll": r[metric],
+                       "size_gb": r["stack_params"] * bits / 8 / 1e9 if tensor else r["weight_size_gb"]})
     return points
 
 
@@ -909,4 +912,89 @@ def corpora_summary(records, gap: float = 0.05) -> str:
     everywhere = all(d > gap for pairs in verdicts.values() for _, d in pairs)
     lines.append("The misalignment holds on every corpus at every width measured." if everywhere else
                  "The misalignment does **not** hold on every corpus and width measured (see above).")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- granularity (notebook 08)
+def grid_of(record) -> str:
+    """A record's scales: "per tensor" (the paper's), "per channel" or "g<group size>"."""
+    c = record["config"]
+    granularity = c.get("granularity", "tensor")  # records from before the option: per tensor
+    return {"tensor": "per tensor", "channel": "per channel"}.get(granularity, f"g{c.get('group_size')}")
+
+
+def _grids(records) -> list[str]:
+    order = {"per tensor": 0, "per channel": 1}
+    return sorted({grid_of(r) for r in records if r["config"]["method"] != "fp"}, key=lambda g: (order.get(g, 2), g))
+
+
+def granularity_table(records) -> str:
+    """Markdown: test NLL (nats/token) per model, width and method (rows) at each granularity
+    (columns), FP first; block-wise variants where present."""
+    grids = _grids(records)
+    cells, fp = defaultdict(dict), {}
+    for r in records:
+        c = r["config"]
+        if c["method"] == "fp":
+            fp[c["model"]] = r["nll_test"]
+        else:
+            cells[(c["model"], c["bits"], locality(r), method_label(r))][grid_of(r)] = r["nll_test"]
+    rows = [[model, "FP", "fp", *([_nll(nll)] * len(grids))] for model, nll in fp.items()]
+    for (model, bits, _, label), by in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
+        rows.append([model, f"int{bits}", label, *(_nll(by[g]) if g in by else DASH for g in grids)])
+    return _markdown(["model", "bits", "method", *grids], rows) if cells else "No records yet."
+
+
+def granularity_summary(records, radius: float | None = None, gap: float = 0.05, bound: bool = False) -> str:
+    """Markdown, computed from the records: per granularity, (1) where the misalignment appears
+    (GPTQ − QAFT test NLL > ``gap`` nats) and how far each method stays from FP; (2) with the FP
+    basin radius ``radius`` (``landscape.basin_radius``'s R on train, same for every grid: it is a
+    property of w), ``rho = ||w_RTN - w|| / R`` per width and whether misalignment appears exactly
+    where ``rho > 1`` (the paper's explanation; ``bound``: R is only a lower bound, so each rho is an
+    upper bound and only ``rho <= 1`` is decided); (3) LA-PTQ − block PTQ test NLL where both ran."""
+    grids = _grids(records)
+    by = defaultdict(dict)  # (grid, bits) -> label -> record
+    fp = next((r["nll_test"] for r in records if r["config"]["method"] == "fp"), None)
+    for r in records:
+        if r["config"]["method"] != "fp":
+            by[(grid_of(r), r["config"]["bits"])][method_label(r)] = r
+    if not by:
+        return "No records yet."
+    lines, agree, total, undecided = [], 0, 0, 0
+    for g in grids:
+        widths = sorted((b for (gg, b) in by if gg == g), reverse=True)
+        mis, aligned, rhos, local = [], [], [], []
+        for b in widths:
+            cell = by[(g, b)]
+            if "GPTQ" in cell and "QAFT" in cell:
+                eta = cell["GPTQ"]["nll_test"] - cell["QAFT"]["nll_test"]
+                (mis if eta > gap else aligned).append(f"int{b} ({eta:+.3f})")
+                if radius and "RTN" in cell:
+                    rho = cell["RTN"]["weight_distance"] / radius
+                    rhos.append(f"int{b} {'≤ ' if bound else ''}{rho:.2f}")
+                    if bound and rho > 1:  # the true rho may lie on either side of 1
+                        undecided += 1
+                    else:
+                        agree += (rho > 1) == (eta > gap)
+                        total += 1
+            if "block PTQ" in cell and "LA-PTQ l=1" in cell:
+                local.append(f"int{b} {cell['LA-PTQ l=1']['nll_test'] - cell['block PTQ']['nll_test']:+.3f}")
+        near = [f"{m} int{b} {cell[m]['nll_test'] - fp:+.2f}" for b in widths for cell in [by[(g, b)]]
+                for m in ("RTN", "GPTQ", "QAFT") if m in cell] if fp is not None else []
+        text = (f"- **{g}**: QAFT beats GPTQ by more than {gap} nats at {', '.join(mis) or 'no width'}"
+                + (f"; not at {', '.join(aligned)}" if aligned else "") + ".")
+        if near:
+            text += f" Test NLL above FP ({fp:.3f}): {', '.join(near)}."
+        if rhos:
+            text += f" ρ = ‖w_RTN − w‖ / R: {', '.join(rhos)}."
+        if local:
+            text += f" LA-PTQ l=1 − block PTQ: {', '.join(local)} (negative: the look-ahead helps)."
+        lines.append(text)
+    if total:
+        lines.append(f"\nThe paper's explanation (misalignment exactly where ρ > 1) holds at {agree} of {total} "
+                     f"decided (granularity, width) cells" + (": it predicts the misalignment." if agree == total else
+                                                              ": it does not predict where the misalignment appears."))
+    if undecided:
+        lines.append(f"\nR(w) is only a lower bound here (no accepted bowl fit), so ρ is an upper bound: "
+                     f"{undecided} cell(s) with a bound above 1 cannot test the threshold.")
     return "\n".join(lines)

@@ -96,7 +96,7 @@ class RunConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method == "fp":
-            self.bits = None
+            self.bits, self.granularity = None, "tensor"  # nothing is quantized
         else:
             check_bits(self.bits)
         if self.observer not in OBSERVERS:
@@ -182,6 +182,12 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
             raise ValueError(f"tier {tier!r} chooses an observer per bit-width for {sorted(by_bits)} only, not "
                              f"int{bits}; pass observer=... (CLI: --observer) or add int{bits} to params/{tier}.yaml")
         params["observer"] = by_bits[bits if bits is not None else max(by_bits)]
+    if (overrides.get("granularity") or "tensor") != "tensor" and not overrides.get("observer") and method != "fp":
+        # per channel / group: the tier's granularity_study observer for this width (histogram is per
+        # tensor only), else minmax in histogram's place
+        study = (params.get("granularity_study") or {}).get("observer")
+        chosen = study.get(bits) if isinstance(study, dict) else study
+        params["observer"] = chosen or ("minmax" if params["observer"] == "histogram" else params["observer"])
     # the landscape (notebook 03) reads the quantized weights of its methods at its widths: keep them
     landscape = params.get("landscape") or {}
     # (RTN's follow from its record's scales: nothing to keep)
@@ -557,12 +563,9 @@ def granularity_configs(tier: str = "cpu", model: str | None = None, bits=None, 
     granularities = section.get("granularities", ["channel", "group"]) if granularities is None else granularities
     locality = section.get("locality") or {}
 
-    def grid(granularity, b):
-        if granularity == "tensor":
-            return {}
-        observer = section.get("observer")
-        return {"granularity": granularity, "group_size": section.get("group_size", 128),
-                "observer": observer.get(b) if isinstance(observer, dict) else observer}
+    def grid(granularity, b):  # (the observer: make_config takes the section's for the width)
+        return {} if granularity == "tensor" else {"granularity": granularity,
+                                                   "group_size": section.get("group_size", 128)}
 
     methods = section.get("methods", ["rtn", "gptq", "qaft"])
     configs = [make_config("fp", None, tier, model=model)]

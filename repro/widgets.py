@@ -1,51 +1,176 @@
-"""ipywidgets front-end over cached records: pick model, method, bits; plots update."""
+"""ipywidgets front-end over cached records: pick the runs, see the paper's figures redraw at once.
+
+``explorer()`` shows controls for tier, model, corpus, methods, bits, observer and granularity and a
+figure chooser (NLL per width and the per-layer MSE; paper Fig. 1, 2, 3, 7; the locality spectrum).
+Figures redraw from cached records only, so a change of control costs milliseconds. What the
+selection needs and is not cached is listed; "compute missing" runs it in a background thread
+(the kernel and the display stay free) with a progress bar, and "cancel" stops it after the run
+in progress (a run is the unit of work and of caching).
+"""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
-from repro.runs import outputs_dir
+from repro import runs
+from repro.data import OFFLINE_CORPORA
+from repro.quant import GRANULARITIES, OBSERVERS
+
+FIGURES = ("NLL per width + layer MSE", "Fig. 1: GPTQ vs QAFT", "Fig. 2: Pareto front", "Fig. 3: landscape",
+           "Fig. 7: QAFT epochs", "locality spectrum")
 
 
 def load_records(outputs: Path | str | None = None) -> list[dict]:
     """Every record under ``outputs/records`` (no computation)."""
-    root = Path(outputs) if outputs is not None else outputs_dir()
+    root = Path(outputs) if outputs is not None else runs.outputs_dir()
     return [json.loads(p.read_text()) for p in sorted((root / "records").glob("*/*.json"))]
 
 
-def explorer(outputs: Path | str | None = None):
-    """Interactive view of cached runs: NLL per bits and the per-layer MSE of the chosen run."""
+def selection_configs(tier: str, model: str, corpus: str, methods, bits, observer: str | None,
+                      granularity: str, figure: str = FIGURES[0]) -> list[runs.RunConfig]:
+    """The runs a figure of the selection reads: FP and ``methods`` at ``bits`` (``observer``
+    None: the tier's per width), Fig. 2 over every model of the tier, the spectrum adds the tier's
+    block-wise variants."""
+    grid = {"granularity": granularity, "observer": observer}  # (None: the tier's; see runs.make_config)
+    models = runs.load_tier(tier).get("models", [model]) if figure == FIGURES[2] else [model]
+    configs = [c for m in models for c in runs.sweep_configs(("fp", *methods), list(bits), tier, model=m,
+                                                             corpus=corpus, **grid)]
+    if figure == FIGURES[5]:
+        variants = (runs.load_tier(tier).get("cross_block") or {}).get("variants", [])
+        configs += [runs.make_config("blockwise", b, tier, options=dict(v), model=model, corpus=corpus, **grid)
+                    for b in bits for v in variants]
+    return configs
+
+
+def draw(figure: str, records: list[dict], tier: str, model: str, bits, outputs=None):
+    """The matplotlib figure for ``figure`` from ``records`` (cached only), or None with nothing to draw."""
+    import matplotlib.pyplot as plt
+
+    from repro import landscape, plots
+
+    mine = [r for r in records if r["config"]["model"] == model]
+    if figure == FIGURES[0]:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.5), gridspec_kw={"width_ratios": [1, 2]})
+        plots.nll_vs_bits(mine, metric="nll_test", ax=left)
+        plots.layer_mse_profile([r for r in mine if r["config"]["bits"]], ax=right, title="layer MSE (test)")
+        return fig
+    if figure == FIGURES[1]:
+        return plots.misalignment_scatter(mine)
+    if figure == FIGURES[2]:
+        return plots.pareto(records)
+    if figure == FIGURES[3]:
+        result = landscape.landscape(model, list(bits), tier, outputs, cached_only=True)
+        return plots.landscape(result, max(bits)) if result else None
+    if figure == FIGURES[4]:
+        return plots.qaft_epochs(mine)
+    return plots.spectrum(mine, max(bits), model)
+
+
+def explorer(outputs: Path | str | None = None, tier: str = "ci"):
+    """The explorer widget (see the module docstring); ``outputs``: the results directory."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
-    from repro import plots
+    params = runs.load_tier(tier)
+    models = list(params.get("models") or [params["model"]])
 
-    records = load_records(outputs)
-    if not records:
-        return w.HTML("No records yet: run a notebook or <code>repro run</code> first.")
-    model = w.Dropdown(options=sorted({r["config"]["model"] for r in records}), description="model")
-    method = w.Dropdown(options=sorted({r["config"]["method"] for r in records if r["config"]["bits"]}),
-                        description="method")
-    bits = w.Dropdown(options=sorted({r["config"]["bits"] for r in records if r["config"]["bits"]}, reverse=True),
-                      description="bits")
-    out = w.Output()
+    style = {"description_width": "initial"}
+    controls = {
+        "tier": w.Dropdown(options=list(runs.TIERS), value=tier, description="tier"),
+        "model": w.Dropdown(options=models, value=models[0], description="model"),
+        "corpus": w.Dropdown(options=list(OFFLINE_CORPORA), value=params.get("corpus", "wiki"), description="corpus"),
+        "methods": w.SelectMultiple(options=["rtn", "gptq", "qaft"], value=["rtn"], description="methods", rows=3),
+        "bits": w.SelectMultiple(options=[8, 6, 4, 3, 2], value=[b for b in (8, 4, 3) if b in params["bits"]] or
+                                 [params["bits"][0]], description="bits", rows=5),
+        "observer": w.Dropdown(options=[("tier's per width", "tier"), *[(o, o) for o in OBSERVERS]], value="tier",
+                               description="observer", style=style),
+        "granularity": w.Dropdown(options=list(GRANULARITIES), value="tensor", description="granularity", style=style),
+        "figure": w.Dropdown(options=list(FIGURES), value=FIGURES[0], description="figure",
+                             layout=w.Layout(width="340px")),
+    }
+    status = w.HTML()
+    out = w.Output(layout=w.Layout(min_height="320px"))
+    bar = w.IntProgress(min=0, max=1, value=0, description="runs", layout=w.Layout(visibility="hidden"))
+    compute, cancel = w.Button(description="compute missing", icon="play"), w.Button(description="cancel", icon="stop",
+                                                                                     disabled=True)
+    worker = {"thread": None, "stop": threading.Event()}
 
-    def draw(*_):
-        chosen = [r for r in records if r["config"]["model"] == model.value]
-        run = [r for r in chosen if r["config"]["method"] == method.value and r["config"]["bits"] == bits.value]
-        with out:
-            out.clear_output(wait=True)
-            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5), gridspec_kw={"width_ratios": [1, 2]})
-            plots.nll_vs_bits(chosen, ax=ax1)
-            if run:
-                plots.layer_mse_profile(run[:1], ax=ax2, title=f"{method.value} int{bits.value}")
-            else:
-                ax2.set_title(f"no cached {method.value} int{bits.value} run")
-            display(fig)
+    def selection() -> list[runs.RunConfig]:
+        v = {k: c.value for k, c in controls.items()}
+        return selection_configs(v["tier"], v["model"], v["corpus"], v["methods"], sorted(v["bits"], reverse=True),
+                                 None if v["observer"] == "tier" else v["observer"], v["granularity"], v["figure"])
+
+    def redraw(*_):
+        try:
+            configs = selection()
+        except ValueError as err:  # e.g. a width the tier has no observer for
+            status.value = f"<b>not a valid selection</b>: {err}"
+            out.outputs = ()
+            return
+        found = [(c, runs.read_record(c, outputs)) for c in configs]
+        records = [r for _, r in found if r is not None]
+        missing = [c for c, r in found if r is None]
+        status.value = (f"{len(records)} cached run(s)" + (f"; <b>{len(missing)} missing</b>: " +
+                        ", ".join(f"{c.model} {c.label()}" for c in missing[:6]) + (" …" if len(missing) > 6 else "")
+                        if missing else ""))
+        compute.disabled = not missing or worker["thread"] is not None
+        fig = draw(controls["figure"].value, records, controls["tier"].value, controls["model"].value,
+                   sorted(controls["bits"].value), outputs) if records else None
+        # the output's state replaced, not printed into: safe from the worker thread, unlike `with out:`
+        # (and clear_output(wait=True) would wait for an output message that never comes)
+        out.outputs = ()
+        if fig is None:
+            out.append_stdout("Nothing cached to draw for this selection: press 'compute missing'.\n")
+        else:
+            out.append_display_data(fig)
             plt.close(fig)
 
-    for control in (model, method, bits):
-        control.observe(draw, names="value")
-    draw()
-    return w.VBox([w.HBox([model, method, bits]), out])
+    def work(configs):
+        try:
+            for i, config in enumerate(configs):
+                if worker["stop"].is_set():
+                    break
+                bar.description = f"{i + 1}/{len(configs)}"
+                runs.run(config, outputs)
+                bar.value = i + 1
+        except Exception as err:  # noqa: BLE001 - shown in the widget, the kernel stays usable
+            status.value = f"<b>failed</b>: {type(err).__name__}: {err}"
+            return
+        finally:
+            worker["thread"] = None
+            cancel.disabled = True
+            bar.layout.visibility = "hidden"
+        redraw()
+
+    def start(_):
+        missing = [c for c in selection() if runs.read_record(c, outputs) is None]
+        if not missing or worker["thread"] is not None:
+            return
+        worker["stop"].clear()
+        bar.max, bar.value, bar.layout.visibility = len(missing), 0, "visible"
+        compute.disabled, cancel.disabled = True, False
+        worker["thread"] = threading.Thread(target=work, args=(missing,), daemon=True)
+        worker["thread"].start()
+
+    def stop(_):
+        worker["stop"].set()
+        cancel.disabled = True
+        status.value += " — cancelling after the run in progress"
+
+    def retier(change):
+        p = runs.load_tier(change["new"])
+        controls["model"].options = list(p.get("models") or [p["model"]])
+
+    controls["tier"].observe(retier, names="value")
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    compute.on_click(start)
+    cancel.on_click(stop)
+    redraw()
+    box = w.VBox([w.HBox([controls["tier"], controls["model"], controls["corpus"]]),
+                  w.HBox([controls["methods"], controls["bits"],
+                          w.VBox([controls["observer"], controls["granularity"], controls["figure"]])]),
+                  w.HBox([compute, cancel, bar]), status, out])
+    box.controls = controls  # for scripted use (and the tests)
+    return box

@@ -558,6 +558,84 @@ print(report.radius_summary(landscape.misalignment_vs_radius(results, outputs, b
 ])
 
 
+write("08_granularity", [
+    md("""
+# 08 · Beyond the per-tensor grid: per-channel and group-wise scales
+
+The paper chose one scale per tensor on purpose ("the simplest scheme … fewest confounding factors"), and
+it stays the package's default. On the embedded models it puts 4 bits and below where the model is
+destroyed, while the quantizers people deploy keep one scale per output channel or per group of 128 input
+columns (the scales counted in the weight size, fp16 each). Does the misalignment between the local
+objective (GPTQ) and the global one (QAFT) survive there, is the basin-radius explanation still
+predictive, and does LA-PTQ's look-ahead change anything? Every method runs at each granularity through
+`RunConfig.granularity` (`tensor | channel | group`, `group_size`): RTN, GPTQ with each group's scales set
+from the already-updated columns as the sweep reaches them (as the original GPTQ's `groupsize`), QAFT and
+the block-wise methods through the straight-through estimator.
+
+**Cost**: on the `cpu` tier about 30 minutes per model on 2 cores (SmolLM2: 22 runs at int4/3/2, two
+granularities, and the block-wise pair at int4), so `make run` leaves it out:
+`repro batch --tier cpu 08_granularity`. The `ci` tier runs g128 at int3.
+"""),
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\n'
+           'bits = None  # int or list; None: the tier\'s granularity_study bits\n'
+           'granularities = None  # list of "channel", "group"; None: the tier\'s\ntier = "ci"\n'),
+    code(SETUP + """
+from repro import landscape, plots, report
+from repro.progress import progress
+
+configs = runs.granularity_configs(tier, model, bits, granularities)
+records = [runs.run(c, outputs) for c in progress(configs, desc="runs")]
+main = [r for r in records if r["config"]["method"] != "blockwise"]
+"""),
+    md("""
+## Paper Fig. 1 at each granularity
+
+Fig. 1's layout with one column per granularity: GPTQ (x) against QAFT (y), test NLL (one dot per width, its
+line ending on the diagonal at the RTN level), then layer MSE per linear with FP inputs and with the model's
+own inputs. Below the diagonal QAFT is better.
+"""),
+    code("plots.misalignment_scatter(main, column=report.grid_of);"),
+    code("""
+# NBVAL_CHECK_OUTPUT
+print(report.granularity_table(records))
+"""),
+    md("""
+## Paper Fig. 2: NLL against weight size, each granularity its own series
+
+Per channel and per group the size counts one fp16 scale per channel or group, so g128 costs 0.125 bits per
+weight more than per tensor. RTN hollow circles, GPTQ squares, QAFT filled circles; the red line is the
+Pareto front over every point.
+"""),
+    code("plots.pareto(main);"),
+    md("""
+## The locality spectrum at each granularity
+
+RTN, GPTQ, block PTQ, LA-PTQ (one block and the next) and QAFT, from the most local objective to the global
+one, at the tier's locality width: test NLL above, the local errors below.
+"""),
+    code("""
+locality_bits = (runs.load_tier(tier).get("granularity_study") or {}).get("locality", {}).get("bits", [])
+for b in locality_bits:
+    for g in dict.fromkeys(map(report.grid_of, records)):
+        fig = plots.spectrum([r for r in records if report.grid_of(r) == g or r["config"]["method"] == "fp"], b, model)
+        fig.axes[0].set_title(f"locality spectrum, int{b} {g}")
+"""),
+    md("""
+## Computed answer
+
+The basin radius R(w) is measured around the FP weights (notebook 03's landscape, the tier's landscape
+settings), so it is one number for every granularity; only ‖w_RTN − w‖ changes. ρ > 1 is the paper's
+condition for misalignment.
+"""),
+    code("""
+# NBVAL_CHECK_OUTPUT
+basin = landscape.basin_radius(landscape.landscape(model, None, tier, outputs))  # notebook 03's points
+print(f"R(w) = {basin['R']:.1f} (train)" + (" (a lower bound)" if basin["bound"] else ""))
+print(report.granularity_summary(records, basin["R"], bound=basin["bound"]))
+"""),
+])
+
+
 write("06_hyperparameters", [
     md("""
 # 06 · QAFT learning rate (paper Fig. 6, App. A)
@@ -584,5 +662,25 @@ records = runs.sweep(methods=("qaft",), bits=bits, tier=tier, outputs=outputs, m
 print(report.lr_table(records))
 print()
 print(report.lr_summary(records))
+"""),
+])
+
+
+write("explore", [
+    md("""
+# Explorer: the paper's figures over cached records
+
+Pick tier, model, corpus, methods, bit-widths, observer (the tier's per-width choice by default) and
+granularity, then a figure: NLL per width with the per-layer MSE, paper Fig. 1 (GPTQ vs QAFT), Fig. 2 (the
+Pareto front over the tier's models), Fig. 3 (the landscape, from notebook 03's cached points), Fig. 7 (QAFT's
+test NLL per epoch) or the locality spectrum. Figures redraw from cached records at once; what the
+selection needs and is not cached is listed, and **compute missing** runs it in a background thread with a
+progress bar (the kernel stays free; **cancel** stops after the run in progress).
+"""),
+    params('tier = "ci"\n'),
+    code(SETUP + """
+from repro import widgets
+
+widgets.explorer(outputs, tier)
 """),
 ])
