@@ -229,7 +229,7 @@ print(report.damping_table(gptq_records))
 ## Explore the cached runs
 Pick model, method and bits; the plots redraw from the records on disk.
 """),
-    code("widgets.explorer(outputs)"),
+    code("widgets.explorer(outputs, tier)"),
 ])
 
 INTRO = """\
