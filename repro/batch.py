@@ -138,6 +138,35 @@ def in_shard(config, shard: tuple[int, int] | None) -> bool:
     return shard is None or int(config.key(), 16) % shard[1] == shard[0] - 1
 
 
+class HubUnavailableError(RuntimeError):
+    """The batch needs hub models or corpora that cannot be had now (no network, nothing cached)."""
+
+
+def check_hub(configs, tier: str) -> None:
+    """Before any work: when the Hugging Face hub is unreachable, every hub model and corpus the
+    ``configs`` need must be in the local caches; else one error lists what is missing and how to
+    bring it (instead of hundreds of runs failing one by one)."""
+    from repro import data, models
+
+    reason = models.hub_unreachable()
+    if reason is None:
+        return
+    needed_models = sorted({c.model for c in configs if c.model not in models.EMBEDDED and not Path(c.model).is_dir()})
+    missing_models = [m for m in needed_models if not models.in_hf_cache(m)]
+    missing_corpora = [c for c in sorted({c.corpus for c in configs}) if not data.corpus_available(c)]
+    if not (missing_models or missing_corpora):
+        return
+    home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    raise HubUnavailableError(
+        f"the {tier} tier needs the Hugging Face hub, which is unreachable ({reason}), and the local cache "
+        f"(HF_HOME={home}) lacks " + "; ".join(filter(None, (
+            f"model(s) {', '.join(missing_models)}" if missing_models else "",
+            f"corpus/corpora {', '.join(missing_corpora)}" if missing_corpora else ""))) +
+        ". On a connected machine fill a cache with them (`huggingface-cli download MODEL` for each model; "
+        "`python -c \"from repro import data; data.load_corpus('NAME')\"` for each corpus), copy it here and "
+        "set HF_HOME to it (and HF_HUB_OFFLINE=1). The embedded default needs none of this: `repro batch --tier cpu`.")
+
+
 def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None = None, echo=print,
           shard: tuple[int, int] | None = None) -> list[Job]:
     """Run the batch (see the module docstring); returns the jobs with their status and times.
@@ -154,6 +183,7 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
         for config in job.configs:
             unique.setdefault(runs.record_path(config, outputs), config)
     cached = {path for path in unique if path.exists()}
+    check_hub([c for path, c in unique.items() if path not in cached], tier)
     echo(f"repro batch --tier {tier}{f' --shard {shard[0]}/{shard[1]}' if shard else ''}: {len(jobs)} notebook(s), "
          f"{len(unique)} run(s), {len(cached)} cached, {len(unique) - len(cached)} to compute; outputs in {outputs}")
     done, failed = set(cached), {}

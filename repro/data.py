@@ -156,6 +156,18 @@ def _hub_corpus(name: str) -> dict[str, str]:
     raise AssertionError(name)
 
 
+def corpus_available(name: str) -> bool:
+    """The corpus loads now: offline ones always; a hub corpus when the hub answers or its copy is in
+    the datasets cache (then it is read once here)."""
+    if name in OFFLINE_CORPORA:
+        return True
+    try:
+        _hub_corpus(name)
+    except CorpusUnavailableError:
+        return False
+    return True
+
+
 def load_corpus(name: str = DEFAULT_CORPUS) -> dict[str, str]:
     """Text of each split (``train``, ``validation``, ``test``) of a corpus."""
     if name not in CORPORA:

@@ -270,6 +270,13 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
+def in_hf_cache(name: str) -> bool:
+    """A hub model whose files are in the local Hugging Face cache (``HF_HOME``), so it loads offline."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
 class ModelNotFoundError(RuntimeError):
     """The model name is neither embedded nor loadable from the hub / disk."""
 

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,19 @@ def test_a_failed_run_or_notebook_does_not_stop_the_others(tmp_path, monkeypatch
     assert "FAILED x rtn int4: RuntimeError: boom" in out and "notebooks: 1 of 3 passed" in out
     summary = json.loads((tmp_path / "ci" / "batch.json").read_text())
     assert [j["status"] for j in summary["jobs"]] == ["failed", "passed", "failed"]
+
+
+def test_paper_tier_offline_fails_at_once_listing_what_it_needs(tmp_path, monkeypatch):
+    """No hub and nothing cached: one error before any run, naming every missing model and corpus
+    and how to point HF_HOME at a pre-filled cache (not hundreds of failed runs)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    start = time.perf_counter()
+    with pytest.raises(batch.HubUnavailableError) as err:
+        batch.batch("paper", outputs=tmp_path / "out", echo=lambda *_: None)
+    message = str(err.value)
+    for needed in ("gpt2", "facebook/opt-125m", "meta-llama/Llama-2-7b-hf", "wikitext2", "c4", "lambada",
+                   "HF_HOME", "HF_HUB_OFFLINE=1", "--tier cpu"):
+        assert needed in message, needed
+    assert "smollm2" not in message  # embedded models need nothing
+    assert time.perf_counter() - start < 60 and not (tmp_path / "out" / "records").exists()
