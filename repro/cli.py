@@ -33,6 +33,9 @@ def _options(pairs) -> dict:
 def _run(args) -> int:
     from repro import runs
 
+    if args.group_size is not None and args.granularity != "group":
+        raise ValueError("--group-size applies to --granularity group only")
+
     for bits in ([None] if args.method == "fp" else args.bits):
         config = runs.make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
                                   corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,

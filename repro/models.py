@@ -271,10 +271,16 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
 
 
 def in_hf_cache(name: str) -> bool:
-    """A hub model whose files are in the local Hugging Face cache (``HF_HOME``), so it loads offline."""
+    """A hub model whose config, weights and tokenizer are in the local Hugging Face cache
+    (``HF_HOME``), so it loads offline."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    def cached(*files):
+        return any(isinstance(try_to_load_from_cache(name, f), str) for f in files)
+
+    return (cached("config.json") and cached("tokenizer.json", "tokenizer.model", "vocab.json")
+            and cached("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json"))
 
 
 class ModelNotFoundError(RuntimeError):

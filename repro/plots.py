@@ -164,8 +164,8 @@ def misalignment_scatter(records, metric_rows=("nll_test", "layer_mse_fp_inputs"
     handles = {}
     for col, model in enumerate(models):
         recs = [r for r in records if value(r) == model]
-        if not any(r["config"]["method"] == "fp" for r in recs):  # e.g. a granularity: FP has none
-            recs += [r for r in records if r["config"]["method"] == "fp"]
+        if callable(column) and not any(r["config"]["method"] == "fp" for r in recs):  # e.g. a granularity:
+            recs += [r for r in records if r["config"]["method"] == "fp"]  # its FP is the (one) model's
         table = _by_method_bits(recs)
         bits = sorted(set(table.get(local, {})) & set(table.get(global_, {})), reverse=True)
         for row, metric in enumerate(metric_rows):

@@ -59,7 +59,7 @@ def check_bits(bits: int) -> int:
     """Return ``bits`` if it is an integer in 2..8, else raise a ValueError naming the range."""
     if not is_int(bits, MIN_BITS, MAX_BITS):
         raise ValueError(
-            f"bits={bits!r} is not supported: per-tensor symmetric quantization here takes an "
+            f"bits={bits!r} is not supported: symmetric quantization here takes an "
             f"integer number of bits in {MIN_BITS}..{MAX_BITS} (e.g. bits=4)."
         )
     return bits

@@ -563,15 +563,15 @@ def granularity_configs(tier: str = "cpu", model: str | None = None, bits=None, 
     granularities = section.get("granularities", ["channel", "group"]) if granularities is None else granularities
     locality = section.get("locality") or {}
 
-    def grid(granularity, b):  # (the observer: make_config takes the section's for the width)
+    def grid(granularity):  # (the observer: make_config takes the section's for the width)
         return {} if granularity == "tensor" else {"granularity": granularity,
                                                    "group_size": section.get("group_size", 128)}
 
     methods = section.get("methods", ["rtn", "gptq", "qaft"])
     configs = [make_config("fp", None, tier, model=model)]
     for granularity in ["tensor", *granularities]:
-        configs += [make_config(m, b, tier, model=model, **grid(granularity, b)) for b in bits for m in methods]
-        configs += [make_config("blockwise", b, tier, options=dict(v), model=model, **grid(granularity, b))
+        configs += [make_config(m, b, tier, model=model, **grid(granularity)) for b in bits for m in methods]
+        configs += [make_config("blockwise", b, tier, options=dict(v), model=model, **grid(granularity))
                     for b in locality.get("bits", []) for v in locality.get("variants", [])]
     return configs
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from repro import runs
-from repro.data import OFFLINE_CORPORA
+from repro.data import CORPORA
 from repro.quant import GRANULARITIES, OBSERVERS
 
 FIGURES = ("NLL per width + layer MSE", "Fig. 1: GPTQ vs QAFT", "Fig. 2: Pareto front", "Fig. 3: landscape",
@@ -79,7 +79,7 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
     controls = {
         "tier": w.Dropdown(options=list(runs.TIERS), value=tier, description="tier"),
         "model": w.Dropdown(options=models, value=models[0], description="model"),
-        "corpus": w.Dropdown(options=list(OFFLINE_CORPORA), value=params.get("corpus", "wiki"), description="corpus"),
+        "corpus": w.Dropdown(options=list(CORPORA), value=params.get("corpus", "wiki"), description="corpus"),
         "methods": w.SelectMultiple(options=["rtn", "gptq", "qaft"], value=["rtn"], description="methods", rows=3),
         "bits": w.SelectMultiple(options=[8, 6, 4, 3, 2], value=[b for b in (8, 4, 3) if b in params["bits"]] or
                                  [params["bits"][0]], description="bits", rows=5),
@@ -95,6 +95,7 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
     compute, cancel = w.Button(description="compute missing", icon="play"), w.Button(description="cancel", icon="stop",
                                                                                      disabled=True)
     worker = {"thread": None, "stop": threading.Event()}
+    drawing = threading.Lock()  # the worker thread redraws too: one redraw (pyplot, out.outputs) at a time
 
     def selection() -> list[runs.RunConfig]:
         v = {k: c.value for k, c in controls.items()}
@@ -102,10 +103,17 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
                                  None if v["observer"] == "tier" else v["observer"], v["granularity"], v["figure"])
 
     def redraw(*_):
+        with drawing:
+            _redraw()
+
+    def _redraw():
         try:
+            if not controls["bits"].value or not controls["methods"].value:
+                raise ValueError("pick at least one method and one bit-width")
             configs = selection()
         except ValueError as err:  # e.g. a width the tier has no observer for
             status.value = f"<b>not a valid selection</b>: {err}"
+            compute.disabled = True
             out.outputs = ()
             return
         found = [(c, runs.read_record(c, outputs)) for c in configs]
@@ -115,10 +123,15 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
                         ", ".join(f"{c.model} {c.label()}" for c in missing[:6]) + (" …" if len(missing) > 6 else "")
                         if missing else ""))
         compute.disabled = not missing or worker["thread"] is not None
-        fig = draw(controls["figure"].value, records, controls["tier"].value, controls["model"].value,
-                   sorted(controls["bits"].value), outputs) if records else None
-        # the output's state replaced, not printed into: safe from the worker thread, unlike `with out:`
-        # (and clear_output(wait=True) would wait for an output message that never comes)
+        try:
+            fig = draw(controls["figure"].value, records, controls["tier"].value, controls["model"].value,
+                       sorted(controls["bits"].value), outputs) if records else None
+        except Exception as err:  # noqa: BLE001 - a figure that cannot be drawn says why, the widget stays
+            status.value += f" — <b>cannot draw</b>: {type(err).__name__}: {err}"
+            fig = None
+        # the output's state replaced (under the lock), not printed into with `with out:`, which
+        # does not work from the worker thread; clear_output(wait=True) would wait for an output
+        # message that never comes
         out.outputs = ()
         if fig is None:
             out.append_stdout("Nothing cached to draw for this selection: press 'compute missing'.\n")
@@ -135,16 +148,23 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
                 runs.run(config, outputs)
                 bar.value = i + 1
         except Exception as err:  # noqa: BLE001 - shown in the widget, the kernel stays usable
-            status.value = f"<b>failed</b>: {type(err).__name__}: {err}"
-            return
+            failed = f"<b>failed</b>: {type(err).__name__}: {err}"
+        else:
+            failed = None
         finally:
             worker["thread"] = None
             cancel.disabled = True
             bar.layout.visibility = "hidden"
-        redraw()
+        redraw()  # what was computed before a failure is drawn, and the button comes back
+        if failed:
+            status.value = failed + " — " + status.value
 
     def start(_):
-        missing = [c for c in selection() if runs.read_record(c, outputs) is None]
+        try:
+            missing = [c for c in selection() if runs.read_record(c, outputs) is None]
+        except ValueError as err:
+            status.value = f"<b>not a valid selection</b>: {err}"
+            return
         if not missing or worker["thread"] is not None:
             return
         worker["stop"].clear()
@@ -158,9 +178,10 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
         cancel.disabled = True
         status.value += " — cancelling after the run in progress"
 
-    def retier(change):
+    def retier(change):  # the tier's models and corpus
         p = runs.load_tier(change["new"])
         controls["model"].options = list(p.get("models") or [p["model"]])
+        controls["corpus"].value = p.get("corpus", "wiki")
 
     controls["tier"].observe(retier, names="value")
     for control in controls.values():

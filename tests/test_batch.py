@@ -152,6 +152,7 @@ def test_a_failed_run_or_notebook_does_not_stop_the_others(tmp_path, monkeypatch
         return lambda tier, model: [runs.make_config("rtn", bits, tier, model=model)]
 
     monkeypatch.setattr(batch, "NOTEBOOKS", {"a": ("per model", plan_of(4)), "b": ("all models", plan_of(3))})
+    monkeypatch.setattr(batch, "check_hub", lambda configs, tier: None)  # models "x", "y" are stand-ins
     monkeypatch.setattr(runs, "run", lambda config, outputs: (_ for _ in ()).throw(RuntimeError("boom"))
                         if config.model == "x" else {"config": {}, "wall_s": {}})
     monkeypatch.setattr(runs, "summary", lambda record: "ok")

@@ -18,8 +18,10 @@ as pure functions on tensors (usable without a model):
   (option ``holdout``), solves the grid on the rest, picks the damping by the held-out
   ``layer_loss`` and solves once more at that damping with the Hessian of all sequences.
 
-The grid is ``repro.quant``'s per-tensor symmetric one; its scale comes from the observer on
-the FP weight and stays fixed during the solve. ``gptq(model, data, config)`` runs the whole
+The grid is ``repro.quant``'s symmetric one. Per tensor (the paper's) and per channel its scales
+come from the observer on the FP weight and stay fixed during the solve; per group
+(``config.granularity == "group"``) each group's scales are set from its already-updated columns
+when the sweep reaches it (``gptq_solve``), as the original GPTQ's ``groupsize`` option does. ``gptq(model, data, config)`` runs the whole
 stack sequentially: block ``i`` is calibrated on the outputs of the already-quantized blocks
 ``0..i-1`` (IST-DASLab's driver: catch block 0's inputs, then Hessians -> solve -> propagate;
 ``repro.stack`` catches and replays each block's own arguments).

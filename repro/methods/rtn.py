@@ -23,9 +23,7 @@ def rtn(model, data, config) -> dict:
         w, fq = models.weight_matrix(m, fp_weight(m)).detach(), grid(m)
         scale = expand_scale(fq.scale, w.shape[-1], fq.group_size)
         info["clipped"][name] = clipped_fraction(w, scale, config.bits)
-        # per channel / group: the largest such ratio
-        info["clip_ratio"][name] = float((w.abs() / (q * scale)).max()) if scale.dim() else \
-            float(w.abs().max() / (q * scale))
+        info["clip_ratio"][name] = float((w.abs() / (q * scale)).max())  # per channel / group: the largest
     bake(linears)
     return info
 
