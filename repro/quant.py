@@ -78,6 +78,11 @@ def check_granularity(granularity: str, group_size: int) -> None:
         raise ValueError(f"group_size={group_size!r}: an integer >= 1 (input columns per scale; common: 128)")
 
 
+def grid_name(granularity: str, group_size: int | None) -> str:
+    """How a grid's scales are laid out, in words: "per tensor", "per channel" or "g<group size>"."""
+    return {"tensor": "per tensor", "channel": "per channel"}.get(granularity, f"g{group_size}")
+
+
 def expand_scale(scale: torch.Tensor | float, in_features: int, group_size: int | None = None):
     """A scale that broadcasts against an [..., out, in] matrix: group scales [..., out, n_groups]
     (n_groups > 1) are repeated over their ``group_size`` columns ([..., out, in]); a 0-d, per-channel

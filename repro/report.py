@@ -918,9 +918,10 @@ def corpora_summary(records, gap: float = 0.05) -> str:
 # ----------------------------------------------------------------------------- granularity (notebook 08)
 def grid_of(record) -> str:
     """A record's scales: "per tensor" (the paper's), "per channel" or "g<group size>"."""
-    c = record["config"]
-    granularity = c.get("granularity", "tensor")  # records from before the option: per tensor
-    return {"tensor": "per tensor", "channel": "per channel"}.get(granularity, f"g{c.get('group_size')}")
+    from repro.quant import grid_name
+
+    c = record["config"]  # records from before the option: per tensor
+    return grid_name(c.get("granularity", "tensor"), c.get("group_size"))
 
 
 def _grids(records) -> list[str]:

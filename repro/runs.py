@@ -28,7 +28,7 @@ from repro import data as data_mod
 from repro import evaluate, models
 from repro.methods import AFTER_RECORD, METHODS, OPTION_CHECKS
 from repro.progress import progress
-from repro.quant import OBSERVERS, check_bits, check_granularity, expand_scale, is_int
+from repro.quant import OBSERVERS, check_bits, check_granularity, expand_scale, grid_name, is_int
 
 PARAMS_DIR = Path(__file__).parent / "params"
 TIERS = ("ci", "cpu", "paper")
@@ -133,7 +133,7 @@ class RunConfig:
 
     def grid_label(self) -> str:
         """The grid's scales: "" per tensor (the default), "per channel" or "g128"."""
-        return {"tensor": "", "channel": "per channel"}.get(self.granularity, f"g{self.group_size}")
+        return "" if self.granularity == "tensor" else grid_name(self.granularity, self.group_size)
 
     def label(self) -> str:
         if self.bits is None:

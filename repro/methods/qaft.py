@@ -315,7 +315,7 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     return {
         "lr": best["lr"], "best_epoch": best["best_epoch"], "nll_validation": best["best_nll_validation"],
         # per channel or group: each layer's mean scale here, the scales themselves in grid_scales
-        "scales": {name: float(g.scale) if g.scale.dim() == 0 else float(g.scale.mean()) for name, g in grids.items()},
+        "scales": {name: float(g.scale.mean()) for name, g in grids.items()},
         **({"grid_scales": {name: g.scale.detach().cpu() for name, g in grids.items()}}
            if config.granularity != "tensor" else {}),
         "rtn": state["rtn"],

@@ -17,7 +17,7 @@ def rtn(model, data, config) -> dict:
     q = qmax(config.bits)
     # per channel or group, the record gets each layer's scales' mean (thousands per layer);
     # the scales themselves follow from the FP weights and the observer (`compute_scale`)
-    info = {"scales": {name: float(s) if s.dim() == 0 else float(s.mean()) for name, s in scales.items()},
+    info = {"scales": {name: float(s.mean()) for name, s in scales.items()},
             "clipped": {}, "clip_ratio": {}}
     for name, m in linears.items():
         w, fq = models.weight_matrix(m, fp_weight(m)).detach(), grid(m)
