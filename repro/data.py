@@ -188,7 +188,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     if not text or not text.strip():
         raise ValueError("cannot tokenize an empty text: the corpus split is empty. Check the "
                          "corpus name and split, or pass a non-empty text.")
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # verbose=False: a whole split is longer than the model's context by design (it is cut into
+    # windows next), so transformers' "longer than the maximum sequence length" warning is noise
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

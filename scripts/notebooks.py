@@ -54,7 +54,7 @@ parameters reads them instead of recomputing. Batch-run with other parameters, e
 Cost (`make run`, 2 cores, empty cache): `cpu` tier 4.6 min for SmolLM2 and 7.9 min for Gemma 3 (16 runs
 each, most of it evaluation, Gemma's model conversion included); `ci` tier about a minute.
 """),
-    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = None  # None: the tier\x27s corpus (ci, cpu: wiki; paper: wikitext2)\nbits = None  # None: the tier\'s list\ntier = "ci"\n'
            'observers = ["minmax", "histogram", "mse"]\nobserver_bits = None  # None: the tier\'s bits\n'),
     code(SETUP + """
 from repro import plots, report, runs
@@ -151,7 +151,7 @@ learning rates instead of 8 epochs at four (`repro/params/<tier>.yaml`).
 Cost (`make run`, 2 cores): `cpu` tier 17 min for SmolLM2 and 27 min for Gemma 3 (GPTQ ≈ 1.7 / 2.1 min and
 QAFT ≈ 1.7 / 3.3 min per bit-width, evaluation included); `ci` tier a few minutes.
 """),
-    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = None  # None: the tier\x27s corpus (ci, cpu: wiki; paper: wikitext2)\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
     code(SETUP + """
 from repro import plots, report, runs, widgets
 
@@ -654,7 +654,7 @@ LR of the grid), so it costs nothing once that notebook has run.
 {1e-6, 1e-5, 1e-4, 1e-3}, and one epoch over 32 sequences of 256 tokens (two on `ci`) instead of 8
 epochs over 128 model-length sequences.
 """),
-    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = "wiki"\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
+    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = None  # None: the tier\x27s corpus (ci, cpu: wiki; paper: wikitext2)\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
     code(SETUP + """
 from repro import plots, report, runs
 
