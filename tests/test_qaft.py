@@ -123,6 +123,23 @@ def test_grad_accumulation_matches_the_large_batch(tmp_path):
         assert differ <= 0.01 * sum(w.numel() for w in ref_w.values())  # float rounding may flip a few codes
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # GPT-2 trains with dropout: its masks must be replayed
+def test_gradient_checkpointing_gives_the_same_result(tmp_path, family):
+    runs_ = []
+    for checkpointing in (False, True):
+        model = tiny_model(family)
+        info = qaft(model, tiny_data(), tiny_config(tmp_path / f"ck{checkpointing}", lr_grid=[1e-2],
+                                                    gradient_checkpointing=checkpointing))
+        assert info["gradient_checkpointing"] is checkpointing and not model.is_activation_checkpointing
+        runs_.append((info, stack_state(model)))
+    (ref, ref_w), (info, weights) = runs_
+    assert ref["best_epoch"] > 0
+    for h_ref, h in zip(ref["runs"][0]["history"], info["runs"][0]["history"]):
+        assert h["nll_validation"] == pytest.approx(h_ref["nll_validation"], abs=1e-5)
+    differ = sum(int((weights[n] != ref_w[n]).sum()) for n in ref_w)
+    assert differ <= 0.001 * sum(w.numel() for w in ref_w.values())
+
+
 # --- resume -----------------------------------------------------------------------------------
 
 class Interrupted(Exception):

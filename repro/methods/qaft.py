@@ -16,6 +16,10 @@ Options (``config.options``, defaults in ``DEFAULTS``):
 * ``grad_accum`` - micro-batches per optimizer step
 * ``mixed_precision`` - ``"no"`` or ``"bf16"`` (autocast around the training forward only;
   evaluation stays fp32, so the best-epoch pick measures the model that is recorded)
+* ``gradient_checkpointing`` - recompute each block's activations in backward instead of keeping
+  them (transformers' ``activation_checkpointing_enable``, non-reentrant): training memory for
+  activations drops from all blocks' to one block's, for ~one more forward pass per step; the
+  result is the same up to float summation order (dropout masks are replayed)
 * ``checkpoint_dir`` - where the resume state lives (default ``checkpoint_dir(config)``)
 
 The same code runs on CPU, on one GPU, or on several with ``accelerate launch script.py``:
@@ -51,7 +55,7 @@ from repro.progress import progress
 from repro.quant import bake, fp_weight, grid, prepare
 
 DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
-            "mixed_precision": "no"}
+            "mixed_precision": "no", "gradient_checkpointing": False}
 END_FACTOR = 0.1  # the learning rate decays by one order of magnitude over the run
 STATE_FILE = "state.pt"
 
@@ -94,6 +98,8 @@ def qaft_options(config) -> dict:
         raise ValueError(f"QAFT option lr_grid={opts['lr_grid']!r}: need one or more positive learning rates")
     if opts["mixed_precision"] not in ("no", "bf16"):
         raise ValueError(f"QAFT option mixed_precision={opts['mixed_precision']!r}: use 'no' or 'bf16'")
+    if not isinstance(opts["gradient_checkpointing"], bool):
+        raise ValueError(f"QAFT option gradient_checkpointing={opts['gradient_checkpointing']!r}: true or false")
     return opts
 
 
@@ -170,6 +176,8 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
             p.requires_grad_(False)
         for w in latent.values():
             w.requires_grad_(True)
+        if opts["gradient_checkpointing"]:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
         def grid_codes() -> dict:  # the current weights on the grid, as int8 codes (CPU)
             return {name: grids[name].codes(w.detach()).cpu() for name, w in latent.items()}
@@ -302,6 +310,8 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
         model.__dict__.pop("_is_accelerate_prepared", None)  # so that a later prepare wraps it again
         accelerator.free_memory()
+        if opts["gradient_checkpointing"]:
+            model.activation_checkpointing_disable()
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(name, p.requires_grad))
         model.eval()
@@ -324,7 +334,7 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
         "step_s": train_s / steps if steps else None,
         "epochs": opts["epochs"], "steps_per_epoch": steps_per_epoch, "batch_size": opts["batch_size"],
         "grad_accum": opts["grad_accum"], "mixed_precision": opts["mixed_precision"],
-        "processes": accelerator.num_processes, "resumed_from": resumed_from,
+        "gradient_checkpointing": opts["gradient_checkpointing"], "processes": accelerator.num_processes, "resumed_from": resumed_from,
     }
 
 
