@@ -6,7 +6,8 @@ At the tier's full protocol (128 calibration sequences at the model's maximum le
 epochs over 4 learning rates, the 8-point damping search, the histogram observer, bf16 autocast
 for QAFT and the block-wise training forward, taken on CPU), CI runs every family through
 notebook 00, GPT-2 through notebooks 01, 02 and 06 and Llama through the cross-block notebook 04.
-``REPRO_PAPER_DRY_RUN=full`` runs every notebook on all four (by hand: ~1 h on 2 cores)."""
+``REPRO_PAPER_DRY_RUN=full`` runs every notebook on all four (by hand; notebooks 03, 05 and 08 on
+the GPT-2 stand-in alone took 28 min at one thread)."""
 import json
 import math
 import os
