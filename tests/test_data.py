@@ -25,7 +25,7 @@ class CharTokenizer:
 
     bos_token_id = None
 
-    def __call__(self, text, add_special_tokens=True, return_attention_mask=False):
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=False, verbose=True):
         bos = [self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []
         return {"input_ids": bos + [b + 1 for b in text.encode()]}
 
