@@ -14,6 +14,12 @@ ONLY = set(sys.argv[1:])  # notebook names to write (default: all)
 SETUP = "from repro import runs\noutputs = outputs or runs.outputs_dir()\n"
 
 
+# the parameters of the notebooks that sweep one model's methods over bit-widths (00, 01, 06)
+SWEEP_PARAMS = ('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\n'
+                'corpus = None  # None: the tier\'s corpus (ci, cpu: wiki; paper: wikitext2)\n'
+                'bits = None  # None: the tier\'s list\ntier = "ci"\n')
+
+
 def params(text):
     return new_code_cell(PARAMS_HEAD + text + OUTPUTS, metadata={"tags": ["parameters"]})
 
@@ -54,7 +60,7 @@ parameters reads them instead of recomputing. Batch-run with other parameters, e
 Cost (`make run`, 2 cores, empty cache): `cpu` tier 4.6 min for SmolLM2 and 7.9 min for Gemma 3 (16 runs
 each, most of it evaluation, Gemma's model conversion included); `ci` tier about a minute.
 """),
-    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = None  # None: the tier\x27s corpus (ci, cpu: wiki; paper: wikitext2)\nbits = None  # None: the tier\'s list\ntier = "ci"\n'
+    params(SWEEP_PARAMS +
            'observers = ["minmax", "histogram", "mse"]\nobserver_bits = None  # None: the tier\'s bits\n'),
     code(SETUP + """
 from repro import plots, report, runs
@@ -151,7 +157,7 @@ learning rates instead of 8 epochs at four (`repro/params/<tier>.yaml`).
 Cost (`make run`, 2 cores): `cpu` tier 17 min for SmolLM2 and 27 min for Gemma 3 (GPTQ ≈ 1.7 / 2.1 min and
 QAFT ≈ 1.7 / 3.3 min per bit-width, evaluation included); `ci` tier a few minutes.
 """),
-    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = None  # None: the tier\x27s corpus (ci, cpu: wiki; paper: wikitext2)\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
+    params(SWEEP_PARAMS),
     code(SETUP + """
 from repro import plots, report, runs, widgets
 
@@ -654,7 +660,7 @@ LR of the grid), so it costs nothing once that notebook has run.
 {1e-6, 1e-5, 1e-4, 1e-3}, and one epoch over 32 sequences of 256 tokens (two on `ci`) instead of 8
 epochs over 128 model-length sequences.
 """),
-    params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpus = None  # None: the tier\x27s corpus (ci, cpu: wiki; paper: wikitext2)\nbits = None  # None: the tier\'s list\ntier = "ci"\n'),
+    params(SWEEP_PARAMS),
     code(SETUP + """
 from repro import plots, report, runs
 
