@@ -33,15 +33,31 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use() -> int:
+    """Bytes glibc's malloc has handed out and not got back (all arenas, mmapped chunks included):
+    what the process has allocated, without the free memory malloc keeps cached."""
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 class PeakRSS:
     """Peak resident set above the level at entry, sampled by a thread. On entry glibc hands its
     free cached memory back to the OS (``malloc_trim``), so that memory freed earlier and reused
     inside the block counts as the block's."""
 
+    read = staticmethod(_rss)
+
     def __enter__(self):
         with suppress(OSError, AttributeError):  # not glibc: the reading is a lower bound
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self.base = self.peak = _rss()
+        self.base = self.peak = self.read()
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -49,7 +65,7 @@ class PeakRSS:
 
     def _sample(self):
         while self.running:
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, self.read())
             time.sleep(0.002)
 
     def __exit__(self, *exc):
@@ -58,15 +74,43 @@ class PeakRSS:
         self.extra = self.peak - self.base
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class PeakMalloc(PeakRSS):
+    """Peak of the bytes allocated through malloc (torch's CPU tensors included) above the level at
+    entry, sampled by a thread: the CPU counterpart of ``torch.cuda.max_memory_allocated``, blind to
+    allocator caches (glibc only)."""
+
+    read = staticmethod(_malloc_in_use)
+
+
+def memory_parser(description: str) -> argparse.ArgumentParser:
+    """The options the memory benchmarks share: model, tier, bits, device."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tier", default="cpu")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def measure_peak(run, device: str, meter=PeakRSS):
+    """``(run(), peak bytes above the start)``: ``torch.cuda.max_memory_allocated`` on a GPU,
+    else ``meter`` sampled on CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = run()
+        return result, torch.cuda.max_memory_allocated() - before
+    with meter() as peak:
+        result = run()
+    return result, peak.extra
+
+
+def main() -> None:
+    parser = memory_parser(__doc__)
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--lookaheads", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     model, tokenizer = models.load_model(args.model, device=args.device)
@@ -85,16 +129,7 @@ def main() -> None:
             del stack[m + l:]  # one window and its look-ahead: the run is that window
             config = make_config("blockwise", args.bits, args.tier, model=args.model,
                                  options={"window": m, "lookahead": l, "steps": args.steps, "eval_every": args.steps})
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                info = blockwise(model, data, config)
-                measured = torch.cuda.max_memory_allocated() - before
-            else:
-                with PeakRSS() as peak:
-                    info = blockwise(model, data, config)
-                measured = peak.extra
+            info, measured = measure_peak(lambda: blockwise(model, data, config), args.device)
             window = info["windows"][0]
             mem = window["memory_bytes"]
             predicted = 2 * mem["window_weights"] + mem["optimizer_state"] + mem["saved_activations"]

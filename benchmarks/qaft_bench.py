@@ -27,10 +27,11 @@ import time
 import torch
 from torch.nn.utils import parametrize
 
-from blockwise_memory import PeakRSS
+from blockwise_memory import measure_peak
 from repro import data as data_mod
 from repro import models
 from repro.evaluate import sequence_nll
+from repro.methods.qaft import keep_freed_memory
 from repro.quant import fp_weight, prepare
 
 # (n_embd, n_layer, n_head) of the GPT-2 family, for random-weight models of the paper's sizes.
@@ -99,9 +100,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="leave glibc's malloc as it is (QAFT on CPU calls keep_freed_memory, as this does)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = torch.device(args.device).type == "cpu" and not args.malloc_default and keep_freed_memory()
 
     model, batch = build(args.arch, args.device, args.seq_len, args.batch_size, args.seed)
     model.train()
@@ -142,15 +146,8 @@ def main(argv=None) -> dict:
     peak_mb = {}
     for mode in times:  # one more step per mode, its peak memory above the memory at its start
         set_mode(mode == "fake-quant")
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            time_steps(model, batch, optimizer, 1, autocast, args.device)
-            peak_mb[mode] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            with PeakRSS() as peak:
-                time_steps(model, batch, optimizer, 1, autocast, args.device)
-            peak_mb[mode] = peak.extra / 2**20
+        _, extra = measure_peak(lambda: time_steps(model, batch, optimizer, 1, autocast, args.device), args.device)
+        peak_mb[mode] = extra / 2**20
 
     wall = {mode: statistics.median(w for w, _ in t) for mode, t in times.items()}
     cpu = {mode: statistics.median(c for _, c in t) for mode, t in times.items()}
@@ -158,6 +155,7 @@ def main(argv=None) -> dict:
         "arch": args.arch, "device": args.device, "threads": torch.get_num_threads(),
         "seq_len": args.seq_len, "batch_size": args.batch_size, "bits": args.bits,
         "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "keep_freed_memory": bool(kept),
         "plain_peak_mb": peak_mb["plain"], "fake_quant_peak_mb": peak_mb["fake-quant"], "steps_per_mode": len(times["plain"]),
         "stack_params": models.stack_param_count(model),
         "plain_step_s": wall["plain"], "fake_quant_step_s": wall["fake-quant"],
@@ -167,7 +165,7 @@ def main(argv=None) -> dict:
     }
     print(f"{args.arch} on {args.device} ({result['threads']} threads), batch {args.batch_size} x "
           f"{args.seq_len} tokens, int{args.bits}, mixed precision {args.mixed_precision}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, "
+          f"{'on' if args.gradient_checkpointing else 'off'}, malloc {'keeps freed memory' if kept else 'default'}, "
           f"{result['steps_per_mode']} timed steps per mode (median):")
     print("                     wall s/step   process CPU s/step   step peak MB")
     print(f"  plain fine-tuning  {wall['plain']:11.4f}   {cpu['plain']:18.4f}   {peak_mb['plain']:12.0f}")

@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, tiny_model
 
 from repro import evaluate
-from repro.methods.gptq import (accumulate_hessian, damping_search, gptq, gptq_quantize,
+from repro.methods.gptq import (accumulate_hessian, damping_search, gptq, gptq_quantize, solve_memory,
                                 hessian_factor, layer_loss, merge_hessians, split_calibration)
 from repro.models import fp_snapshot, stack_linears, weight_matrix
 from repro.quant import codes, compute_scale, quantize
@@ -313,6 +313,20 @@ def test_linears_reading_one_input_share_its_hessian():
         rec = info["layers"][name]
         Q = gptq_quantize(fp[name], H, torch.tensor(rec["scale"]), 3, rec["damping"], block_size=16)
         torch.testing.assert_close(stack_linears(model)[name].weight.detach(), Q, rtol=0, atol=1e-5)
+
+
+def test_solve_memory_terms_of_a_llama_block():
+    """The memory note's terms, by hand, for a Llama-2-7B block: shared inputs count once."""
+    shapes = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
+              "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}
+    readers = {"k": "q", "v": "q", "up": "gate"}
+    terms = solve_memory(shapes, readers, tokens=128 * 4096, hidden_size=4096, k=8)
+    assert terms["activations"] == 128 * 4096 * 4096 * 4
+    assert terms["hessians"] == 2 * (3 * 4096 ** 2 + 11008 ** 2) * 4  # q, o, gate; down; fit + held out
+    assert terms["search"] == (25 * 11008 ** 2 + 33 * 11008 * 4096) * 4  # down_proj's is the largest
+    assert terms["total"] == terms["activations"] + terms["hessians"] + terms["search"]
+    alone = solve_memory(shapes, {}, tokens=0, hidden_size=4096, k=1)
+    assert alone["hessians"] == 2 * (6 * 4096 ** 2 + 11008 ** 2) * 4 and alone["activations"] == 0
 
 
 # ----------------------------------------------------------------------------- embedded model

@@ -3,13 +3,14 @@ import dataclasses
 import importlib
 import json
 import math
+import platform
 
 import pytest
 import torch
 
 from repro import models, quant, runs
 from repro.data import Data
-from repro.methods.qaft import lr_at, make_scheduler, qaft
+from repro.methods.qaft import keep_freed_memory, lr_at, make_scheduler, qaft
 from repro.runs import RunConfig
 
 from tiny_models import VOCAB, tiny_model
@@ -300,3 +301,10 @@ def test_embedded_qaft_is_deterministic(tmp_path):
 
     a, b = (load_file(str(runs.weights_path(config, tmp_path / name))) for name in ("a", "b"))  # stamps differ
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc  # mallopt accepted every setting
+    monkeypatch.setenv("REPRO_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False

@@ -52,6 +52,7 @@ from torch.nn.utils import parametrize
 
 from repro.evaluate import model_device
 from repro.methods.gptq import split_calibration
+from repro.methods.qaft import keep_freed_memory
 from repro.models import block_linears, block_path, blocks
 from repro.progress import progress
 from repro.quant import bake, fp_weight, is_int, is_real, prepare
@@ -143,6 +144,8 @@ def blockwise(model, data, config) -> dict:
     prefix = block_path(model)
     device = model_device(model)
     cuda = device.type == "cuda"
+    if device.type == "cpu":
+        keep_freed_memory()  # each Adam step frees and reallocates the window's weights and gradients
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}  # by object: prepare renames weights
     was_training = model.training  # eval mode throughout: no dropout in the reconstruction or its targets
     fit_seqs, held_seqs = split_calibration(data.calibration, opts["holdout"])
@@ -154,11 +157,9 @@ def blockwise(model, data, config) -> dict:
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
-            parts = {"fit": capture(model, fit_seqs, config.batch_size),
-                     "held": capture(model, held_seqs, config.batch_size)}
-        for batches in parts.values():  # the chain lives on CPU; one mini-batch at a time on the device
-            for b in batches:
-                b.hidden = b.hidden.to("cpu")
+            # the chain lives on CPU; one mini-batch at a time on the device
+            parts = {"fit": capture(model, fit_seqs, config.batch_size, store="cpu"),
+                     "held": capture(model, held_seqs, config.batch_size, store="cpu")}
         # the FP residual stream per depth: fp[d][part][k] enters block d
         fp = {0: {part: [b.hidden for b in batches] for part, batches in parts.items()}}
         frontier = 0
@@ -167,7 +168,7 @@ def blockwise(model, data, config) -> dict:
             nonlocal frontier
             with torch.no_grad():
                 for d in range(frontier, depth):
-                    fp[d + 1] = {part: [run_block(stack[d], d, b, h.to(device)).to("cpu")
+                    fp[d + 1] = {part: [run_block(stack[d], d, b, h).to("cpu")
                                         for b, h in zip(parts[part], fp[d][part])] for part in parts}
             frontier = max(frontier, depth)
 
@@ -176,7 +177,7 @@ def blockwise(model, data, config) -> dict:
         def loss_on(part, k, start, stop, train=False):
             b = parts[part][k]
             with autocast if train else nullcontext():
-                out = run_blocks(stack, start, stop, b, b.hidden.to(device))
+                out = run_blocks(stack, start, stop, b)
             return _mse(out, targets[part][k].to(device))
 
         def held_loss(start, stop) -> float:
@@ -256,7 +257,7 @@ def blockwise(model, data, config) -> dict:
                     errors, count = 0.0, 0
                     for part, batches in parts.items():
                         for b, ref in zip(batches, fp[i + 1][part]):
-                            b.hidden = run_block(stack[i], i, b, b.hidden.to(device)).to("cpu")
+                            b.hidden = run_block(stack[i], i, b).to("cpu")
                             errors += float((b.hidden.float() - ref.float()).pow(2).sum())
                             count += b.hidden.numel()
                     block_mse[i], finalised_by[i] = errors / count, w

@@ -25,6 +25,14 @@ when the sweep reaches it (``gptq_solve``), as the original GPTQ's ``groupsize``
 stack sequentially: block ``i`` is calibrated on the outputs of the already-quantized blocks
 ``0..i-1`` (IST-DASLab's driver: catch block 0's inputs, then Hessians -> solve -> propagate;
 ``repro.stack`` catches and replays each block's own arguments).
+
+Memory, on top of the loaded model (``solve_memory`` gives each term; ``benchmarks/gptq_memory.py``
+checks the sum against a measured peak): the calibration activations, ``tokens x hidden x 4 B``
+(on CPU when the model is on an accelerator: ``repro.stack`` offloading), plus, for the block
+being solved, its Hessians (``in^2 x 4 B`` per distinct input, for the fit and the held-out
+tokens) and the largest layer's search: ``k`` = ``search_batch`` (default: the whole grid)
+candidates' factors, their stacked copy and column-scaled form (``3 k in^2 x 4 B``) and four
+``[k, in, out]`` sweep buffers (``4 k in out x 4 B``).
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import warnings
 
 import torch
 
-from repro.evaluate import forward_hooks
+from repro.evaluate import forward_hooks, model_device
 from repro.models import block_linears, block_path, blocks, weight_matrix
 from repro.progress import progress
 from repro.quant import compute_scale, is_int, is_real, qmax, quantize, row_scales
@@ -90,13 +98,17 @@ def hessian_factor(H: torch.Tensor, damping: float) -> torch.Tensor:
     at in = 1536. Raises ``torch.linalg.LinAlgError`` when the damped ``H`` is not positive
     definite (or the factor is not finite).
     """
-    H = H.clone()
+    H = H.flip(-2, -1)  # a copy, damped in place (reversing both indices keeps the diagonal's set)
     diagonal = H.diagonal(dim1=-2, dim2=-1)
     diagonal.add_(damping * diagonal.mean(-1, keepdim=True))
-    A = torch.linalg.cholesky(H.flip(-2, -1)).flip(-2, -1)
-    if not torch.isfinite(A).all():
+    L, info = torch.linalg.cholesky_ex(H)
+    if (info > 0).any():
+        raise torch.linalg.LinAlgError(f"the damped Hessian is not positive-definite (leading minor of order "
+                                       f"{int(info.max())} fails) at damping {damping:g}")
+    # a non-finite entry anywhere in L reaches a later diagonal entry (L_ii^2 = H_ii - sum_k L_ik^2)
+    if not torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all():
         raise torch.linalg.LinAlgError(f"non-finite Cholesky factor at damping {damping:g}")
-    return A
+    return L.flip(-2, -1)
 
 
 def _prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool):
@@ -306,6 +318,26 @@ def split_calibration(calibration: torch.Tensor, holdout: float) -> tuple[torch.
     return calibration[:-n_held], calibration[-n_held:]
 
 
+def solve_memory(shapes: dict, readers: dict, tokens: int, hidden_size: int, k: int, bytes_per: int = 4) -> dict:
+    """GPTQ's working memory in bytes beside the model, for one block: the terms of the module's
+    memory note.
+
+    ``shapes``: linear name -> ``(out, in)`` of the block's weights; ``readers``: name -> the
+    linear whose Hessian it uses (``hessian_from`` in a record; itself when alone); ``tokens``:
+    calibration tokens, fit and held out together; ``k``: candidates solved at once
+    (``search_batch``, default the grid's length). Returns ``activations`` (the calibration
+    hidden states), ``hessians`` (fit + held out, one per distinct input), ``search`` (the
+    largest layer's: its factors, their stacked copy and column-scaled form, ``3 k in^2``, the
+    sweep's four ``[k, in, out]`` buffers and the prepared copies of ``W`` and ``H``) and ``total``.
+    """
+    leaders = {readers.get(name, name) for name in shapes}
+    hessians = 2 * sum(shapes[name][1] ** 2 for name in leaders)
+    search = max((3 * k + 1) * n_in ** 2 + (4 * k + 1) * n_in * n_out for n_out, n_in in shapes.values())
+    terms = {"activations": tokens * hidden_size, "hessians": hessians, "search": search}
+    terms = {key: value * bytes_per for key, value in terms.items()}
+    return {**terms, "total": sum(terms.values())}
+
+
 def gptq_options(config) -> dict:
     """``DEFAULTS`` updated with ``config.options``, checked."""
     opts = {**DEFAULTS, **(config.options or {})}
@@ -353,7 +385,9 @@ def gptq(model, data, config) -> dict:
         # nothing to choose with one damping value: every sequence fits
         holdout = opts["holdout"] if len(grid) > 1 else 0
         parts = dict(zip(("fit", "held"), split_calibration(data.calibration, holdout)))
-        inputs = {part: capture(model, seqs, config.batch_size) for part, seqs in parts.items()}
+        # on an accelerator the calibration activations wait on CPU (see the memory note above)
+        store = "cpu" if model_device(model).type != "cpu" else None
+        inputs = {part: capture(model, seqs, config.batch_size, store) for part, seqs in parts.items()}
         wall = {"capture": time.perf_counter() - start, "hessian": 0.0, "solve": 0.0, "propagate": 0.0}
         for b, block in enumerate(progress(blocks(model), desc="GPTQ blocks")):
             linears = block_linears(block)
