@@ -296,7 +296,7 @@ def _report(args) -> int:
 
 BENCHMARKS = {  # name -> the script's arguments that measure each target of benchmarks/README.md
     "gptq": ["gptq_bench.py", "--threads", "1", "--skip-model"],
-    "qaft": ["qaft_bench.py", "--seq-len", "512", "--steps", "3", "--rounds", "2"],
+    "qaft": ["qaft_bench.py", "--seq-len", "512", "--steps", "4", "--rounds", "3"],
     "eval": ["eval_bench.py"],
 }
 
