@@ -18,7 +18,7 @@ arguments stay on the model's device (they are small: masks, rotary tables); ``r
 moves a mini-batch's hidden states to that device as it enters a block, and ``advance`` puts
 each output back where its input was kept. So the device holds the model, one mini-batch and
 whatever the caller computes, not the calibration set's activations (n x seq x hidden x 4 B:
-17 GB for 128 x 4096 tokens at Llama-2-7B's width).
+8.6 GB for 128 x 4096 tokens at Llama-2-7B's width).
 """
 from __future__ import annotations
 
