@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import threading
 import time
@@ -38,12 +39,17 @@ class _MallInfo2(ctypes.Structure):
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
+def _mallinfo2():
+    function = ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
+    function.restype = _MallInfo2
+    return function
+
+
 def _malloc_in_use() -> int:
     """Bytes glibc's malloc has handed out and not got back (all arenas, mmapped chunks included):
     what the process has allocated, without the free memory malloc keeps cached."""
-    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
+    info = _mallinfo2()()
     return info.uordblks + info.hblkhd
 
 

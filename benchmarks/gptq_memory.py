@@ -23,14 +23,18 @@ from repro.methods.gptq import gptq, gptq_options, solve_memory
 from repro.runs import make_config
 
 
-def predicted(model, info: dict, tokens: int, k: int, offloaded: bool) -> dict:
+def predicted(model, info: dict, tokens: int, k: int, grid_size: int, offloaded: bool) -> dict:
     """The largest block's ``solve_memory`` terms (bytes)."""
-    readers = {name.rsplit(".", 1)[-1]: layer["hessian_from"].rsplit(".", 1)[-1]
-               for name, layer in info["layers"].items()}
+    prefix = models.block_path(model)
+    readers = {}  # block index -> {in-block name: the in-block name whose Hessian it used}
+    for name, layer in info["layers"].items():
+        index, own = name[len(prefix) + 1:].split(".", 1)
+        readers.setdefault(index, {})[own] = layer["hessian_from"][len(prefix) + 1:].split(".", 1)[1]
     best = None
-    for block in models.blocks(model):
+    for index, block in enumerate(models.blocks(model)):
         shapes = {name: tuple(models.weight_matrix(m).shape) for name, m in models.block_linears(block).items()}
-        terms = solve_memory(shapes, readers, 0 if offloaded else tokens, model.config.hidden_size, k)
+        terms = solve_memory(shapes, readers[str(index)], 0 if offloaded else tokens, model.config.hidden_size, k,
+                             grid_size)
         best = terms if best is None or terms["total"] > best["total"] else best
     return best
 
@@ -56,7 +60,8 @@ def main() -> None:
         with PeakRSS() as rss:  # for reference; measured by malloc's own count on CPU
             info, measured = measure_peak(lambda: gptq(model, data, config), args.device, PeakMalloc)
         tokens = n * args.seq_len
-        terms = predicted(model, info, tokens, opts["search_batch"] or len(opts["damping_grid"]), offloaded=cuda)
+        grid_size = len(opts["damping_grid"])
+        terms = predicted(model, info, tokens, opts["search_batch"] or grid_size, grid_size, offloaded=cuda)
         print(f"{tokens:>7} {terms['activations'] / 1e6:>12.1f} {terms['hessians'] / 1e6:>9.1f} "
               f"{terms['search'] / 1e6:>7.1f} {terms['total'] / 1e6:>13.1f} {measured / 1e6:>12.1f} "
               f"{measured / terms['total']:>6.2f} {rss.extra / 1e6 if not cuda else float('nan'):>7.1f} "
@@ -71,6 +76,9 @@ def main() -> None:
                          128 * 4096, hidden, 8)
     print("Llama-2-7B, 128 x 4096 tokens, 8 dampings at once: "
           + ", ".join(f"{key} {value / 1e9:.1f} GB" for key, value in terms.items()))
+    pairs = solve_memory(shapes, {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"},
+                         128 * 4096, hidden, 2, grid_size=8)
+    print(f"  with search_batch 2: search {pairs['search'] / 1e9:.1f} GB")
 
 
 if __name__ == "__main__":

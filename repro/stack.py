@@ -101,7 +101,8 @@ def capture(model, sequences: torch.Tensor, batch_size: int, store=None) -> list
 def run_block(block, index: int, batch: StackBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Output hidden states of stack block ``index`` (the module ``block``) on ``hidden``
     (default ``batch.hidden``; moved to ``batch.device`` if kept elsewhere) with the arguments
-    the model gives that block. The output is on ``batch.device``."""
+    the model gives that block. The output is on the block's device (``batch.device`` unless
+    accelerate spread the model over several)."""
     args, kwargs = batch.calls[index]
     hidden = batch.hidden if hidden is None else hidden
     return block_hidden(block(hidden.to(batch.device), *args, **kwargs))

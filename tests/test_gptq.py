@@ -325,8 +325,10 @@ def test_solve_memory_terms_of_a_llama_block():
     assert terms["hessians"] == 2 * (3 * 4096 ** 2 + 11008 ** 2) * 4  # q, o, gate; down; fit + held out
     assert terms["search"] == (25 * 11008 ** 2 + 33 * 11008 * 4096) * 4  # down_proj's is the largest
     assert terms["total"] == terms["activations"] + terms["hessians"] + terms["search"]
-    alone = solve_memory(shapes, {}, tokens=0, hidden_size=4096, k=1)
-    assert alone["hessians"] == 2 * (6 * 4096 ** 2 + 11008 ** 2) * 4 and alone["activations"] == 0
+    alone = solve_memory(shapes, {}, tokens=0, hidden_size=4096, k=1)  # one damping: no held-out Hessian
+    assert alone["hessians"] == (6 * 4096 ** 2 + 11008 ** 2) * 4 and alone["activations"] == 0
+    batched = solve_memory(shapes, readers, tokens=0, hidden_size=4096, k=2, grid_size=8)  # search_batch 2
+    assert batched["search"] == (13 * 11008 ** 2 + 9 * 11008 * 4096) * 4  # every factor of the grid stays
 
 
 # ----------------------------------------------------------------------------- embedded model

@@ -178,7 +178,7 @@ def blockwise(model, data, config) -> dict:
             b = parts[part][k]
             with autocast if train else nullcontext():
                 out = run_blocks(stack, start, stop, b)
-            return _mse(out, targets[part][k].to(device))
+            return _mse(out, targets[part][k].to(out.device))
 
         def held_loss(start, stop) -> float:
             with torch.no_grad(), parametrize.cached():

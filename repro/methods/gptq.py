@@ -30,9 +30,10 @@ Memory, on top of the loaded model (``solve_memory`` gives each term; ``benchmar
 checks the sum against a measured peak): the calibration activations, ``tokens x hidden x 4 B``
 (on CPU when the model is on an accelerator: ``repro.stack`` offloading), plus, for the block
 being solved, its Hessians (``in^2 x 4 B`` per distinct input, for the fit and the held-out
-tokens) and the largest layer's search: ``k`` = ``search_batch`` (default: the whole grid)
-candidates' factors, their stacked copy and column-scaled form (``3 k in^2 x 4 B``) and four
-``[k, in, out]`` sweep buffers (``4 k in out x 4 B``).
+tokens) and the largest layer's search: the whole grid's factors (``grid x in^2 x 4 B``, kept
+for the other readers of the same input), and for the ``k`` = ``search_batch`` (default: the
+whole grid) candidates solved at once their stacked and column-scaled factors (``2 k in^2 x 4 B``)
+and four ``[k, in, out]`` sweep buffers (``4 k in out x 4 B``).
 """
 from __future__ import annotations
 
@@ -98,13 +99,13 @@ def hessian_factor(H: torch.Tensor, damping: float) -> torch.Tensor:
     at in = 1536. Raises ``torch.linalg.LinAlgError`` when the damped ``H`` is not positive
     definite (or the factor is not finite).
     """
+    ridge = damping * H.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)  # summed in H's own order
     H = H.flip(-2, -1)  # a copy, damped in place (reversing both indices keeps the diagonal's set)
-    diagonal = H.diagonal(dim1=-2, dim2=-1)
-    diagonal.add_(damping * diagonal.mean(-1, keepdim=True))
+    H.diagonal(dim1=-2, dim2=-1).add_(ridge)
     L, info = torch.linalg.cholesky_ex(H)
     if (info > 0).any():
-        raise torch.linalg.LinAlgError(f"the damped Hessian is not positive-definite (leading minor of order "
-                                       f"{int(info.max())} fails) at damping {damping:g}")
+        raise torch.linalg.LinAlgError(f"the damped Hessian is not positive-definite (its trailing "
+                                       f"{int(info.max())} x {int(info.max())} block is not)")
     # a non-finite entry anywhere in L reaches a later diagonal entry (L_ii^2 = H_ii - sum_k L_ik^2)
     if not torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all():
         raise torch.linalg.LinAlgError(f"non-finite Cholesky factor at damping {damping:g}")
@@ -318,21 +319,25 @@ def split_calibration(calibration: torch.Tensor, holdout: float) -> tuple[torch.
     return calibration[:-n_held], calibration[-n_held:]
 
 
-def solve_memory(shapes: dict, readers: dict, tokens: int, hidden_size: int, k: int, bytes_per: int = 4) -> dict:
+def solve_memory(shapes: dict, readers: dict, tokens: int, hidden_size: int, k: int, grid_size: int | None = None,
+                 bytes_per: int = 4) -> dict:
     """GPTQ's working memory in bytes beside the model, for one block: the terms of the module's
     memory note.
 
     ``shapes``: linear name -> ``(out, in)`` of the block's weights; ``readers``: name -> the
     linear whose Hessian it uses (``hessian_from`` in a record; itself when alone); ``tokens``:
     calibration tokens, fit and held out together; ``k``: candidates solved at once
-    (``search_batch``, default the grid's length). Returns ``activations`` (the calibration
-    hidden states), ``hessians`` (fit + held out, one per distinct input), ``search`` (the
-    largest layer's: its factors, their stacked copy and column-scaled form, ``3 k in^2``, the
-    sweep's four ``[k, in, out]`` buffers and the prepared copies of ``W`` and ``H``) and ``total``.
+    (``search_batch``, default the grid's length); ``grid_size``: the grid's length (default
+    ``k``). Returns ``activations`` (the calibration hidden states), ``hessians`` (fit + held
+    out, one per distinct input; the fit alone for a one-point grid), ``search`` (the largest
+    layer's: the factors of the whole grid, kept for the other readers of its input, the
+    batch's stacked copy and column-scaled form, ``(grid_size + 2 k) in^2``, the sweep's four
+    ``[k, in, out]`` buffers and the prepared copies of ``W`` and ``H``) and ``total``.
     """
+    grid_size = grid_size or k
     leaders = {readers.get(name, name) for name in shapes}
-    hessians = 2 * sum(shapes[name][1] ** 2 for name in leaders)
-    search = max((3 * k + 1) * n_in ** 2 + (4 * k + 1) * n_in * n_out for n_out, n_in in shapes.values())
+    hessians = (2 if grid_size > 1 else 1) * sum(shapes[name][1] ** 2 for name in leaders)
+    search = max((grid_size + 2 * k + 1) * n_in ** 2 + (4 * k + 1) * n_in * n_out for n_out, n_in in shapes.values())
     terms = {"activations": tokens * hidden_size, "hessians": hessians, "search": search}
     terms = {key: value * bytes_per for key, value in terms.items()}
     return {**terms, "total": sum(terms.values())}

@@ -113,7 +113,8 @@ def keep_freed_memory() -> bool:
     (``benchmarks/qaft_bench.py``). This keeps blocks under 32 MiB in the heap, grows the heap
     512 MiB at a time and never trims it. Process-wide and lasting (the resident set stays at its peak);
     no effect on results. Set ``REPRO_KEEP_FREED_MEMORY=0`` to leave malloc alone. Returns
-    whether it applied (not on other C libraries).
+    whether glibc accepted it (``False`` on other C libraries; with jemalloc or tcmalloc
+    preloaded it returns ``True`` but changes nothing: those keep freed memory anyway).
     """
     if os.environ.get("REPRO_KEEP_FREED_MEMORY", "1") == "0":
         return False
