@@ -72,12 +72,11 @@ def main() -> None:
     shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
               "o_proj": (hidden, hidden), "gate_proj": (mlp, hidden), "up_proj": (mlp, hidden),
               "down_proj": (hidden, mlp)}
-    terms = solve_memory(shapes, {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"},
-                         128 * 4096, hidden, 8)
+    readers = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+    terms = solve_memory(shapes, readers, 128 * 4096, hidden, 8)
     print("Llama-2-7B, 128 x 4096 tokens, 8 dampings at once: "
           + ", ".join(f"{key} {value / 1e9:.1f} GB" for key, value in terms.items()))
-    pairs = solve_memory(shapes, {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"},
-                         128 * 4096, hidden, 2, grid_size=8)
+    pairs = solve_memory(shapes, readers, 128 * 4096, hidden, 2, grid_size=8)
     print(f"  with search_batch 2: search {pairs['search'] / 1e9:.1f} GB")
 
 

@@ -43,7 +43,7 @@ import warnings
 
 import torch
 
-from repro.evaluate import forward_hooks, model_device
+from repro.evaluate import forward_hooks
 from repro.models import block_linears, block_path, blocks, weight_matrix
 from repro.progress import progress
 from repro.quant import compute_scale, is_int, is_real, qmax, quantize, row_scales
@@ -390,9 +390,8 @@ def gptq(model, data, config) -> dict:
         # nothing to choose with one damping value: every sequence fits
         holdout = opts["holdout"] if len(grid) > 1 else 0
         parts = dict(zip(("fit", "held"), split_calibration(data.calibration, holdout)))
-        # on an accelerator the calibration activations wait on CPU (see the memory note above)
-        store = "cpu" if model_device(model).type != "cpu" else None
-        inputs = {part: capture(model, seqs, config.batch_size, store) for part, seqs in parts.items()}
+        # the calibration activations wait on CPU (see the memory note above; on CPU nothing moves)
+        inputs = {part: capture(model, seqs, config.batch_size, store="cpu") for part, seqs in parts.items()}
         wall = {"capture": time.perf_counter() - start, "hessian": 0.0, "solve": 0.0, "propagate": 0.0}
         for b, block in enumerate(progress(blocks(model), desc="GPTQ blocks")):
             linears = block_linears(block)
