@@ -35,8 +35,10 @@ def _run(args) -> int:
 
     if args.group_size is not None and args.granularity != "group":
         raise ValueError("--group-size applies to --granularity group only")
+    if args.method == "fp" and (args.bits is not None or args.granularity not in (None, "tensor")):
+        raise ValueError("--method fp quantizes nothing: leave out --bits and --granularity")
 
-    for bits in ([None] if args.method == "fp" else args.bits):
+    for bits in ([None] if args.method == "fp" else args.bits or [4]):
         config = runs.make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
                                   corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,
                                   granularity=args.granularity, group_size=args.group_size)
@@ -49,6 +51,10 @@ def _batch(args) -> int:
     from repro import batch
 
     shard = batch.parse_shard(args.shard) if args.shard else None
+    swallowed = [m for m in args.models or [] if m in batch.NOTEBOOKS]
+    if swallowed:  # `--models a b` takes every name after it
+        raise ValueError(f"--models took the notebook name(s) {', '.join(swallowed)}: put notebook names before "
+                         f"--models, e.g. repro batch {' '.join(swallowed)} --models {args.models[0]}")
     jobs = batch.batch(args.tier, args.notebooks or None, args.models, args.outputs, shard=shard)
     return 0 if all(job.status == "passed" for job in jobs) else 1
 
@@ -355,7 +361,7 @@ def main(argv=None) -> int:
                        description="Run a quantization method and write a cached JSON record under "
                                    "OUTPUTS/records (a rerun with the same config reads it).")
     p.add_argument("--method", choices=sorted(METHODS), default="rtn")
-    p.add_argument("--bits", type=int, nargs="+", default=[4], help="bit-widths in 2..8 (default 4)")
+    p.add_argument("--bits", type=int, nargs="+", help="bit-widths in 2..8 (default 4)")
     p.add_argument("--tier", choices=TIERS, default="cpu", help="parameter set from params/ (default cpu)")
     p.add_argument("--model", help="embedded name (smollm2-135m) or hub id; default: the tier's")
     p.add_argument("--corpus", choices=CORPORA, help="default: the tier's")

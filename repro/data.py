@@ -257,10 +257,13 @@ def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_cal
     Each window starts with the tokenizer's BOS token when it adds one (``bos_token_id``).
     ``model_max`` (the model's maximum length) is checked against ``seq_len`` before any work.
     """
+    for name, value, low, optional in (("seq_len", seq_len, 2, False), ("n_calibration", n_calibration, 1, False),
+                                       ("n_eval", n_eval, 1, True), ("seed", seed, 0, False)):
+        if not ((value is None and optional) or (isinstance(value, int) and not isinstance(value, bool)
+                                                 and value >= low)):
+            raise ValueError(f"{name}={value!r}: an integer >= {low}" + (" or None (the whole split)" if optional else ""))
     if model_max is not None:
         check_seq_len(seq_len, model_max)
-    if n_calibration < 1:
-        raise ValueError(f"n_calibration={n_calibration}: need at least one calibration sequence")
     text = load_corpus(corpus)
     bos = bos_token_id(tokenizer)
     span = seq_len - (bos is not None)  # text tokens per window

@@ -205,6 +205,21 @@ def _build_embedded(name: str, target: Path) -> None:
         shutil.move(str(staging), str(target))  # appears whole or not at all
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``, or a ValueError, before any loading, when it is not one
+    or names an accelerator this machine does not have."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err}); use 'cpu', 'cuda' or 'cuda:N'") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available here (torch {torch.__version__}); use "
+                         f"'cpu' (CLI: --device cpu), or leave the device out: cuda when present, else cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device | None = None, device_map=None):
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)``, model in eval mode.
@@ -216,6 +231,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is not None:
+        check_device(device)
     offline = None
     if name in EMBEDDED:
         source = str(ensure_embedded(name))

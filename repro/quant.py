@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -53,6 +54,24 @@ def is_int(value, low: int = 0, high: int | None = None) -> bool:
 def is_real(value) -> bool:
     """``value`` is a finite int or float (a bool is not)."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def positive_list(value, what: str, example: list) -> list[float]:
+    """``value`` (a list of numbers, or of numeric strings as YAML may give them) as floats, each
+    finite and > 0; else a ValueError naming ``what`` and showing ``example``. The check behind
+    the methods' grids (GPTQ's ``damping_grid``, QAFT's ``lr_grid``)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{what}={value!r}: a non-empty list of values > 0, e.g. {example}")
+    numbers = []
+    for item in value:
+        try:
+            number = float(item) if isinstance(item, (int, float, str)) and not isinstance(item, bool) else math.nan
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{what}={value!r}: {item!r} is not a finite number > 0; e.g. {example}")
+        numbers.append(number)
+    return numbers
 
 
 def check_bits(bits: int) -> int:
@@ -95,11 +114,25 @@ def expand_scale(scale: torch.Tensor | float, in_features: int, group_size: int 
     return scale.repeat_interleave(group_size, dim=-1)[..., :in_features]
 
 
+def check_scale_fits(scale, shape) -> None:
+    """Raise a ValueError when ``scale`` (after ``expand_scale``) does not broadcast to a weight
+    of ``shape`` [..., out, in] without growing it. Shapes only: nothing is read or synchronised."""
+    if torch.is_tensor(scale) and scale.dim():
+        try:
+            fits = torch.broadcast_shapes(scale.shape, shape) == tuple(shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"a scale of shape {list(scale.shape)} does not fit a weight of shape {list(shape)}: "
+                             f"per tensor 0-d, per channel [out, 1], per group [out, ceil(in / group_size)]")
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor | float, bits: int, group_size: int | None = None) -> torch.Tensor:
     """Round-to-nearest onto the grid ``scale * {-q..q}``; same shape and dtype as ``w``
     ([..., out, in] when the scale is per channel or group; ``group_size`` for group scales)."""
     q = qmax(bits)
     scale = expand_scale(scale, w.shape[-1], group_size)
+    check_scale_fits(scale, w.shape)
     # in place on one temporary rather than four: QAFT quantizes every stack weight on every
     # step, and each fresh full-size temporary costs an allocation and its page faults
     return (w / scale).round_().clamp_(-q, q).mul_(scale)
@@ -282,6 +315,17 @@ def grid(module: nn.Module) -> FakeQuant:
     return module.parametrizations.weight[0]
 
 
+def check_linears(linears, caller: str) -> None:
+    """Raise a TypeError unless ``linears`` maps names to ``nn.Linear`` / Conv1D modules."""
+    if not isinstance(linears, Mapping):
+        raise TypeError(f"{caller} takes a dict name -> linear, e.g. {caller}(repro.models.stack_linears(model), ...), "
+                        f"not a {type(linears).__name__}")
+    for name, module in linears.items():
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise TypeError(f"{caller}: {name} is an instance of {type(module).__name__}; only nn.Linear and "
+                            f"GPT-2's Conv1D weights are quantized")
+
+
 def prepare(linears: dict[str, nn.Module], bits: int, observer: str = "histogram",
             scales: dict[str, torch.Tensor] | None = None, granularity: str = "tensor",
             group_size: int = 128) -> dict[str, torch.Tensor]:
@@ -296,20 +340,28 @@ def prepare(linears: dict[str, nn.Module], bits: int, observer: str = "histogram
     """
     check_bits(bits)
     check_granularity(granularity, group_size)
-    if isinstance(linears, nn.Module):
-        raise TypeError("prepare takes a dict of linears, e.g. prepare(repro.models.stack_linears(model), bits)")
+    check_linears(linears, "prepare")
+    wanted = grid_name(granularity, group_size)
     used = {}
     for name, module in linears.items():
         if is_prepared(module):
             fq = grid(module)
-            if fq.bits != bits:
-                raise ValueError(f"{name} is already in fake-quant mode at int{fq.bits}, not int{bits}: call "
-                                 f"repro.quant.bake(...) or repro.models.restore(...) before preparing it again")
+            has = grid_name("group" if fq.group_size else "channel" if fq.scale.dim() else "tensor", fq.group_size)
+            if (fq.bits, has) != (bits, wanted):
+                raise ValueError(f"{name} is already in fake-quant mode at int{fq.bits} {has}, not int{bits} {wanted}: "
+                                 f"call repro.quant.bake(...) or repro.models.restore(...) before preparing it again")
             used[name] = fq.scale
             continue
         transposed = is_conv1d(module)
         matrix = module.weight.t() if transposed else module.weight
-        scale = scales[name] if scales is not None else compute_scale(matrix, bits, observer, granularity, group_size)
+        if scales is None:
+            scale = compute_scale(matrix, bits, observer, granularity, group_size)
+        elif name not in scales:
+            raise ValueError(f"scales has no entry for {name}: give one per linear, or none (the observer computes them)")
+        else:
+            scale = torch.as_tensor(scales[name], dtype=torch.float32)
+            check_scale_fits(expand_scale(scale, matrix.shape[-1], group_size if granularity == "group" else None),
+                             matrix.shape)
         fq = FakeQuant(scale.to(module.weight.device), bits, group_size if granularity == "group" else None, transposed)
         parametrize.register_parametrization(module, "weight", fq)
         used[name] = scale
@@ -323,6 +375,7 @@ def bake(linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     Returns name -> scale so integer codes can be recovered with ``codes(weight, scale, bits)``
     (per channel / group: of the [out, in] matrix, with the grid's ``group_size``).
     """
+    check_linears(linears, "bake")
     scales = {}
     for name, module in linears.items():
         if is_prepared(module):

@@ -108,11 +108,13 @@ class RunConfig:
         if self.corpus not in data_mod.CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {', '.join(data_mod.CORPORA)}")
         for name, low, optional in (("n_calibration", 1, False), ("n_eval", 1, True), ("seq_len", 2, True),
-                                    ("batch_size", 1, False)):
+                                    ("batch_size", 1, False), ("seed", 0, False)):
             value = getattr(self, name)
             if (value is None and not optional) or (value is not None and not is_int(value, low)):
                 raise ValueError(f"{name}={value!r}: an integer >= {low}" + (" or None (the whole split / the "
                                  "model's maximum length)" if optional else ""))
+        if self.device is not None:
+            models.check_device(self.device)
         OPTION_CHECKS[self.method](self)  # options are checked now, not after the model has loaded
         if self.save_weights and self.method not in WEIGHT_METHODS:
             raise ValueError(f"save_weights: {self.method} runs have no quantized weights to keep "
@@ -163,6 +165,8 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
                 **overrides) -> RunConfig:
     """A ``RunConfig`` from a tier's YAML, the method's options there, then ``overrides``
     (any ``RunConfig`` field; ``None`` values are ignored so CLI defaults fall through)."""
+    if method == "fp" and bits is not None:
+        raise ValueError(f"method 'fp' quantizes nothing: pass bits=None, not {bits!r}")
     params = load_tier(tier)
     model = overrides.get("model") or params.get("model")
     own = (params.pop("model_settings", None) or {}).get(model, {})  # what this model sets differently

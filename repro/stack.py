@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from repro.evaluate import batches, block_hidden, model_device
+from repro.evaluate import batches, block_hidden, check_sequences, model_device
 from repro.models import blocks as stack_blocks
 
 
@@ -66,6 +66,7 @@ def capture(model, sequences: torch.Tensor, batch_size: int, store=None) -> list
     [n, seq_len] (token ids): one forward pass per mini-batch, stopped before the first block
     of the last argument kind runs (``argument_sources``). Hidden states are kept on ``store``
     (default: the model's device), in the model's dtype."""
+    check_sequences(model, sequences, allow_empty=True)  # e.g. GPTQ's held-out part, when none is held out
     device = model_device(model)
     stack = stack_blocks(model)
     sources = argument_sources(model)

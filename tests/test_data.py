@@ -65,6 +65,16 @@ def test_sequence_longer_than_model_allows():
         data.make_data(CharTokenizer(), "wiki", seq_len=4096, model_max=2048)
 
 
+@pytest.mark.parametrize("settings, match", [({"seq_len": 0}, "seq_len=0: an integer >= 2"),
+                                             ({"seq_len": 16.5}, "seq_len=16.5"),
+                                             ({"n_calibration": 2.5}, "n_calibration=2.5: an integer >= 1"),
+                                             ({"n_eval": 0}, "n_eval=0: an integer >= 1 or None"),
+                                             ({"seed": "a"}, "seed='a': an integer >= 0")])
+def test_make_data_refuses_bad_sizes_before_any_work(settings, match):
+    with pytest.raises(ValueError, match=match):
+        data.make_data(CharTokenizer(), "wiki", **{"seq_len": 16, "n_calibration": 2, "n_eval": 2, **settings})
+
+
 def test_split_shorter_than_one_sequence():
     with pytest.raises(ValueError, match="fewer than one sequence"):
         data.consecutive(torch.arange(10), 64)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from repro import evaluate, models, quant
+from repro import evaluate, models, quant, stack
 
 from tiny_models import tiny_model
 
@@ -58,6 +58,50 @@ def test_layer_mse_both_input_readings(family):
     assert evaluate.weight_distance(model, fp) > 0
     with pytest.raises(ValueError, match="inputs"):
         evaluate.layer_mse(model, fp, ids, inputs="quantized", desc=None)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_layer_mse_through_shared_gram_matrices_equals_the_direct_error(family):
+    """From a group's second call on, q/k/v and gate/up (GPT-2: c_attn, c_fc) are measured
+    through their input's Gram matrix: three batches give what one batch, all direct, gives."""
+    model = tiny_model(family)
+    fp = models.fp_snapshot(model)
+    quant.prepare(models.stack_linears(model), 3, "minmax")
+    quant.bake(models.stack_linears(model))
+    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    direct = evaluate.layer_mse(model, fp, ids, batch_size=6, desc=None)  # one call per linear
+    through_grams = evaluate.layer_mse(model, fp, ids, batch_size=2, desc=None)
+    assert list(through_grams) == list(direct)
+    for name, value in direct.items():
+        assert through_grams[name] == pytest.approx(value, rel=1e-5), name
+    attention = models.blocks(model)[0]
+    hidden = model.config.hidden_size
+    if family != "gpt2":
+        outs = [attention.self_attn.q_proj.out_features, attention.self_attn.k_proj.out_features,
+                attention.self_attn.v_proj.out_features]
+        assert evaluate.gram_is_cheaper(hidden, outs)
+        assert not evaluate.gram_is_cheaper(attention.mlp.down_proj.in_features, [hidden])
+    assert not evaluate.gram_is_cheaper(hidden, [hidden])  # o_proj: a tie stays direct
+
+
+def test_sequences_the_model_cannot_take_are_refused_with_the_fix():
+    model = tiny_model("llama")
+    too_long = torch.zeros(1, models.max_length(model) + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"seq_len=\d+ is outside what the model allows"):
+        evaluate.nll(model, too_long, desc=None)
+    with pytest.raises(ValueError, match="no sequences"):
+        evaluate.nll(model, too_long[:0, :8], desc=None)
+    with pytest.raises(ValueError, match="integer tensor, got a torch.float32 tensor"):
+        evaluate.nll(model, torch.zeros(2, 8), desc=None)
+    with pytest.raises(ValueError, match=r"token ids \[n, seq_len\]"):
+        evaluate.nll(model, torch.zeros(8, dtype=torch.long), desc=None)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        evaluate.nll(model, torch.zeros(2, 8, dtype=torch.long), batch_size=0, desc=None)
+    with pytest.raises(ValueError, match=r"seq_len=\d+ is outside"):  # GPTQ / block-wise catch inputs the same way
+        stack.capture(model, too_long, 1)
+    other = models.fp_snapshot(tiny_model("opt"))
+    with pytest.raises(ValueError, match="FP weights do not match this model's stack"):
+        evaluate.layer_mse(model, other, torch.zeros(1, 8, dtype=torch.long), desc=None)
 
 
 def test_layer_mse_refuses_a_model_in_fake_quant_mode():

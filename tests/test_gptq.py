@@ -152,6 +152,8 @@ def test_split_calibration():
 @pytest.mark.parametrize("options, match", [({"damping_grid": []}, "damping_grid"),
                                             ({"damping_grid": [0.01, 0.0]}, "damping_grid"),
                                             ({"damping_grid": [float("nan")]}, "damping_grid"),
+                                            ({"damping_grid": 0.01}, "damping_grid=0.01: a non-empty list"),
+                                            ({"damping_grid": [0.01, "abc"]}, "'abc' is not a finite number"),
                                             ({"dampinggrid": [0.01]}, "unknown GPTQ option")])
 def test_bad_gptq_options_fail_before_any_work(options, match):
     with pytest.raises(ValueError, match=match):  # when the config is made, before a model loads

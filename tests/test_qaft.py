@@ -244,6 +244,19 @@ def test_nan_loss_stops_that_lr_and_the_sweep_goes_on(tmp_path, monkeypatch):
 def test_unknown_option_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown QAFT option"):
         qaft(tiny_model("llama"), tiny_data(), tiny_config(tmp_path, learning_rate=1e-3))
+    with pytest.raises(ValueError, match=r"lr_grid=0\.001: a non-empty list of values > 0"):
+        runs.make_config("qaft", 4, "ci", options={"lr_grid": 0.001})
+    with pytest.raises(ValueError, match="lr_grid=.*'abc' is not a finite number > 0"):
+        runs.make_config("qaft", 4, "ci", options={"lr_grid": [1e-3, "abc"]})
+    assert runs.make_config("qaft", 4, "ci", options={"lr_grid": ["1e-3"]}).options["lr_grid"] == ["1e-3"]
+
+
+def test_sequences_longer_than_the_model_allows_are_refused_before_training(tmp_path):
+    model = tiny_model("llama")
+    data = tiny_data()
+    data.validation = torch.zeros(2, models.max_length(model) + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="validation: .*seq_len=.* is outside what the model allows"):
+        qaft(model, data, tiny_config(tmp_path, lr_grid=[1e-2]))
 
 
 # --- the embedded model -------------------------------------------------------------------------

@@ -116,9 +116,33 @@ def test_prepare_refuses_another_bit_width_and_a_window_prepares_only_its_linear
     quant.prepare(window, 8, "minmax")
     assert all(quant.is_prepared(m) == (n in window) for n, m in linears.items())
     assert quant.prepare(window, 8, "minmax").keys() == window.keys()  # same width: idempotent
-    with pytest.raises(ValueError, match="already in fake-quant mode at int8, not int4"):
+    with pytest.raises(ValueError, match="already in fake-quant mode at int8 per tensor, not int4 per tensor"):
         quant.prepare(window, 4, "minmax")
+    with pytest.raises(ValueError, match="at int8 per tensor, not int8 per channel"):
+        quant.prepare(window, 8, "minmax", granularity="channel")
     assert quant.bake(linears).keys() == window.keys()
+
+
+def test_prepare_and_bake_refuse_what_is_not_a_dict_of_linears_and_ill_fitting_scales():
+    model = tiny_model("llama")
+    linears = stack_linears(model)
+    name, layer = next(iter(linears.items()))
+    with pytest.raises(TypeError, match="dict name -> linear"):
+        quant.prepare([layer], 4)
+    with pytest.raises(TypeError, match="dict name -> linear"):
+        quant.bake(layer)
+    with pytest.raises(TypeError, match="embed is an instance of Embedding"):
+        quant.prepare({"embed": model.get_input_embeddings()}, 4)
+    with pytest.raises(ValueError, match=f"scales has no entry for {name}"):
+        quant.prepare(linears, 4, scales={})
+    out = layer.weight.shape[0]
+    with pytest.raises(ValueError, match=r"scale of shape \[3, 1\] does not fit a weight of shape"):
+        quant.prepare({name: layer}, 4, scales={name: torch.ones(3, 1)})
+    assert not quant.is_prepared(layer)  # refused before anything changed
+    quant.prepare({name: layer}, 4, scales={name: torch.full((out, 1), 0.01)}, granularity="channel")
+    assert quant.grid(layer).scale.shape == (out, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        quant.quantize(torch.randn(8, 16), torch.ones(16, 1), 4)
 
 
 def test_nan_weight_is_refused_before_quantizing():

@@ -2,6 +2,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from repro import cli, runs
 from repro.methods import METHODS
@@ -10,7 +11,7 @@ from repro.methods import METHODS
 def test_config_hash_covers_what_determines_a_run():
     a = runs.make_config("rtn", 4, tier="ci")
     assert a.key() == runs.make_config("rtn", 4, tier="ci").key()
-    assert a.key() == runs.make_config("rtn", 4, tier="ci", device="cuda:1").key()  # placement only
+    assert a.key() == runs.make_config("rtn", 4, tier="ci", device="cpu").key()  # placement only
     for other in (runs.make_config("rtn", 3, tier="ci"), runs.make_config("rtn", 4, tier="ci", seed=1),
                   runs.make_config("rtn", 4, tier="ci", observer="mse"), runs.make_config("rtn", 4, tier="cpu")):
         assert other.key() != a.key()
@@ -24,6 +25,18 @@ def test_bad_config_values_fail_early():
     with pytest.raises(ValueError, match="unknown tier"):
         runs.make_config("rtn", 4, tier="huge")
     assert cli.main(["run", "--bits", "9", "--tier", "ci"]) == 2
+    with pytest.raises(ValueError, match="method 'fp' quantizes nothing"):
+        runs.make_config("fp", 4, tier="ci")
+    assert cli.main(["run", "--method", "fp", "--bits", "4", "--tier", "ci"]) == 2
+    assert cli.main(["batch", "--tier", "ci", "--models", "smollm2-135m", "00_quickstart"]) == 2
+    with pytest.raises(ValueError, match="seed='a': an integer >= 0"):
+        runs.make_config("rtn", 4, tier="ci", seed="a")
+    with pytest.raises(ValueError, match="is not a torch device"):
+        runs.make_config("rtn", 4, tier="ci", device="tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            runs.make_config("rtn", 4, tier="ci", device="cuda")
+        assert cli.main(["run", "--bits", "4", "--tier", "ci", "--device", "cuda"]) == 2
 
 
 def test_tier_settings_per_model():

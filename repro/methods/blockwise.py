@@ -50,7 +50,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.nn.utils import parametrize
 
-from repro.evaluate import model_device
+from repro.evaluate import check_sequences, model_device
 from repro.methods.gptq import split_calibration
 from repro.methods.qaft import keep_freed_memory
 from repro.models import block_linears, block_path, blocks
@@ -137,6 +137,7 @@ def blockwise(model, data, config) -> dict:
     calibration tokens and features, squared activation units) and the window that finalised it.
     """
     opts = blockwise_options(config)
+    check_sequences(model, data.calibration, "calibration")
     m, l = opts["window"], opts["lookahead"]
     stride = opts["stride"] or m
     stack = blocks(model)

@@ -43,10 +43,10 @@ import warnings
 
 import torch
 
-from repro.evaluate import forward_hooks
+from repro.evaluate import SharedInputs, check_sequences, forward_hooks
 from repro.models import block_linears, block_path, blocks, weight_matrix
 from repro.progress import progress
-from repro.quant import compute_scale, is_int, is_real, qmax, quantize, row_scales
+from repro.quant import compute_scale, is_int, is_real, positive_list, qmax, quantize, row_scales
 from repro.stack import advance, capture, run_block
 
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -359,10 +359,7 @@ def gptq_options(config) -> dict:
         _check_grouping(config.group_size, True)
     if opts["search_batch"] is not None and not is_int(opts["search_batch"], 1):
         raise ValueError(f"GPTQ option search_batch={opts['search_batch']!r}: an integer >= 1, or None (all at once)")
-    opts["damping_grid"] = [float(d) for d in opts["damping_grid"]]
-    if not opts["damping_grid"] or not all(math.isfinite(d) and d > 0 for d in opts["damping_grid"]):
-        raise ValueError(f"GPTQ option damping_grid={opts['damping_grid']!r}: need one or more finite "
-                         f"values > 0 (the paper's grid: {list(DAMPING_GRID)})")
+    opts["damping_grid"] = positive_list(opts["damping_grid"], "GPTQ option damping_grid", list(DAMPING_GRID))
     return opts
 
 
@@ -378,6 +375,7 @@ def gptq(model, data, config) -> dict:
     the Hessian pass, the solves and the propagation.
     """
     opts = gptq_options(config)
+    check_sequences(model, data.calibration, "calibration")
     grid = opts["damping_grid"]
     prefix = block_path(model)
     was_training = model.training
@@ -400,16 +398,14 @@ def gptq(model, data, config) -> dict:
             current = []  # the part whose inputs are flowing through the block
             # linears fed the very same tensor (q/k/v, gate/up) share one Hessian and its
             # factors: the first of them (in call order) accumulates it for all
-            leader, previous = {}, [None, None, None]  # name -> first reader; last (input, its version, reader)
+            leader, sharing = {}, SharedInputs()  # name -> first reader
 
             def hook(name):
                 def accumulate(module, args, output):
                     x = args[0]
-                    same = x is previous[0] and x._version == previous[1]  # not changed in place since
-                    first = previous[2] if same else name
+                    first = sharing.first_reader(name, x)
                     if leader.setdefault(name, first) != first:
                         raise RuntimeError(f"GPTQ: {name} shared its input inconsistently across calls")
-                    previous[:] = [x, x._version, first]
                     if first == name:
                         hessians[current[0]][name] = accumulate_hessian(*hessians[current[0]][name], x.detach())
                 return accumulate
@@ -419,7 +415,7 @@ def gptq(model, data, config) -> dict:
                     current[:] = [part]
                     for item in items:
                         run_block(block, b, item)
-            previous[:] = [None, None, None]
+            sharing.reset()
             t1 = time.perf_counter()
             factors = {}  # (reader, "fit" | "all") -> {damping: factor}: shared by the readers of one input
             readers_left = {}  # first reader -> readers still to solve: its factors go after the last one

@@ -50,10 +50,10 @@ import torch
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
-from repro.evaluate import model_device, nll, sequence_nll
+from repro.evaluate import check_sequences, model_device, nll, sequence_nll
 from repro.models import cache_dir, stack_linears
 from repro.progress import progress
-from repro.quant import bake, fp_weight, grid, prepare
+from repro.quant import bake, fp_weight, grid, positive_list, prepare
 
 DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
             "mixed_precision": "no", "gradient_checkpointing": False}
@@ -94,9 +94,7 @@ def qaft_options(config) -> dict:
     for key in ("epochs", "batch_size", "grad_accum"):
         if not isinstance(opts[key], int) or opts[key] < 1:
             raise ValueError(f"QAFT option {key}={opts[key]!r}: must be an integer >= 1")
-    opts["lr_grid"] = [float(lr) for lr in opts["lr_grid"]]
-    if not opts["lr_grid"] or min(opts["lr_grid"]) <= 0:
-        raise ValueError(f"QAFT option lr_grid={opts['lr_grid']!r}: need one or more positive learning rates")
+    opts["lr_grid"] = positive_list(opts["lr_grid"], "QAFT option lr_grid", DEFAULTS["lr_grid"])
     if opts["mixed_precision"] not in ("no", "bf16"):
         raise ValueError(f"QAFT option mixed_precision={opts['mixed_precision']!r}: use 'no' or 'bf16'")
     if not isinstance(opts["gradient_checkpointing"], bool):
@@ -183,6 +181,8 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     the best epoch and the seconds per optimizer step; plus the chosen lr0 and its best epoch.
     """
     opts = qaft_options(config)
+    for split in ("calibration", "validation", "test"):  # before any training, not at the first evaluation
+        check_sequences(model, getattr(data, split), split)
     path = checkpoint_dir(config) / STATE_FILE
     accelerator = make_accelerator(cpu=model_device(model).type == "cpu", seed=config.seed)
     if accelerator.device.type == "cpu":
