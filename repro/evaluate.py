@@ -202,6 +202,22 @@ def gram_is_cheaper(in_features: int, out_features: list[int]) -> bool:
     return in_features < sum(out_features)
 
 
+@torch.no_grad()
+def shared_inputs(model) -> dict[str, list[str]]:
+    """``first reader -> the stack linears that read its input`` (q/k/v, gate/up share one; every
+    other linear reads its own), in call order, from one forward pass of two tokens."""
+    readers, sharing = {}, SharedInputs()
+
+    def hook(name):
+        def record(module, args, output):
+            readers.setdefault(sharing.first_reader(name, args[0]), []).append(name)
+        return record
+
+    with forward_hooks((m, hook(name)) for name, m in stack_linears(model).items()):
+        model.base_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model_device(model)), use_cache=False)
+    return readers
+
+
 @contextmanager
 def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
     """Hooks on every stack linear that accumulate ``((Q(W) - W) x)^2`` for the inputs ``x``
@@ -209,16 +225,20 @@ def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
     block, name -> mean over tokens and output features (see ``layer_mse``).
 
     Measured directly, the error costs ``in x out`` multiply-adds per token and layer: +79% of
-    SmolLM2's linear flops. The linears that read one input (q/k/v, gate/up) need only its Gram
-    matrix when that is cheaper, ``in^2 < sum of their out x in`` per token: the group's first
-    call tells which linears share the input and is measured directly; from its second call on,
-    ``G = sum_t x_t x_t^T`` is accumulated once for the group, and each member adds
-    ``tr(dW G dW^T)`` when the block exits. Equal up to float summation order. ``Q(W) - W`` is
-    formed one layer at a time, never for the whole stack at once."""
+    SmolLM2's linear flops. The linears that read one input (``shared_inputs``: q/k/v, gate/up)
+    need only its Gram matrix when that is cheaper (``gram_is_cheaper``): ``G = sum_t x_t x_t^T``
+    is accumulated once for them, and each adds ``tr(dW G dW^T)`` when the block exits (equal up
+    to float summation order; +42% of the linear flops in all). Entering the block runs one
+    two-token forward (``shared_inputs``): enter it before any other hooks' context. ``Q(W) - W``
+    is formed one layer at a time, never for the whole stack at once."""
     linears = stack_linears(model)
     check_snapshot(linears, fp_weights)
-    sums, counts, calls = dict.fromkeys(linears, 0.0), dict.fromkeys(linears, 0), dict.fromkeys(linears, 0)
-    readers, grams, gram_rows = {}, {}, dict.fromkeys(linears, 0)  # first reader -> names; -> [G, rows]
+    width = {name: weight_matrix(m).shape for name, m in linears.items()}  # [out, in]
+    groups = {first: names for first, names in shared_inputs(model).items()
+              if gram_is_cheaper(width[first][1], [width[n][0] for n in names])}
+    grams = dict.fromkeys(groups)  # first reader -> [G, rows]
+    members = {name: first for first, names in groups.items() for name in names}
+    sums, counts, gram_rows = dict.fromkeys(linears, 0.0), dict.fromkeys(linears, 0), dict.fromkeys(linears, 0)
     sharing, result = SharedInputs(), {}
 
     def delta(name):
@@ -229,22 +249,21 @@ def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
         def record(module, args, output):
             x = args[0]
             first = sharing.first_reader(name, x)
-            calls[name] += 1
-            if calls[name] == 1:
-                readers.setdefault(first, []).append(name)
-            elif calls[name] == 2 and first == name and \
-                    gram_is_cheaper(x.shape[-1], [weight_matrix(linears[n]).shape[0] for n in readers[name]]):
-                grams[name] = [x.new_zeros(x.shape[-1], x.shape[-1], dtype=torch.float32), 0]
-            n_rows = x.numel() // x.shape[-1]
-            if calls[name] > 1 and first in grams and name in readers[first]:
+            rows = x.reshape(-1, x.shape[-1])
+            if name in members:
+                if first != members[name]:
+                    raise RuntimeError(f"layer MSE: {name} no longer reads {members[name]}'s input")
                 if first == name:
-                    rows = x.reshape(-1, x.shape[-1]).float()
-                    grams[name][0].addmm_(rows.t(), rows)
-                    grams[name][1] += n_rows
-                gram_rows[name] += n_rows
-                counts[name] += n_rows * weight_matrix(module).shape[0]
+                    rows = rows.float()
+                    if grams[name] is None:
+                        grams[name] = [rows.t() @ rows, rows.shape[0]]
+                    else:
+                        grams[name][0].addmm_(rows.t(), rows)
+                        grams[name][1] += rows.shape[0]
+                gram_rows[name] += rows.shape[0]
+                counts[name] += rows.shape[0] * width[name][0]
                 return
-            err = x.reshape(-1, x.shape[-1]).float() @ delta(name).t()
+            err = rows.float() @ delta(name).t()
             sums[name] += float(err.pow(2).sum())
             counts[name] += err.numel()
         return record
@@ -252,10 +271,11 @@ def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
     with forward_hooks((m, hook(name)) for name, m in linears.items()):
         yield result
     sharing.reset()
-    for first, (G, n) in grams.items():
-        for name in readers[first]:
-            if gram_rows[name] != n:
-                raise RuntimeError(f"layer MSE: {name} did not read {first}'s input on every call")
+    for name, first in members.items():
+        G, n = grams[first] or (None, 0)
+        if gram_rows[name] != n:
+            raise RuntimeError(f"layer MSE: {name} did not read {first}'s input on every call")
+        if G is not None:
             d = delta(name)
             sums[name] += float(((d @ G) * d).sum())
     result.update({name: sums[name] / max(counts[name], 1) for name in linears})

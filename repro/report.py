@@ -142,19 +142,26 @@ def qaft_epochs_table(records) -> str:
 
 def lr_table(records) -> str:
     """Paper Fig. 6: QAFT's validation NLL (nats/token, best epoch) per initial LR lr0 and
-    bit-width. lr0 and epoch are selected on validation; **bold** = the chosen lr0."""
+    bit-width. lr0 and epoch are selected on validation; **bold** = the chosen lr0; † = no epoch
+    of that lr0 beat epoch 0, so its best is RTN's NLL (training at that lr0 only made it worse)."""
     qaft = _table(records).get("qaft", {})
     if not qaft:
         return "No QAFT records yet."
     lrs = sorted({run["lr"] for r in qaft.values() for run in r["info"].get("runs", [])})
     header = ["bits", *(f"validation NLL, lr0 {lr:g}" for lr in lrs)]
-    rows = []
+    rows, kept_rtn = [], False
     for b in sorted(qaft, reverse=True):
         info = qaft[b]["info"]
-        best = {run["lr"]: run.get("best_nll_validation") for run in info.get("runs", [])}
-        rows.append([f"int{b}", *(DASH if best.get(lr) is None else f"**{_nll(best[lr])}**"
-                                  if math.isclose(lr, info["lr"]) else _nll(best[lr]) for lr in lrs)])
-    return _markdown(header, rows)
+        cells = {}
+        for run in info.get("runs", []):
+            if run.get("best_nll_validation") is None:
+                continue
+            text = _nll(run["best_nll_validation"]) + ("†" if run.get("best_epoch") == 0 else "")
+            kept_rtn |= run.get("best_epoch") == 0
+            cells[run["lr"]] = f"**{text}**" if math.isclose(run["lr"], info["lr"]) else text
+        rows.append([f"int{b}", *(cells.get(lr, DASH) for lr in lrs)])
+    note = "\n\n† no epoch beat epoch 0: the best is RTN's NLL (this lr0 only made it worse)." if kept_rtn else ""
+    return _markdown(header, rows) + note
 
 
 def rtn_table(records) -> str:
@@ -292,8 +299,8 @@ def misalignment_summary(records, local: str = "gptq", global_: str = "qaft") ->
                 continue
             mse_winner = local if lo[key] < gl[key] else global_
             aligned = "aligned" if nll_winner == mse_winner else "**misaligned**"
-            readings.append(f"{reading}: {mse_winner.upper()} lower ({lo[key]:.3g} {local.upper()} vs "
-                            f"{gl[key]:.3g} {global_.upper()}), {aligned}")
+            readings.append(f"{reading}: {mse_winner.upper()} lower ({lo[key]:.4g} {local.upper()} vs "
+                            f"{gl[key]:.4g} {global_.upper()}), {aligned}")
         lines.append(
             f"- int{b}: {nll_winner.upper()} has the lower test NLL ({lo['nll_test']:.3f} {local.upper()} vs "
             f"{gl['nll_test']:.3f} {global_.upper()}, Δ {gl['nll_test'] - lo['nll_test']:+.3f}). "
@@ -301,6 +308,8 @@ def misalignment_summary(records, local: str = "gptq", global_: str = "qaft") ->
     if not lines:
         return f"No bit-width has both {local} and {global_} records yet."
     return "\n".join(lines)
+
+
 def fallback_summary(records) -> str:
     """One line per GPTQ record whose layers fell back to RTN (Cholesky failed at every damping
     value), or one line saying none did: the record's warning, shown where people read results."""
@@ -500,17 +509,19 @@ SECTIONS = {
 
 def precision_table(pairs) -> str:
     """QAFT trained under bf16 autocast against fp32, everything else equal: ``pairs`` is a list of
-    ``(bf16 record, fp32 record)``. Test NLL of each, the relative difference, whether it stays
-    within 1%, and the seconds per training step."""
+    ``(bf16 record, fp32 record)``. The choice is made on validation: validation NLL of each, the
+    relative difference and whether bf16 is no more than 1% worse; then the test NLLs (reported,
+    never used to choose) and the seconds per training step."""
     rows = []
     for bf16, fp32 in pairs:
         c = bf16["config"]
-        rel = (bf16["nll_test"] - fp32["nll_test"]) / fp32["nll_test"]
-        rows.append([c["model"], f"int{c['bits']}", _nll(bf16["nll_test"]), _nll(fp32["nll_test"]),
-                     f"{100 * rel:+.2f}%", "yes" if abs(rel) <= 0.01 else "**no**",
+        rel = (bf16["nll_validation"] - fp32["nll_validation"]) / fp32["nll_validation"]
+        test = (bf16["nll_test"] - fp32["nll_test"]) / fp32["nll_test"]
+        rows.append([c["model"], f"int{c['bits']}", _nll(bf16["nll_validation"]), _nll(fp32["nll_validation"]),
+                     f"{100 * rel:+.2f}%", "yes" if rel <= 0.01 else "**no**", f"{100 * test:+.2f}%",
                      f"{bf16['info']['step_s']:.2f}", f"{fp32['info']['step_s']:.2f}"])
-    return _markdown(["model", "bits", "test NLL, bf16", "test NLL, fp32", "bf16 vs fp32", "within 1%",
-                      "s/step bf16", "s/step fp32"], rows)
+    return _markdown(["model", "bits", "validation NLL, bf16", "validation NLL, fp32", "bf16 vs fp32",
+                      "bf16 at most 1% worse", "test NLL, bf16 vs fp32", "s/step bf16", "s/step fp32"], rows)
 
 
 def batch_table(summary: dict, planned=None) -> str:

@@ -62,18 +62,27 @@ def test_layer_mse_both_input_readings(family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_layer_mse_through_shared_gram_matrices_equals_the_direct_error(family):
-    """From a group's second call on, q/k/v and gate/up (GPT-2: c_attn, c_fc) are measured
-    through their input's Gram matrix: three batches give what one batch, all direct, gives."""
+    """q/k/v and gate/up (GPT-2: c_attn, c_fc alone) are measured through their input's Gram
+    matrix: the same numbers as the direct error of every linear's captured input."""
     model = tiny_model(family)
     fp = models.fp_snapshot(model)
     quant.prepare(models.stack_linears(model), 3, "minmax")
     quant.bake(models.stack_linears(model))
     ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
-    direct = evaluate.layer_mse(model, fp, ids, batch_size=6, desc=None)  # one call per linear
     through_grams = evaluate.layer_mse(model, fp, ids, batch_size=2, desc=None)
-    assert list(through_grams) == list(direct)
-    for name, value in direct.items():
-        assert through_grams[name] == pytest.approx(value, rel=1e-5), name
+    linears = models.stack_linears(model)
+    assert list(through_grams) == list(linears)
+    inputs = {name: [] for name in linears}
+    with evaluate.forward_hooks((m, lambda m_, a, o, name=name: inputs[name].append(a[0].reshape(-1, a[0].shape[-1])))
+                                for name, m in linears.items()), torch.no_grad():
+        evaluate.decoder_pass(model, ids, 2)
+    for name, m in linears.items():
+        d = models.weight_matrix(m) - models.weight_matrix(m, fp[name])
+        direct = (torch.cat(inputs[name]) @ d.t()).pow(2).mean().item()
+        assert through_grams[name] == pytest.approx(direct, rel=1e-5), name
+    groups = evaluate.shared_inputs(model)  # c_attn | c_proj | c_fc | c_proj, or q/k/v | o | gate/up | down
+    assert len(groups) == 4 * len(models.blocks(model))
+    assert [len(names) for names in groups.values()][:4] == ([1, 1, 1, 1] if family == "gpt2" else [3, 1, 2, 1])
     attention = models.blocks(model)[0]
     hidden = model.config.hidden_size
     if family != "gpt2":

@@ -71,7 +71,14 @@ def test_qaft_epochs_and_lr_tables():
     assert body["int4"] == ["5.222", "**4.111**", "4.121", "4.444"]  # bold: the chosen epoch
     body, header = rows(report.lr_table(records()))
     assert header == ["validation NLL, lr0 0.0001", "validation NLL, lr0 0.001"]
-    assert body["int8"] == ["**3.522**", "3.772"]
+    assert body["int8"] == ["**3.522**", "3.772"] and "†" not in report.lr_table(records())
+    recs = records()
+    for r in recs:
+        if r["config"]["method"] == "qaft":
+            r["info"]["runs"][1]["best_epoch"] = 0  # lr0 1e-3 never beat RTN
+    table = report.lr_table(recs)
+    body, _ = rows(table)
+    assert body["int8"] == ["**3.522**", "3.772†"] and table.endswith("(this lr0 only made it worse).")
 
 
 def test_rtn_table():
@@ -190,15 +197,19 @@ def test_damping_scoring_table_pairs_in_sample_and_held_out():
     assert body["int4"] == ["4.999", "4.444", "0.5", "0.0976"]
 
 
-def test_precision_table_flags_a_difference_over_one_percent():
+def test_precision_table_decides_on_validation_and_flags_bf16_over_one_percent_worse():
     pairs = []
-    for bits, (bf16, fp32) in {4: (5.02, 5.0), 8: (8.0, 7.5)}.items():
-        a, b = record("qaft", bits, nll_test=bf16), record("qaft", bits, nll_test=fp32)
+    for model, bits, bf16, fp32 in (("smollm2-135m", 4, 5.02, 5.0), ("smollm2-135m", 8, 8.0, 7.5),
+                                    ("gemma3-270m", 4, 7.0, 7.5)):
+        a = record("qaft", bits, nll_validation=bf16, nll_test=bf16 + 1)
+        b = record("qaft", bits, nll_validation=fp32, nll_test=fp32 + 2)  # the test split never decides
+        a["config"]["model"] = b["config"]["model"] = model
         a["info"]["step_s"], b["info"]["step_s"] = 1.0, 2.0
         pairs.append((a, b))
     table = report.precision_table(pairs)
-    assert "| int4 | 5.020 | 5.000 | +0.40% | yes | 1.00 | 2.00 |" in table
+    assert "| smollm2-135m | int4 | 5.020 | 5.000 | +0.40% | yes | -14.00% | 1.00 | 2.00 |" in table
     assert "+6.67% | **no**" in table
+    assert "| gemma3-270m | int4 | 7.000 | 7.500 | -6.67% | yes |" in table  # better in bf16: kept
 
 
 def test_fallback_summary_names_the_layers_that_fell_back():
