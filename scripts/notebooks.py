@@ -57,7 +57,7 @@ Runs are cached as JSON records under `outputs/records/`: re-running this notebo
 parameters reads them instead of recomputing. Batch-run with other parameters, e.g.
 `papermill notebooks/00_quickstart.ipynb out.ipynb -p tier cpu`.
 **Scaled down from the paper** on the `ci`/`cpu` tiers: the embedded models (SmolLM2 135M, Gemma 3 268M) instead of GPT-2/OPT/Llama 2, 256-token windows of the embedded `wiki` corpus instead of model-length WikiText-2, 32 calibration sequences instead of 128, 16 validation/test windows instead of the whole splits (`repro/params/<tier>.yaml`).
-Cost (`make run`, 2 cores, empty cache): `cpu` tier 4.6 min for SmolLM2 and 7.9 min for Gemma 3 (16 runs
+Cost (`make run`, 2 cores, empty cache): `cpu` tier 4.8 min for SmolLM2 and 7.7 min for Gemma 3 (16 runs
 each, most of it evaluation, Gemma's model conversion included); `ci` tier about a minute.
 """),
     params(SWEEP_PARAMS +
@@ -100,7 +100,9 @@ plots.layer_mse_profile(records, metric="layer_mse", title="own inputs (the quan
 The papers set each tensor's scale with torch's `HistogramObserver` (`histogram`). It minimises a
 histogram's quantization error, but always for a 256-level grid: torch fixes its target bin count from
 the dtype (qint8) and ignores `quant_min`/`quant_max`, so its **clip range is the same at every bit-width**
-(pinned by `tests/test_quant.py`). Right for int8, far too wide at 4 bits and below.
+(pinned by `tests/test_quant.py`), tuned to no width in particular. In the table below that range clips
+too much at int8 (worse than `minmax`, which never clips), fits where it happens to fit (SmolLM2 at int4)
+and is too wide at 3 and 2 bits, where `mse`, whose range shrinks with the grid, wins.
 `mse` searches `argmin_a ||Q_a(W) - W||^2` exactly on the full tensor at each bit-width; `minmax` never
 clips. Left panel: the global loss; right panel: what the observer optimises.
 """),
@@ -154,8 +156,8 @@ conclusion below that compares methods uses the **test** split, which no method 
 Records are cached under `outputs/records/`; a rerun with the same parameters only reads them.
 **Scaled down from the paper** on the `ci`/`cpu` tiers: the embedded models (SmolLM2 135M, Gemma 3 268M) instead of GPT-2/OPT/Llama 2, 256-token windows of the embedded `wiki` corpus instead of model-length WikiText-2, 32 calibration sequences instead of 128, 16 validation/test windows instead of the whole splits; GPTQ's damping searched over 1e-3…10 instead of 1e-3…1e4; QAFT one epoch at two
 learning rates instead of 8 epochs at four (`repro/params/<tier>.yaml`).
-Cost (`make run`, 2 cores): `cpu` tier 17 min for SmolLM2 and 27 min for Gemma 3 (GPTQ ≈ 1.7 / 2.1 min and
-QAFT ≈ 1.7 / 3.3 min per bit-width, evaluation included); `ci` tier a few minutes.
+Cost (`make run`, 2 cores): `cpu` tier 13 min for SmolLM2 and 21 min for Gemma 3 (GPTQ ≈ 1.2 / 1.4 min and
+QAFT ≈ 1.5 / 2.7 min per bit-width, evaluation included); `ci` tier a few minutes.
 """),
     params(SWEEP_PARAMS),
     code(SETUP + """
@@ -179,11 +181,12 @@ diagonal means QAFT has the lower layer error for that layer.
 The same records as lines over bit-width: test NLL, then mean layer MSE under both readings.
 
 Why the two readings part at 3 and 2 bits: with own inputs, each method's layers are scored on the
-activations its own quantized prefix produces. GPTQ calibrates block *i* on exactly those activations,
-and at 3 and 2 bits they are far from the FP ones, often larger in norm, so every layer of a
-badly-damaged model sees large inputs and its own-input MSE is large even where its weights moved
-little. With FP inputs every method is scored on the *same* `x`, which isolates how well each kept
-`W x`: that is the comparison the paper's eq. 2 defines and the one to read across methods.
+activations its own quantized prefix produces, which at 3 and 2 bits are far from the FP ones; GPTQ
+calibrates block *i* on exactly those activations. With FP inputs every method is scored on the *same*
+`x`, and the mean is dominated by a few late `down_proj` layers whose FP inputs are large, so the
+FP-input means sit well above the own-input ones here and the two readings can rank the methods
+differently. The FP-input reading isolates how well each method kept `W x` on the same inputs: it is
+the comparison the paper's eq. 2 defines and the one to read across methods.
 """),
     code("plots.misalignment(records);"),
     md("""
@@ -347,9 +350,9 @@ records: is the misalignment η = NLL_GPTQ − NLL_QAFT large exactly where ρ =
 Every point (a radial step, a quantized model, a point on a segment between two of them) costs one NLL pass
 over a few calibration ("train") and validation sequences and is cached under `outputs/records/landscape/`;
 GPTQ's and QAFT's quantized weights come from the codes their runs kept (`repro.runs.load_weights`).
-**Scaled down**: the `cpu` tier sweeps 2 random directions (each at +e and −e) at 10 radii from 0.001 to 3
-‖w‖, segments with 3 interior points, int4, 8 + 8 sequences per point, SmolLM2 only in the main job (about
-2.5 min on 2 cores); the paper used opt-125m and the `paper` tier runs 8 directions at every width.
+**Scaled down**: the `cpu` tier sweeps 2 random directions (each at +e and −e) at 10 radii from 0.01 to 3
+‖w‖, segments with 3 interior points, int4, 4 + 4 sequences per point, SmolLM2 only in the main job (about
+3 min on 2 cores); the paper used opt-125m and the `paper` tier runs 8 directions at every width.
 """),
     params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\nbits = None  # int or list; None: the tier\'s landscape bits\n'
            'directions = None  # random directions (each swept at +e and -e); None: the tier\'s\ntier = "ci"\n'),
@@ -440,8 +443,8 @@ sees — from RTN (a weight tensor) and GPTQ (one linear layer) through the bloc
 Adam steps of 4 sequences per window (bf16 autocast); the `paper` tier runs int4 and int3, m ∈ {1, 2, 4},
 l ∈ {1, 2} and the *equal optimizer steps per block* controls (`repro/params/<tier>.yaml`, `cross_block`).
 The paper's own hyper-parameters are not public: steps and learning rate are this package's, from a sweep
-(README). Cost on 2 cores, `cpu` tier, RTN/GPTQ/QAFT records shared with `01_misalignment`: 4.7 min for
-SmolLM2, which `make run` includes; Gemma 3 (about 6 min more) would push the main job past its 60
+(README). Cost on 2 cores, `cpu` tier, RTN/GPTQ/QAFT records shared with `01_misalignment`: 4.8 min for
+SmolLM2, which `make run` includes; Gemma 3 (about 12 min more) would push the main job past its 60
 minutes, so it runs on request: `repro batch --tier cpu 04_cross_block --models gemma3-270m`.
 """),
     params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\nbits = None  # int or list; None: the tier\'s cross_block bits\n'
@@ -510,7 +513,7 @@ document; GPTQ calibrates on, QAFT fine-tunes on and everything is evaluated on 
 hub, `corpora=["c4", "lambada"]` runs the paper's (the `paper` tier does).
 
 **Scaled down**: SmolLM2 at int4 on the `cpu` tier, one random direction (±) for the landscape; about
-6 minutes per corpus on 2 cores, so `make run` leaves it out: `repro batch --tier cpu 05_datasets`.
+7 minutes per corpus on 2 cores, so `make run` leaves it out: `repro batch --tier cpu 05_datasets`.
 """),
     params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\ncorpora = None  # list; None: the tier\'s datasets corpora\n'
            'bits = None  # int or list; None: the tier\'s datasets bits\ntier = "ci"\n'),
@@ -578,8 +581,8 @@ predictive, and does LA-PTQ's look-ahead change anything? Every method runs at e
 from the already-updated columns as the sweep reaches them (as the original GPTQ's `groupsize`), QAFT and
 the block-wise methods through the straight-through estimator.
 
-**Cost**: on the `cpu` tier about 30 minutes per model on 2 cores (SmolLM2: 22 runs at int4/3/2, two
-granularities, and the block-wise pair at int4), so `make run` leaves it out:
+**Cost**: on the `cpu` tier about 30 minutes for SmolLM2 and 90 for Gemma 3 on 2 cores (SmolLM2: 22 runs at
+int4/3/2, two granularities, and the block-wise pair at int4), so `make run` leaves it out:
 `repro batch --tier cpu 08_granularity`. The `ci` tier runs g128 at int3.
 """),
     params('model = "smollm2-135m"  # embedded: smollm2-135m, gemma3-270m; or a hub id\n'
