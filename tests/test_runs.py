@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 
@@ -39,14 +40,18 @@ def test_bad_config_values_fail_early():
         assert cli.main(["run", "--bits", "4", "--tier", "ci", "--device", "cuda"]) == 2
 
 
-def test_tier_settings_per_model():
+def test_tier_settings_per_model(monkeypatch):
     smol, gemma = (runs.make_config("rtn", 8, tier="cpu", model=m) for m in runs.load_tier("cpu")["models"])
     settings = runs.load_tier("cpu")["model_settings"]["gemma3-270m"]
     assert gemma.observer == settings["observer"][8] and smol.observer == runs.load_tier("cpu")["observer"][8]
     assert gemma.seq_len == smol.seq_len  # what a model does not set is the tier's
+    # a model's method options are merged into the tier's per option, not replaced
+    tier = runs.load_tier("cpu")
+    tier["model_settings"]["gemma3-270m"]["methods"] = {"qaft": {"mixed_precision": "no"}}
+    monkeypatch.setattr(runs, "load_tier", lambda name: copy.deepcopy(tier))
     smol_qaft, gemma_qaft = (runs.make_config("qaft", 4, tier="cpu", model=m) for m in ("smollm2-135m", "gemma3-270m"))
-    assert (smol_qaft.options["mixed_precision"], gemma_qaft.options["mixed_precision"]) == ("no", "bf16")
-    assert gemma_qaft.options["lr_grid"] == smol_qaft.options["lr_grid"]  # merged per option, not replaced
+    assert (smol_qaft.options["mixed_precision"], gemma_qaft.options["mixed_precision"]) == ("bf16", "no")
+    assert gemma_qaft.options["lr_grid"] == smol_qaft.options["lr_grid"]
 
 
 def test_outputs_dir_is_the_checkouts_from_any_working_directory(tmp_path, monkeypatch):
