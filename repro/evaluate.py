@@ -243,7 +243,9 @@ def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
 
     def delta(name):
         module = linears[name]
-        return (weight_matrix(module) - weight_matrix(module, fp_weights[name].to(module.weight.device))).float()
+        # detached: the block may close outside no_grad around weights that train (block-wise PTQ)
+        fp = fp_weights[name].to(module.weight.device)
+        return (weight_matrix(module).detach() - weight_matrix(module, fp)).float()
 
     def hook(name):
         def record(module, args, output):
