@@ -26,6 +26,8 @@ from functools import lru_cache
 
 import torch
 
+from repro.quant import is_int
+
 CORPORA = ("wiki", "news", "shakespeare", "wikitext2", "c4", "lambada")
 OFFLINE_CORPORA = ("wiki", "news", "shakespeare")
 DEFAULT_CORPUS = "wiki"
@@ -259,8 +261,7 @@ def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_cal
     """
     for name, value, low, optional in (("seq_len", seq_len, 2, False), ("n_calibration", n_calibration, 1, False),
                                        ("n_eval", n_eval, 1, True), ("seed", seed, 0, False)):
-        if not ((value is None and optional) or (isinstance(value, int) and not isinstance(value, bool)
-                                                 and value >= low)):
+        if not ((value is None and optional) or is_int(value, low)):
             raise ValueError(f"{name}={value!r}: an integer >= {low}" + (" or None (the whole split)" if optional else ""))
     if model_max is not None:
         check_seq_len(seq_len, model_max)

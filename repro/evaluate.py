@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from repro.data import check_seq_len
 from repro.models import blocks, max_length, stack_linears, weight_matrix
-from repro.quant import is_prepared
+from repro.quant import is_int, is_prepared
 from repro.progress import progress
 
 
@@ -42,7 +42,7 @@ def check_sequences(model, sequences, what: str = "sequences", allow_empty: bool
 
 def batches(sequences: torch.Tensor, batch_size: int, desc: str | None = None):
     """Yield ``[b, seq_len]`` slices of ``sequences`` with a progress bar when ``desc`` is set."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size, 1):
         raise ValueError(f"batch_size={batch_size!r}: an integer >= 1 (sequences per forward pass)")
     starts = range(0, len(sequences), batch_size)
     for s in progress(starts, enabled=desc is not None, desc=desc, leave=False):
@@ -238,7 +238,7 @@ def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
               if gram_is_cheaper(width[first][1], [width[n][0] for n in names])}
     grams = dict.fromkeys(groups)  # first reader -> [G, rows]
     members = {name: first for first, names in groups.items() for name in names}
-    sums, counts, gram_rows = dict.fromkeys(linears, 0.0), dict.fromkeys(linears, 0), dict.fromkeys(linears, 0)
+    sums, counts, gram_rows = dict.fromkeys(linears, 0.0), dict.fromkeys(linears, 0), dict.fromkeys(members, 0)
     sharing, result = SharedInputs(), {}
 
     def delta(name):
@@ -263,7 +263,6 @@ def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
                         grams[name][0].addmm_(rows.t(), rows)
                         grams[name][1] += rows.shape[0]
                 gram_rows[name] += rows.shape[0]
-                counts[name] += rows.shape[0] * width[name][0]
                 return
             err = rows.float() @ delta(name).t()
             sums[name] += float(err.pow(2).sum())
@@ -280,6 +279,7 @@ def recording_layer_mse(model, fp_weights: dict[str, torch.Tensor]):
         if G is not None:
             d = delta(name)
             sums[name] += float(((d @ G) * d).sum())
+            counts[name] += n * width[name][0]
     result.update({name: sums[name] / max(counts[name], 1) for name in linears})
 
 

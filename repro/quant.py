@@ -342,6 +342,7 @@ def prepare(linears: dict[str, nn.Module], bits: int, observer: str = "histogram
     check_granularity(granularity, group_size)
     check_linears(linears, "prepare")
     wanted = grid_name(granularity, group_size)
+    group = group_size if granularity == "group" else None
     used = {}
     for name, module in linears.items():
         if is_prepared(module):
@@ -360,9 +361,8 @@ def prepare(linears: dict[str, nn.Module], bits: int, observer: str = "histogram
             raise ValueError(f"scales has no entry for {name}: give one per linear, or none (the observer computes them)")
         else:
             scale = torch.as_tensor(scales[name], dtype=torch.float32)
-            check_scale_fits(expand_scale(scale, matrix.shape[-1], group_size if granularity == "group" else None),
-                             matrix.shape)
-        fq = FakeQuant(scale.to(module.weight.device), bits, group_size if granularity == "group" else None, transposed)
+            check_scale_fits(expand_scale(scale, matrix.shape[-1], group), matrix.shape)
+        fq = FakeQuant(scale.to(module.weight.device), bits, group, transposed)
         parametrize.register_parametrization(module, "weight", fq)
         used[name] = scale
     return used
