@@ -2,7 +2,7 @@
 VENV := .venv
 TIER ?= cpu
 
-.PHONY: install run test
+.PHONY: install run test check
 
 install: $(VENV)/.installed
 
@@ -18,4 +18,9 @@ run: install
 # and nbval over every notebook (ci tier).
 test: install
 	bash scripts/install_browser.sh
-	$(VENV)/bin/python -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider tests notebooks
+	$(VENV)/bin/python -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider --durations=25 tests notebooks
+
+# Fast loop for development: unit and property tests on tiny random models; no embedded model, no
+# subprocess, no browser, no notebook (the `slow` marker, conftest.py). Not a substitute for `make test`.
+check: install
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests

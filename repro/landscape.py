@@ -176,7 +176,8 @@ def landscape(model: str | None = None, bits=None, tier: str = "cpu", outputs: P
     if missing and cached_only:
         return None
     if missing:
-        _compute_points(base, missing, run_configs, opts, outputs)
+        with runs.pinned_threads(base.threads):  # bit-identical points on any machine (as records)
+            _compute_points(base, missing, run_configs, opts, outputs)
     points = [_read_point(path) for _, path in keyed]
     return {"model": base.model, "corpus": base.corpus, "tier": tier, "bits": bits, "norm": points[0]["norm"],
             "settings": opts, "points": points}

@@ -7,6 +7,7 @@ exists, so a killed batch (``sweep``) resumes where it stopped; records are writ
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -16,7 +17,7 @@ import platform
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,9 @@ from repro.quant import OBSERVERS, check_bits, check_granularity, expand_scale, 
 
 PARAMS_DIR = Path(__file__).parent / "params"
 TIERS = ("ci", "cpu", "paper")
-# where a run executes, and whether its weights are kept, do not change what it computes
-HASH_EXCLUDE = ("device", "tier", "save_weights")
+# where a run executes, and whether its weights are kept, do not change what it computes; the
+# thread count changes only float rounding (``pinned_threads``)
+HASH_EXCLUDE = ("device", "tier", "save_weights", "threads")
 WEIGHT_METHODS = ("rtn", "gptq", "qaft", "blockwise")  # methods whose quantized weights can be kept
 # Versions of the code every record shares, part of every record's key: bump one when what it
 # computes changes, so stale records are recomputed rather than re-read. (Methods carry their own.)
@@ -90,6 +92,9 @@ class RunConfig:
     options: dict = field(default_factory=dict)
     tier: str | None = None
     device: str | None = None  # None: cuda when available, else cpu
+    # torch's intra-op CPU threads while computing (None: torch's default). Float reductions split
+    # by thread, so records are bit-identical only at one count: the embedded tiers pin 2.
+    threads: int | None = None
     save_weights: bool = False  # keep the quantized weights beside the record (``weights_path``)
 
     def __post_init__(self):
@@ -108,11 +113,11 @@ class RunConfig:
         if self.corpus not in data_mod.CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {', '.join(data_mod.CORPORA)}")
         for name, low, optional in (("n_calibration", 1, False), ("n_eval", 1, True), ("seq_len", 2, True),
-                                    ("batch_size", 1, False), ("seed", 0, False)):
+                                    ("batch_size", 1, False), ("seed", 0, False), ("threads", 1, True)):
             value = getattr(self, name)
             if (value is None and not optional) or (value is not None and not is_int(value, low)):
                 raise ValueError(f"{name}={value!r}: an integer >= {low}" + (" or None (the whole split / the "
-                                 "model's maximum length)" if optional else ""))
+                                 "model's maximum length / torch's default threads)" if optional else ""))
         if self.device is not None:
             models.check_device(self.device)
         OPTION_CHECKS[self.method](self)  # options are checked now, not after the model has loaded
@@ -155,10 +160,18 @@ MODEL_SETTINGS = {"observer", "corpus", "seq_len", "n_calibration", "n_eval", "b
 
 
 def load_tier(tier: str) -> dict:
-    """The parameter set of a tier (``params/<tier>.yaml``) as a dict."""
+    """The parameter set of a tier (``params/<tier>.yaml``) as a dict (the caller's own copy)."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
-    return yaml.safe_load((PARAMS_DIR / f"{tier}.yaml").read_text())
+    path = PARAMS_DIR / f"{tier}.yaml"
+    return copy.deepcopy(_parse_tier(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_tier(path: Path, mtime_ns: int) -> dict:
+    """A tier's YAML parsed once per version of the file: a batch plan builds hundreds of configs,
+    and parsing the file for each took most of ``batch.plan``'s time."""
+    return yaml.safe_load(path.read_text())
 
 
 def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", options: dict | None = None,
@@ -482,8 +495,32 @@ def _reusable(config: RunConfig, outputs: Path | None, need_weights: bool = Fals
     return record
 
 
+@contextmanager
+def pinned_threads(threads: int | None):
+    """torch's intra-op thread count set to ``threads`` inside the block (``None``: left as is).
+
+    Why: a float32 reduction is split across threads, so its rounding depends on their number;
+    argmin-style choices amplify that (measured on SmolLM2 at the ci tier, 1 vs 2 threads: the
+    mse observer picks another scale for 14 of 210 int3 tensors and RTN int3 validation NLL moves
+    14.119 -> 14.103; GPTQ int8's damping choices move its validation NLL 3.572 -> 3.560). Pinning
+    the count makes a record the same on any machine with the same CPU kernels, whatever its cores."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _compute(config: RunConfig, outputs: Path | None) -> dict:
-    """Load (or reuse) the model and data, run the method, evaluate, write the record."""
+    """Load (or reuse) the model and data, run the method, evaluate, write the record (at the
+    config's ``threads``)."""
+    with pinned_threads(config.threads):
+        return _compute_pinned(config, outputs)
+
+
+def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
     weights_path(config, outputs).unlink(missing_ok=True)  # kept by an earlier computation: stale now
     bench = workbench(config)
     if config.bits is not None and bench.fp_test_grams is None and \
@@ -517,7 +554,7 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
         **metrics, "info": info,
         "wall_s": {"method": method_s, "evaluate": time.perf_counter() - start - method_s},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "device": str(next(bench.model.parameters()).device)},
+                        "device": str(next(bench.model.parameters()).device), "threads": torch.get_num_threads()},
         "created": created,
     }
     if config.save_weights:  # before the record, which then has them; a failure costs the weights only

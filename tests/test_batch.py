@@ -34,24 +34,44 @@ def _records(outputs: Path) -> dict:
     return {p.relative_to(outputs): p.read_bytes() for p in sorted((outputs / "records").rglob("*.json"))}
 
 
+def _seed(outputs: Path, configs, session: Path) -> None:
+    """Copy the records of ``configs`` from the session's results directory into ``outputs``
+    (computed there first if no test or notebook has yet): a batch then computes only the rest."""
+    for config in configs:
+        runs.run(config, session)
+        target = runs.record_path(config, outputs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(runs.record_path(config, session), target)
+
+
+def _cheapest(configs, k: int = 1) -> list:
+    """``k`` RTN runs of ``configs`` (seconds each, where GPTQ and QAFT take minutes)."""
+    return [c for c in configs if c.method == "rtn"][-k:]
+
+
 @pytest.mark.embedded
-def test_batch_killed_after_the_first_notebook_resumes(tmp_path):
+@pytest.mark.subprocess
+def test_batch_killed_after_the_first_notebook_resumes(tmp_path, ci_outputs):
     """kill -9 after the first notebook: the rerun computes only what was missing, reads the rest,
-    and every record written before the kill is left byte for byte as it was."""
+    and every record written before the kill (the batch's own and those it found) is left byte for
+    byte as it was. Both notebooks' runs but one of each come from the session's records."""
     env = {**os.environ, "REPRO_OUTPUTS": str(tmp_path), "REPRO_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
-    command = [*REPRO, "batch", "--tier", "ci", "00_quickstart"]
+    command = [*REPRO, "batch", "--tier", "ci", "00_quickstart", "08_granularity", "--models", "smollm2-135m"]
+    first_job, second_job = batch.plan("ci", ["00_quickstart", "08_granularity"], ["smollm2-135m"])
+    left = _cheapest(first_job.configs) + _cheapest(c for c in second_job.configs if c not in first_job.configs)
+    _seed(tmp_path, [c for c in first_job.configs + second_job.configs if c not in left], ci_outputs)
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
     first = []
     for line in proc.stdout:
         first.append(line)
-        if line.startswith("notebook 00_quickstart-"):  # the first of the two models' notebooks is done
+        if line.startswith("notebook 00_quickstart-"):  # the first of the two notebooks is done
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "".join(first)
     before = _records(tmp_path)
-    assert before, "".join(first)
+    assert runs.record_path(left[0], tmp_path).relative_to(tmp_path) in before, "".join(first)  # its own
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     print(done.stdout[-3000:])
@@ -62,11 +82,11 @@ def test_batch_killed_after_the_first_notebook_resumes(tmp_path):
     after = _records(tmp_path)
     assert all(after[path] == content for path, content in before.items())  # untouched
     assert len(after) > len(before)
-    summary = json.loads((tmp_path / "ci" / "batch-00_quickstart.json").read_text())
+    summary = json.loads((tmp_path / "ci" / "batch-00_quickstart+08_granularity.json").read_text())
     assert [j["status"] for j in summary["jobs"]] == ["passed", "passed"]
     assert not (tmp_path / "ci" / "batch.json").exists()  # the main job's summary is not overwritten
-    assert all((tmp_path / "ci" / "notebooks" / f"00_quickstart-{m}.ipynb").is_file()
-               for m in runs.load_tier("ci")["models"])
+    assert all((tmp_path / "ci" / "notebooks" / f"{n}-smollm2-135m.ipynb").is_file()
+               for n in ("00_quickstart", "08_granularity"))
     assert not list((tmp_path / "ci" / "notebooks").glob(".*partial"))
 
 
@@ -80,22 +100,29 @@ def _numbers(outputs: Path) -> dict:
 
 
 @pytest.mark.embedded
-def test_two_shards_in_two_processes_equal_the_unsharded_batch(tmp_path):
+@pytest.mark.subprocess
+def test_two_shards_in_two_processes_equal_the_unsharded_batch(tmp_path, ci_outputs):
     """`repro batch --shard 1/2` and `--shard 2/2` at the same time on one outputs/ compute the
-    same records as one unsharded batch, each exactly once, and execute no notebook."""
+    same records as one unsharded batch, each exactly once, and execute no notebook. Each shard
+    has two RTN runs to compute; the rest of notebook 00's runs come from the session's records."""
     base = [*REPRO, "batch", "--tier", "ci", "00_quickstart", "--models", "smollm2-135m"]
     env = {**os.environ, "REPRO_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
     shared, alone = tmp_path / "shared", tmp_path / "alone"
+    (job,) = batch.plan("ci", ["00_quickstart"], ["smollm2-135m"])
+    left = [c for k in (1, 2) for c in _cheapest([c for c in job.configs if batch.in_shard(c, (k, 2))], 2)]
+    for outputs in (shared, alone):
+        _seed(outputs, [c for c in job.configs if c not in left], ci_outputs)
     procs = [subprocess.Popen([*base, "--shard", f"{k}/2"], env={**env, "REPRO_OUTPUTS": str(shared)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) for k in (1, 2)]
     logs = [p.communicate()[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     computed = [int(log.split(" to compute")[0].rsplit(" ", 1)[1]) for log in logs]
-    assert min(computed) > 0  # both shards had work
+    assert computed == [2, 2], logs  # both shards had work
     assert not (shared / "ci" / "notebooks").exists() and not (shared / "ci" / "batch.json").exists()
     done = subprocess.run(base, env={**env, "REPRO_OUTPUTS": str(alone)}, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:]
-    assert _numbers(shared) == _numbers(alone) and sum(computed) == len(_numbers(alone))
+    assert " 4 to compute" in done.stdout.splitlines()[0], done.stdout[-2000:]
+    assert _numbers(shared) == _numbers(alone) and len(_numbers(alone)) == len(job.configs)
     final = subprocess.run(base, env={**env, "REPRO_OUTPUTS": str(shared)}, capture_output=True, text=True, cwd=ROOT)
     assert final.returncode == 0 and " 0 to compute" in final.stdout.splitlines()[0], final.stdout[-2000:]
     assert (shared / "ci" / "notebooks" / "00_quickstart-smollm2-135m.ipynb").is_file()
@@ -109,6 +136,7 @@ def test_a_bad_shard_is_refused():
 
 
 @pytest.mark.embedded
+@pytest.mark.subprocess
 def test_pareto_notebook_runs_as_typed_from_root_and_from_notebooks(tmp_path):
     """`papermill notebooks/02_pareto.ipynb -p bits 3` with no output notebook, from a checkout's
     root, then the form with an output notebook from notebooks/: both write the figure and table

@@ -208,11 +208,11 @@ def test_a_non_finite_loss_stops_the_window_with_a_reason_and_keeps_its_best_sta
 
 # ----------------------------------------------------------------------------- embedded model
 @pytest.mark.embedded
-def test_embedded_block_ptq_beats_rtn(tmp_path):
+def test_embedded_block_ptq_beats_rtn(ci_outputs):
     from repro.runs import make_config, run
 
-    rtn = run(make_config("rtn", 3, tier="ci"), outputs=tmp_path)
-    block = run(make_config("blockwise", 3, tier="ci"), outputs=tmp_path)
+    rtn = run(make_config("rtn", 3, tier="ci"), outputs=ci_outputs)  # notebook 04 reads both
+    block = run(make_config("blockwise", 3, tier="ci"), outputs=ci_outputs)
     assert block["nll_test"] < rtn["nll_test"], (block["nll_test"], rtn["nll_test"])
     assert block["info"]["variant"] == "block PTQ" and len(block["info"]["windows"]) == 30
 

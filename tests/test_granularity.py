@@ -201,12 +201,12 @@ def test_kept_weights_round_trip_group_scales(tmp_path):
 
 # ----------------------------------------------------------------------------- embedded model
 @pytest.mark.embedded
-def test_embedded_g128_int4_rtn_stays_near_fp(tmp_path):
+def test_embedded_g128_int4_rtn_stays_near_fp(ci_outputs):
     """Measured at the ci tier (SmolLM2, 4 x 128-token test sequences): FP 2.868, per-tensor RTN
     int4 9.654, g128 minmax 3.290 nats/token. The margin: g128 within 0.6 nats of FP, where per
     tensor is 6.8 nats away."""
-    fp = runs.run(runs.make_config("fp", None, "ci"), tmp_path)
-    g128 = runs.run(runs.make_config("rtn", 4, "ci", granularity="group", observer="minmax"), tmp_path)
+    fp = runs.run(runs.make_config("fp", None, "ci"), ci_outputs)
+    g128 = runs.run(runs.make_config("rtn", 4, "ci", granularity="group", observer="minmax"), ci_outputs)
     assert g128["nll_test"] - fp["nll_test"] < 0.6
     assert g128["config"]["group_size"] == 128
     assert g128["weight_size_gb"] > 4 * g128["stack_params"] / 8 / 1e9  # scales counted

@@ -261,12 +261,19 @@ def test_sequences_longer_than_the_model_allows_are_refused_before_training(tmp_
 
 # --- the embedded model -------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def embedded_pair(tmp_path_factory):
+    """One ci-tier QAFT config (one epoch at one lr0 keeps it short; weights kept) run twice in
+    this process, into fresh outputs each time: the config, the two outputs, the two records."""
+    config = runs.make_config("qaft", BITS, "ci", options={"epochs": 1, "lr_grid": [1e-3]})
+    config = dataclasses.replace(config, save_weights=True)
+    outputs = [tmp_path_factory.mktemp(name) for name in ("a", "b")]
+    return config, outputs, [runs.run(config, outputs=out) for out in outputs]
+
+
 @pytest.mark.embedded
-def test_qaft_beats_rtn_at_3_bits_on_the_embedded_model(tmp_path):
-    """ci-tier data; one epoch at one lr0 keeps it short (the ci tier's own options run more)."""
-    config = runs.make_config("qaft", BITS, "ci", options={"epochs": 1, "lr_grid": [1e-3],
-                                                          "checkpoint_dir": str(tmp_path / "ck")})
-    record = runs.run(config, outputs=tmp_path / "out")
+def test_qaft_beats_rtn_at_3_bits_on_the_embedded_model(embedded_pair):
+    record = embedded_pair[2][0]
     info = record["info"]
     assert record["nll_validation"] < info["rtn"]["nll_validation"] - 0.1
     # the baked model measures exactly what the loop measured at the chosen epoch
@@ -301,18 +308,16 @@ def _without_timings(value):
 
 
 @pytest.mark.embedded
-def test_embedded_qaft_is_deterministic(tmp_path):
+def test_embedded_qaft_is_deterministic(embedded_pair):
     """Two runs of one config (fresh outputs, same process) give records identical to the bit
     apart from wall-clock times: same learning rate, epoch, history, NLLs and kept weights (whose
     files differ only in the ``created`` stamp)."""
-    config = runs.make_config("qaft", 4, tier="ci", options={"epochs": 1, "lr_grid": [1e-3]})
-    config = dataclasses.replace(config, save_weights=True)
-    first, second = (runs.run(config, outputs=tmp_path / name) for name in ("a", "b"))
+    config, outputs, (first, second) = embedded_pair
     assert _without_timings(first) == _without_timings(second)
     assert first["info"]["runs"][0]["history"]  # it trained
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(runs.weights_path(config, tmp_path / name))) for name in ("a", "b"))  # stamps differ
+    a, b = (load_file(str(runs.weights_path(config, out))) for out in outputs)  # stamps differ
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

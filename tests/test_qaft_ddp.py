@@ -16,6 +16,7 @@ from repro.methods.qaft import qaft
 from test_qaft import stack_state, tiny_config, tiny_data
 from tiny_models import tiny_model
 
+pytestmark = pytest.mark.subprocess
 HELPER = Path(__file__).resolve().parent / "qaft_launch.py"
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "ddp.yaml"  # the README's
 

@@ -13,6 +13,7 @@ def test_config_hash_covers_what_determines_a_run():
     a = runs.make_config("rtn", 4, tier="ci")
     assert a.key() == runs.make_config("rtn", 4, tier="ci").key()
     assert a.key() == runs.make_config("rtn", 4, tier="ci", device="cpu").key()  # placement only
+    assert a.threads == 2 and a.key() == runs.make_config("rtn", 4, tier="ci", threads=1).key()  # rounding only
     for other in (runs.make_config("rtn", 3, tier="ci"), runs.make_config("rtn", 4, tier="ci", seed=1),
                   runs.make_config("rtn", 4, tier="ci", observer="mse"), runs.make_config("rtn", 4, tier="cpu")):
         assert other.key() != a.key()
@@ -227,10 +228,21 @@ def test_an_embedded_model_is_built_once_by_concurrent_loaders(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("field, value", [("n_eval", 0), ("n_calibration", 0), ("seq_len", 1), ("batch_size", 0),
-                                          ("n_eval", 2.5)])
+                                          ("n_eval", 2.5), ("threads", 0)])
 def test_bad_sizes_are_refused_when_the_config_is_made(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}: an integer"):
         runs.RunConfig(method="rtn", **{field: value})
+
+
+def test_pinned_threads_set_the_count_inside_and_restore_it():
+    import torch
+
+    before = torch.get_num_threads()
+    with runs.pinned_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with runs.pinned_threads(None):  # torch's default: left alone
+        assert torch.get_num_threads() == before
 
 
 def test_cli_bench_refuses_an_unknown_benchmark(capsys):

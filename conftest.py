@@ -1,0 +1,43 @@
+"""Settings of a test session, shared by tests/ and nbval over notebooks/ (their kernels inherit
+this process's environment).
+
+One fresh, empty results directory per pytest run (``REPRO_OUTPUTS``): nothing written by older
+code is read, and every ci-tier record the session needs is computed once, by whichever test or
+notebook needs it first, and then read by the others (records are locked while computed).
+"""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Progress bars off: nbval drains a kernel's messages only after a cell finishes, and a long cell's
+# widget updates overflow ZeroMQ's queue (see repro/progress.py).
+os.environ["REPRO_PROGRESS"] = "0"
+
+SLOW = ("embedded", "browser", "subprocess")  # markers whose tests are end to end (also "slow")
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controlling process (pytest-xdist workers inherit it)
+        os.environ["REPRO_OUTPUTS"] = tempfile.mkdtemp(prefix="repro-test-")
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["REPRO_OUTPUTS"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items):
+    """``slow``: every nbval notebook and every test marked embedded, browser or subprocess."""
+    for item in items:
+        if item.path.suffix == ".ipynb" or any(item.get_closest_marker(name) for name in SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def ci_outputs():
+    """The session's results directory: tests computing standard ci-tier runs share its records
+    with each other and with the notebooks."""
+    return Path(os.environ["REPRO_OUTPUTS"])
