@@ -5,7 +5,7 @@ hold them, so that `repro batch --tier paper` runs with ``HF_HOME`` pointing her
 * Models: tiny random GPT-2 / OPT / Llama / Mistral under the paper's hub ids, in the hub cache
   (``hub/models--ORG--NAME/snapshots/REV`` + ``refs/main``), stored in the dtype the real
   checkpoints ship in (fp16 for OPT, Llama and Mistral; fp32 for GPT-2), each with a maximum
-  length of 64 tokens that the tier's ``seq_len: null`` uses in full.
+  length of ``MAX_LENGTH`` tokens that the tier's ``seq_len: null`` uses in full.
 * One byte-level BPE tokenizer (512 tokens) trained on the text, saved with every model.
 * Corpora: WikiText-2, C4 and LAMBADA as the datasets library caches a prepared hub dataset
   (``datasets/NAME/CONFIG/0.0.0/HASH`` with Arrow files), filled with real English text from the
@@ -30,13 +30,16 @@ MODELS = {"gpt2": ("gpt2", torch.float32), "facebook/opt-125m": ("opt", torch.fl
           "mistralai/Mistral-7B-v0.1": ("mistral", torch.float16)}
 REVISION = "0" * 40
 VOCAB = 512
+# The smallest sizes that still exercise the protocol: 128 calibration sequences of the model's full
+# length fit the train split many times over, and every evaluation split holds several batches of 8.
+MAX_LENGTH = 32
 EOS = "<|endoftext|>"
 # (dataset id, config, load_dataset's data_files, {split: characters of text})
-CORPORA = [("wikitext", "wikitext-2-raw-v1", None, {"train": 120_000, "validation": 20_000, "test": 20_000}),
+CORPORA = [("wikitext", "wikitext-2-raw-v1", None, {"train": 60_000, "validation": 6_000, "test": 6_000}),
            ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz",
                                  "validation": "en/c4-validation.00000-of-00008.json.gz"},
-            {"train": 120_000, "validation": 40_000}),
-           ("EleutherAI/lambada_openai", "en", None, {"test": 60_000})]
+            {"train": 60_000, "validation": 12_000}),
+           ("EleutherAI/lambada_openai", "en", None, {"test": 18_000})]
 
 
 def english_paragraphs(limit: int = 1000) -> list[str]:
@@ -67,14 +70,14 @@ def train_tokenizer(paragraphs: list[str]):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(paragraphs, trainers.BpeTrainer(
         vocab_size=VOCAB, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, model_max_length=64)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, model_max_length=MAX_LENGTH)
 
 
 def add_models(home: Path, tokenizer) -> None:
     for repo, (family, dtype) in MODELS.items():
         root = home / "hub" / f"models--{repo.replace('/', '--')}"
         snapshot = root / "snapshots" / REVISION
-        model = tiny_model(family, vocab=len(tokenizer)).to(dtype)
+        model = tiny_model(family, vocab=len(tokenizer), positions=MAX_LENGTH).to(dtype)
         for config in (model.config, model.generation_config):
             config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(snapshot)

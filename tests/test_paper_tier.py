@@ -75,9 +75,9 @@ def test_records_follow_the_paper_protocol(paper_run):
         # the notebooks read what the batch computed: nothing ran on a ci/cpu corpus
         assert config["corpus"] in {tier["corpus"], *tier["datasets"]["corpora"]}, config
         assert math.isfinite(r["nll_test"]) and math.isfinite(r["nll_validation"]), config
-        if config["method"] == "gptq":  # every calibration sequence, each the model's full 64 tokens
+        if config["method"] == "gptq":  # every calibration sequence, each of the model's full length
             for layer in r["info"]["layers"].values():
-                assert layer["tokens"] + layer["held_out_tokens"] == tier["n_calibration"] * 64
+                assert layer["tokens"] + layer["held_out_tokens"] == tier["n_calibration"] * paper_standins.MAX_LENGTH
             assert len(next(iter(r["info"]["layers"].values()))["losses"]) == len(
                 tier["methods"]["gptq"]["damping_grid"])
         if config["method"] == "qaft":
@@ -96,8 +96,8 @@ def test_hub_checkpoint_loads_with_device_map_auto(hf_home, tmp_path, name):
     script = ("import torch; from repro import models\n"
               f"model, tok = models.load_model({name!r}, device_map='auto')\n"
               "assert {p.dtype for p in model.parameters()} == {torch.float32}, model.dtype\n"
-              "assert models.max_length(model) == 64\n"
-              "ids = torch.randint(0, len(tok), (2, 64))\n"
+              f"assert models.max_length(model) == {paper_standins.MAX_LENGTH}\n"
+              f"ids = torch.randint(0, len(tok), (2, {paper_standins.MAX_LENGTH}))\n"
               "assert torch.isfinite(model(ids).logits).all()\n"
               "print({p.device.type for p in model.parameters()})\n")
     done = subprocess.run([sys.executable, "-c", script], env=offline_env(hf_home, tmp_path), capture_output=True,
