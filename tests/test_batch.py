@@ -34,16 +34,6 @@ def _records(outputs: Path) -> dict:
     return {p.relative_to(outputs): p.read_bytes() for p in sorted((outputs / "records").rglob("*.json"))}
 
 
-def _seed(outputs: Path, configs, session: Path) -> None:
-    """Copy the records of ``configs`` from the session's results directory into ``outputs``
-    (computed there first if no test or notebook has yet): a batch then computes only the rest."""
-    for config in configs:
-        runs.run(config, session)
-        target = runs.record_path(config, outputs)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(runs.record_path(config, session), target)
-
-
 def _cheapest(configs, k: int = 1) -> list:
     """``k`` distinct RTN runs of ``configs`` (seconds each, where GPTQ and QAFT take minutes)."""
     return list({c.key(): c for c in configs if c.method == "rtn"}.values())[-k:]
@@ -51,7 +41,7 @@ def _cheapest(configs, k: int = 1) -> list:
 
 @pytest.mark.embedded
 @pytest.mark.subprocess
-def test_batch_killed_after_the_first_notebook_resumes(tmp_path, ci_outputs):
+def test_batch_killed_after_the_first_notebook_resumes(tmp_path, seed_records):
     """kill -9 after the first notebook: the rerun computes only what was missing, reads the rest,
     and every record written before the kill (the batch's own and those it found) is left byte for
     byte as it was. Both notebooks' runs but one of each come from the session's records."""
@@ -59,7 +49,7 @@ def test_batch_killed_after_the_first_notebook_resumes(tmp_path, ci_outputs):
     command = [*REPRO, "batch", "--tier", "ci", "00_quickstart", "08_granularity", "--models", "smollm2-135m"]
     first_job, second_job = batch.plan("ci", ["00_quickstart", "08_granularity"], ["smollm2-135m"])
     left = _cheapest(first_job.configs) + _cheapest(c for c in second_job.configs if c not in first_job.configs)
-    _seed(tmp_path, [c for c in first_job.configs + second_job.configs if c not in left], ci_outputs)
+    seed_records(tmp_path, [c for c in first_job.configs + second_job.configs if c not in left])
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
     first = []
@@ -101,7 +91,7 @@ def _numbers(outputs: Path) -> dict:
 
 @pytest.mark.embedded
 @pytest.mark.subprocess
-def test_two_shards_in_two_processes_equal_the_unsharded_batch(tmp_path, ci_outputs):
+def test_two_shards_in_two_processes_equal_the_unsharded_batch(tmp_path, seed_records):
     """`repro batch --shard 1/2` and `--shard 2/2` at the same time on one outputs/ compute the
     same records as one unsharded batch, each exactly once, and execute no notebook. Each shard
     has two RTN runs to compute; the rest of notebook 00's runs come from the session's records."""
@@ -111,7 +101,7 @@ def test_two_shards_in_two_processes_equal_the_unsharded_batch(tmp_path, ci_outp
     (job,) = batch.plan("ci", ["00_quickstart"], ["smollm2-135m"])
     left = [c for k in (1, 2) for c in _cheapest([c for c in job.configs if batch.in_shard(c, (k, 2))], 2)]
     for outputs in (shared, alone):
-        _seed(outputs, [c for c in job.configs if c not in left], ci_outputs)
+        seed_records(outputs, [c for c in job.configs if c not in left])
     procs = [subprocess.Popen([*base, "--shard", f"{k}/2"], env={**env, "REPRO_OUTPUTS": str(shared)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) for k in (1, 2)]
     logs = [p.communicate()[0] for p in procs]

@@ -34,7 +34,7 @@ def test_selection_lists_the_runs_each_figure_reads():
 
 
 @pytest.fixture
-def lab(tmp_path, ci_outputs):
+def lab(tmp_path, seed_records):
     """JupyterLab on a free loopback port over a copy of the explorer notebook, its kernel reading
     records (FP and RTN of SmolLM2 at the ci widths: the session's, copied) from a fresh results
     directory that holds nothing else."""
@@ -43,10 +43,7 @@ def lab(tmp_path, ci_outputs):
             pytest.fail("chromium is missing: `make test` installs it (scripts/install_browser.sh)")
         pytest.skip("Debian's chromium is not installed (bash scripts/install_browser.sh)")
     outputs = tmp_path / "outputs"
-    for config in runs.sweep_configs(("fp", "rtn"), [8, 4, 3], "ci"):
-        runs.run(config, ci_outputs)
-        runs.record_path(config, outputs).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(runs.record_path(config, ci_outputs), runs.record_path(config, outputs))
+    seed_records(outputs, runs.sweep_configs(("fp", "rtn"), [8, 4, 3], "ci"))
     root = tmp_path / "lab"
     root.mkdir()
     shutil.copy(ROOT / "notebooks" / "explore.ipynb", root)
