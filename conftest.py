@@ -58,3 +58,10 @@ def seed_records(ci_outputs):
             shutil.copy(runs.record_path(config, ci_outputs), target)
 
     return seed
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where the session computed its records: nbval's checked GPTQ/QAFT numbers depend on it."""
+    from repro.runs import machine
+
+    terminalreporter.write_line(f"machine: {machine()}, {os.cpu_count()} cores")

@@ -17,7 +17,7 @@ import platform
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -416,6 +416,18 @@ def evaluate_model(model, data: data_mod.Data, fp_weights: dict, batch_size: int
     }
 
 
+@functools.cache
+def machine() -> dict[str, str]:
+    """The CPU and the kernel path torch dispatches to on it: float results of the chaotic runs
+    (GPTQ, QAFT at low bits on few calibration tokens) differ between kernel paths, so a record
+    says where it was computed."""
+    cpu = platform.processor() or platform.machine()
+    with suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
+
+
 def read_record(config: RunConfig, outputs: Path | None = None) -> dict | None:
     """The cached record of ``config`` (marked ``cached``), or ``None`` if it has not run.
 
@@ -554,7 +566,8 @@ def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
         **metrics, "info": info,
         "wall_s": {"method": method_s, "evaluate": time.perf_counter() - start - method_s},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "device": str(next(bench.model.parameters()).device), "threads": torch.get_num_threads()},
+                        "device": str(next(bench.model.parameters()).device), "threads": torch.get_num_threads(),
+                        **machine()},
         "created": created,
     }
     if config.save_weights:  # before the record, which then has them; a failure costs the weights only
