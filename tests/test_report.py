@@ -258,3 +258,17 @@ def test_corpora_table_and_summary_per_corpus():
     assert "- news: QAFT beats GPTQ by more than 0.05 nats at int4 (+0.333); not at int8 (-0.445)." in summary
     assert "does **not** hold on every corpus" in summary
     assert "holds on every corpus" in report.corpora_summary([r for r in wiki if r["config"]["bits"] != 8])
+
+
+def test_portable_table_prints_fp_and_rtn_numbers_and_checks_the_rest():
+    recs = [*records(), record("qaft", 4, nll_validation=TEST_NLL["rtn"][4] + 0.6), record("gptq", 8, nll_test=float("nan"))]
+    table = report.portable_table(recs)
+    lines = [line for line in table.splitlines() if line.startswith("| m ")]
+    assert len(lines) == len(recs)
+    assert "| FP | 2.790 | finite |" in lines[0]  # FP first
+    assert any("| int8 | RTN | 3.111 | finite |" in line for line in lines)
+    qaft = [line for line in lines if "| QAFT |" in line]
+    assert [line.endswith("finite, val ≤ epoch 0 |") for line in qaft].count(True) == 2
+    assert sum(line.endswith("finite, val ABOVE epoch 0 |") for line in qaft) == 1  # worse than its RTN start
+    assert sum("NOT FINITE" in line for line in lines) == 1
+    assert all("(CPU-dependent)" in line for line in lines if "| GPTQ |" in line or "| QAFT |" in line)
