@@ -45,7 +45,7 @@ def write(name, cells):
 
 PORTABLE_MD = """\
 **What CI compares.** FP and RTN numbers come out the same on every CPU; GPTQ, QAFT and the block-wise
-methods at the small `ci` tier do not (their test NLL moved by up to 2.2 nats between CPU kernel paths:
+methods at the small `ci` tier do not (their test NLL moved by up to 1.6 nats between CPU kernel paths:
 `docs/TESTING.md`). nbval therefore compares this table: every run the notebook used, the FP and RTN test
 NLLs, and the checks that hold on any CPU."""
 PORTABLE = "# NBVAL_CHECK_OUTPUT\nprint(report.portable_table(records))"
