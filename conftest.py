@@ -61,7 +61,7 @@ def seed_records(ci_outputs):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Where the session computed its records: nbval's checked GPTQ/QAFT numbers depend on it."""
+    """Where the session computed its records: the GPTQ/QAFT numbers the notebooks print depend on it."""
     from repro.runs import machine
 
     terminalreporter.write_line(f"machine: {machine()}, {os.cpu_count()} cores")

@@ -43,6 +43,9 @@ def write(name, cells):
     nbformat.validate(nb)
     nbformat.write(nb, ROOT / "notebooks" / f"{name}.ipynb")
 
+
+# the first line of a cell whose numbers nbval does not compare, and the cells it compares instead
+UNCHECKED = "# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead"
 PORTABLE_MD = """\
 **What CI compares.** FP and RTN numbers come out the same on every CPU; GPTQ, QAFT and the block-wise
 methods at the small `ci` tier do not (their test NLL moved by up to 1.6 nats between CPU kernel paths:
@@ -205,8 +208,7 @@ the comparison the paper's eq. 2 defines and the one to read across methods.
 stack is dominated by the few linears with the largest activations (late `down_proj`s); the second
 table counts layers instead, which is what the paper's lower row shows.
 """),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 print(report.fig1_table(records, seconds=False))  # wall-clock times vary run to run
 print()
 print(report.layer_share_table(records))
@@ -224,8 +226,7 @@ Epoch 0 is RTN, QAFT's starting point; the curve is the learning rate chosen on 
 The paper finds one epoch of QAFT already beats GPTQ.
 """),
     code("plots.qaft_epochs(records);"),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 print(report.first_epoch_summary(records))
 """),
     md("""
@@ -241,8 +242,7 @@ in-sample (dashed) and held-out (solid) loss per λ, each layer normalised by it
 gptq_records = [r for r in records if r["config"]["method"] == "gptq"]
 plots.damping_plot(gptq_records);
 """),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 print(report.damping_table(gptq_records))
 """),
     *portable(),
@@ -325,8 +325,7 @@ WRITE = """\
 table, summary = report.pareto_table(records), report.pareto_summary(records)
 runs.write_text_atomic(outputs / "tables" / f"pareto_{tier}.md", f"{table}\\n\\n{summary}\\n")"""
 
-CHECK = """\
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+CHECK = UNCHECKED + """
 print(table)
 print()
 print(summary)"""
@@ -389,8 +388,7 @@ the straight line between its ends (0: no ridge).
 for b in bits:
     plots.landscape(result, b)
 """),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 for b in bits:
     print(f"int{b}:")
     print(report.barrier_table(result, b))
@@ -421,8 +419,7 @@ an upper bound. The conclusion below is computed from these numbers.
 analysis = landscape.misalignment_vs_radius([result], outputs)
 plots.eta_vs_rho(analysis)
 """),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 print(report.radius_summary(analysis))
 """),
     md("""
@@ -484,8 +481,7 @@ falling together, the local objective stops agreeing with the global one.
 for b in widths:
     plots.spectrum(records, b, model)
 """),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 for b in widths:
     print(f"int{b}:")
     print(report.spectrum_table(records, b, model, seconds=False))
@@ -551,8 +547,7 @@ the RTN level), then layer MSE per linear with FP inputs and with the model's ow
 QAFT is better.
 """),
     code("plots.misalignment_scatter(records, column=\"corpus\");"),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 print(report.corpora_table(records))
 print()
 print(report.corpora_summary(records))
@@ -619,8 +614,7 @@ line ending on the diagonal at the RTN level), then layer MSE per linear with FP
 own inputs. Below the diagonal QAFT is better.
 """),
     code("plots.misalignment_scatter(main, column=report.grid_of);"),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 print(report.granularity_table(records))
 """),
     *portable(),
@@ -652,8 +646,7 @@ The basin radius R(w) is measured around the FP weights (notebook 03's landscape
 settings), so it is one number for every granularity; only ‖w_RTN − w‖ changes. ρ > 1 is the paper's
 condition for misalignment.
 """),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 result = landscape.landscape(model, None, tier, outputs, cached_only=True)  # notebook 03's points, if it ran
 if result is None:
     print(f"No cached landscape for {model} at tier {tier} (notebook 03): rho is left out.")
@@ -687,8 +680,7 @@ records = runs.sweep(methods=("qaft",), bits=bits, tier=tier, outputs=outputs, m
 """),
     md("Left: validation NLL after QAFT vs the initial LR, one line per bit-width, RTN dashed. Right: the chosen LR."),
     code("plots.lr_sweep(records);"),
-    code("""
-# numbers that depend on the CPU's kernels at the ci tier: nbval checks the portable table instead
+    code(UNCHECKED + """
 print(report.lr_table(records))
 print()
 print(report.lr_summary(records))
