@@ -26,31 +26,35 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 def _sweep(*methods):
     """The runs of ``runs.sweep_configs(methods)`` for one model, as a notebook's plan."""
-    return lambda tier, model: runs.sweep_configs(methods, tier=tier, model=model)
+    return lambda tier, model, bits: runs.sweep_configs(methods, bits, tier=tier, model=model)
 
 
-def _corpora(tier, model):
+def _corpora(tier, model, bits):
     """Notebook 05's runs: FP, RTN, GPTQ and QAFT at the ``datasets`` widths on each of its corpora,
     and RTN at every width of the tier (the landscape compares each with a random step)."""
     section = runs.load_tier(tier).get("datasets") or {}
     return [c for corpus in section.get("corpora", []) for c in
-            [*runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), section.get("bits"), tier, model=model, corpus=corpus),
-             *runs.sweep_configs(("rtn",), None, tier, model=model, corpus=corpus)]]
+            [*runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), section.get("bits") if bits is None else bits, tier,
+                                 model=model, corpus=corpus),
+             *runs.sweep_configs(("rtn",), bits, tier, model=model, corpus=corpus)]]
 
 
-# name -> (one execution per model of the tier, or one over all of them; the runs it reads; the tier
-# section whose ``models`` list replaces the tier's for this notebook, where it has one)
+# name -> (one execution per model of the tier, or one over all of them; the runs it reads, given the
+# tier, the model and the notebook's ``bits`` parameter (None: the tier's widths); the tier section whose
+# ``models`` list replaces the tier's for this notebook, where it has one)
 NOTEBOOKS = {
-    "00_quickstart": ("per model", lambda tier, model: [
-        *runs.sweep_configs(("fp", "rtn"), tier=tier, model=model),
-        *(c for obs in OBSERVERS for c in runs.sweep_configs(("rtn",), tier=tier, model=model, observer=obs))]),
+    "00_quickstart": ("per model", lambda tier, model, bits: [
+        *runs.sweep_configs(("fp", "rtn"), bits, tier=tier, model=model),
+        *(c for obs in OBSERVERS for c in runs.sweep_configs(("rtn",), bits, tier=tier, model=model, observer=obs))]),
     "01_misalignment": ("per model", _sweep("fp", "rtn", "gptq", "qaft")),
     "02_pareto": ("all models", _sweep("fp", "rtn", "gptq", "qaft")),
     "03_landscape": ("per model", _sweep("fp", "rtn", "gptq", "qaft"), "landscape"),
-    "04_cross_block": ("per model", lambda tier, model: runs.cross_block_configs(tier, model), "cross_block"),
+    "04_cross_block": ("per model", lambda tier, model, bits: runs.cross_block_configs(tier, model, bits),
+                       "cross_block"),
     "05_datasets": ("per model", _corpora, "datasets"),
     "06_hyperparameters": ("per model", _sweep("qaft")),
-    "08_granularity": ("per model", lambda tier, model: runs.granularity_configs(tier, model), "granularity_study"),
+    "08_granularity": ("per model", lambda tier, model, bits: runs.granularity_configs(tier, model, bits),
+                       "granularity_study"),
 }
 
 
@@ -78,10 +82,11 @@ def tier_models(tier: str, models=None) -> list[str]:
     return list(models or params.get("models") or [params["model"]])
 
 
-def plan(tier: str, notebooks=None, models=None) -> list[Job]:
+def plan(tier: str, notebooks=None, models=None, bits=None) -> list[Job]:
     """The jobs of a batch; ``models`` defaults to the tier's ``models``. Per-model notebooks come
     first, grouped by model (each model is loaded once), then the notebooks over all models.
-    Without ``notebooks``: every notebook but the tier's ``on_request`` ones."""
+    Without ``notebooks``: every notebook but the tier's ``on_request`` ones. ``bits`` (a list of
+    widths) replaces every notebook's widths, as its ``bits`` parameter does (None: the tier's)."""
     params = runs.load_tier(tier)
     names = list(notebooks or [n for n in NOTEBOOKS if n not in (params.get("on_request") or [])])
     unknown = [n for n in names if n not in NOTEBOOKS]
@@ -94,14 +99,14 @@ def plan(tier: str, notebooks=None, models=None) -> list[Job]:
 
     per_model = [name for name in names if NOTEBOOKS[name][0] == "per model"]
     order = list(dict.fromkeys(m for name in per_model for m in notebook_models(name)))
-    jobs = [Job(name, model, NOTEBOOKS[name][1](tier, model))
+    jobs = [Job(name, model, NOTEBOOKS[name][1](tier, model, bits))
             for model in order for name in per_model if model in notebook_models(name)]
-    jobs += [Job(name, None, [c for model in notebook_models(name) for c in NOTEBOOKS[name][1](tier, model)])
+    jobs += [Job(name, None, [c for model in notebook_models(name) for c in NOTEBOOKS[name][1](tier, model, bits)])
              for name in names if NOTEBOOKS[name][0] != "per model"]
     return jobs
 
 
-def _execute(job: Job, tier: str, outputs: Path, models: list[str]) -> None:
+def _execute(job: Job, tier: str, outputs: Path, models: list[str], bits=None) -> None:
     """papermill ``job``'s notebook into ``outputs/<tier>/notebooks`` (complete file or none)."""
     import papermill as pm
 
@@ -111,6 +116,8 @@ def _execute(job: Job, tier: str, outputs: Path, models: list[str]) -> None:
     partial = directory / f".{job.name()}.partial.ipynb"
     parameters = {"tier": tier, "outputs": str(outputs.resolve())}
     parameters.update({"model": job.model} if job.model else {"models": models})
+    if bits is not None:
+        parameters["bits"] = list(bits)
     try:
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{job.notebook}.ipynb"), str(partial), parameters=parameters,
                             cwd=str(NOTEBOOK_DIR), progress_bar=False)
@@ -168,14 +175,17 @@ def check_hub(configs, tier: str) -> None:
 
 
 def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None = None, echo=print,
-          shard: tuple[int, int] | None = None) -> list[Job]:
+          shard: tuple[int, int] | None = None, bits=None) -> list[Job]:
     """Run the batch (see the module docstring); returns the jobs with their status and times.
+
+    ``bits``: the widths every notebook sweeps instead of the tier's (``repro batch --bits 4``), e.g. a
+    quick pass over one width; the notebooks get them as their ``bits`` parameter.
 
     ``shard=(K, N)``: compute only the K-th of N deterministic parts of the runs and execute no
     notebook (``repro batch --shard K/N``, e.g. one per GPU or SLURM array task, on one shared
     outputs directory); a final unsharded batch then reads every record and executes the notebooks."""
     outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
-    jobs = plan(tier, notebooks, models)  # per notebook: the models given, else its own or the tier's list
+    jobs = plan(tier, notebooks, models, bits)  # per notebook: the models given, else its own or the tier's list
     models = tier_models(tier, models)
     unique = {}
     for job in jobs:
@@ -219,7 +229,7 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
             continue
         start = time.perf_counter()
         try:
-            _execute(job, tier, outputs, models)
+            _execute(job, tier, outputs, models, bits)
             job.status = "passed"
         except Exception as err:  # noqa: BLE001
             job.status, job.error = "failed", f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:300]}"
@@ -231,9 +241,10 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
                   + (f" -> {job.output}" if job.output else ""))
     bar.close()
     echo(summary_table(jobs, len(cached)))
-    if shard is None:  # batch.json describes a whole main job; a batch of some notebooks gets its own file
-        write_summary(jobs, tier, outputs, len(cached), "batch" if notebooks is None else
-                      "batch-" + "+".join(dict.fromkeys(notebooks)))
+    if shard is None:  # batch.json describes a whole main job; a batch of some notebooks or widths its own file
+        write_summary(jobs, tier, outputs, len(cached), "batch" if notebooks is None and bits is None else
+                      "batch-" + "+".join([*dict.fromkeys(notebooks or ["all"]),
+                                           *(f"int{b}" for b in bits or [])]))
     return jobs
 
 

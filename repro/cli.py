@@ -55,7 +55,7 @@ def _batch(args) -> int:
     if swallowed:  # `--models a b` takes every name after it
         raise ValueError(f"--models took the notebook name(s) {', '.join(swallowed)}: put notebook names before "
                          f"--models, e.g. repro batch {' '.join(swallowed)} --models {args.models[0]}")
-    jobs = batch.batch(args.tier, args.notebooks or None, args.models, args.outputs, shard=shard)
+    jobs = batch.batch(args.tier, args.notebooks or None, args.models, args.outputs, shard=shard, bits=args.bits)
     return 0 if all(job.status == "passed" for job in jobs) else 1
 
 
@@ -386,6 +386,8 @@ def main(argv=None) -> int:
     p.add_argument("--tier", choices=TIERS, default="cpu")
     p.add_argument("--models", nargs="+", help="models (default: the tier's `models`)")
     p.add_argument("--outputs", help=OUTPUTS_HELP)
+    p.add_argument("--bits", type=int, nargs="+", help="bit-widths in 2..8 every notebook sweeps instead of the "
+                   "tier's (passed to each notebook as its `bits` parameter), e.g. a quick pass at --bits 4")
     p.add_argument("--shard", metavar="K/N", help="compute only the K-th of N deterministic parts of the runs, no "
                    "notebooks (one per GPU or SLURM array task on a shared --outputs; then one plain batch)")
     p.set_defaults(func=_batch)

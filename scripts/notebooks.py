@@ -75,7 +75,7 @@ Cost (`make run`, 2 cores, empty cache): `cpu` tier 4.8 min for SmolLM2 and 7.7 
 each, most of it evaluation, Gemma's model conversion included); `ci` tier about a minute.
 """),
     params(SWEEP_PARAMS +
-           'observers = ["minmax", "histogram", "mse"]\nobserver_bits = None  # None: the tier\'s bits\n'),
+           'observers = ["minmax", "histogram", "mse"]\nobserver_bits = None  # None: as bits\n'),
     code(SETUP + """
 from repro import plots, report, runs
 
@@ -123,8 +123,8 @@ clips. Left panel: the global loss; right panel: what the observer optimises.
     code("""
 obs_records = [r for r in records if r["config"]["method"] == "fp"]
 for obs in observers:
-    obs_records += runs.sweep(methods=("rtn",), bits=observer_bits, tier=tier, outputs=outputs,
-                              model=model, corpus=corpus, observer=obs)
+    obs_records += runs.sweep(methods=("rtn",), bits=bits if observer_bits is None else observer_bits, tier=tier,
+                              outputs=outputs, model=model, corpus=corpus, observer=obs)
 """),
     code("""
 # NBVAL_CHECK_OUTPUT

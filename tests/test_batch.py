@@ -28,6 +28,13 @@ def test_plan_covers_every_notebook_and_model():
     assert [j.model for j in jobs if j.notebook == "03_landscape"] == landscape_models
     with pytest.raises(ValueError, match="unknown notebook"):
         batch.plan("ci", ["99_missing"])
+    # `repro batch --bits 2`: every notebook's widths, a section's own included (08's block-wise
+    # locality pair keeps its section's width, as the notebook does)
+    narrow = batch.plan("ci", ["00_quickstart", "04_cross_block", "05_datasets", "08_granularity"], ["smollm2-135m"], [2])
+    assert {c.bits for j in narrow for c in j.configs if c.method != "fp"
+            and not (j.notebook == "08_granularity" and c.method == "blockwise")} == {2}
+    with pytest.raises(ValueError, match="bits=9"):
+        batch.plan("ci", ["01_misalignment"], bits=[9])
 
 
 def _records(outputs: Path) -> dict:
@@ -167,7 +174,7 @@ def test_a_failed_run_or_notebook_does_not_stop_the_others(tmp_path, monkeypatch
     from repro import cli
 
     def plan_of(bits):
-        return lambda tier, model: [runs.make_config("rtn", bits, tier, model=model)]
+        return lambda tier, model, widths: [runs.make_config("rtn", bits, tier, model=model)]
 
     monkeypatch.setattr(batch, "NOTEBOOKS", {"a": ("per model", plan_of(4)), "b": ("all models", plan_of(3))})
     monkeypatch.setattr(batch, "check_hub", lambda configs, tier: None)  # models "x", "y" are stand-ins

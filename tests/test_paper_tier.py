@@ -5,9 +5,11 @@ WikiText-2 / C4 / LAMBADA stand-ins placed in a Hugging Face cache (``paper_stan
 At the tier's full protocol (128 calibration sequences at the model's maximum length, 8 QAFT
 epochs over 4 learning rates, the 8-point damping search, the histogram observer, bf16 autocast
 for QAFT and the block-wise training forward, taken on CPU), CI runs every family through
-notebook 00, GPT-2 through notebooks 01, 02 and 06 and Llama through the cross-block notebook 04.
-``REPRO_PAPER_DRY_RUN=full`` runs every notebook on all four (by hand; notebooks 03, 05 and 08 on
-the GPT-2 stand-in alone took 28 min at one thread)."""
+notebook 00 at every width, GPT-2 through notebooks 01, 02 and 06 and Llama through the cross-block
+notebook 04, these at one width (``repro batch --bits 4``: the protocol is the same at every width,
+and each width costs a GPTQ, a QAFT and three block-wise runs). ``REPRO_PAPER_DRY_RUN=full`` runs
+every notebook on all four at every width (by hand; notebooks 03, 05 and 08 on the GPT-2 stand-in
+alone took 28 min at one thread)."""
 import json
 import math
 import os
@@ -20,13 +22,14 @@ import pytest
 import paper_standins
 from repro import batch, runs
 
-pytestmark = pytest.mark.subprocess
+pytestmark = [pytest.mark.subprocess, pytest.mark.xdist_group("paper_tier")]  # one dry run (module fixture)
 ROOT = Path(__file__).resolve().parent.parent
 STANDINS = list(paper_standins.MODELS)
 LLAMA = "meta-llama/Llama-2-7b-hf"
-PLAN = ([(STANDINS, list(batch.NOTEBOOKS))] if os.environ.get("REPRO_PAPER_DRY_RUN") == "full" else
-        [(STANDINS, ["00_quickstart"]), (["gpt2"], ["01_misalignment", "02_pareto", "06_hyperparameters"]),
-         ([LLAMA], ["04_cross_block"])])
+# (models, notebooks, widths: None = the tier's)
+PLAN = ([(STANDINS, list(batch.NOTEBOOKS), None)] if os.environ.get("REPRO_PAPER_DRY_RUN") == "full" else
+        [(STANDINS, ["00_quickstart"], None), (["gpt2"], ["01_misalignment", "02_pareto", "06_hyperparameters"], [4]),
+         ([LLAMA], ["04_cross_block"], [4])])
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,9 @@ def offline_env(home: Path, outputs: Path) -> dict:
 def paper_run(hf_home, tmp_path_factory):
     """The batches of ``PLAN`` on one outputs directory; returns it."""
     outputs = tmp_path_factory.mktemp("paper-out")
-    for models, notebooks in PLAN:
-        done = subprocess.run([sys.executable, "-m", "repro.cli", "batch", "--tier", "paper", *notebooks,
+    for models, notebooks, bits in PLAN:
+        widths = ["--bits", *map(str, bits)] if bits else []
+        done = subprocess.run([sys.executable, "-m", "repro.cli", "batch", "--tier", "paper", *notebooks, *widths,
                                "--models", *models], env=offline_env(hf_home, outputs), capture_output=True, text=True,
                               cwd=ROOT)
         print(done.stdout[-2000:])
@@ -59,8 +63,8 @@ def records(outputs: Path) -> list[dict]:
 def test_every_planned_notebook_executes(paper_run):
     executed = {p.name for p in (paper_run / "paper" / "notebooks").glob("*.ipynb")}
     assert not [n for n in executed if ".failed" in n], executed
-    for models, notebooks in PLAN:
-        for job in batch.plan("paper", notebooks, models):
+    for models, notebooks, bits in PLAN:
+        for job in batch.plan("paper", notebooks, models, bits):
             assert f"{job.name()}.ipynb" in executed, (job.name(), executed)
 
 
@@ -69,6 +73,9 @@ def test_records_follow_the_paper_protocol(paper_run):
     found = records(paper_run)
     assert {r["config"]["method"] for r in found} >= {"fp", "rtn", "gptq", "qaft", "blockwise"}
     assert {r["config"]["model"] for r in found} == set(STANDINS)
+    # the notebooks swept the widths the batch gave them (their `bits` parameter), no other
+    given = {b for _, _, bits in PLAN for b in bits or tier["bits"]}
+    assert {r["config"]["bits"] for r in found if r["config"]["method"] in ("gptq", "qaft", "blockwise")} <= given
     for r in found:
         config = r["config"]
         assert config["tier"] == "paper" and config["seq_len"] is None and config["n_eval"] is None

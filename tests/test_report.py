@@ -7,7 +7,8 @@ from repro import cli, report, runs
 LAYERS = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
 # test NLL per method and bits; validation = test + 0.5 unless a test overrides it
 METHODS_ALL = ("rtn", "gptq", "qaft")
-TEST_NLL = {"rtn": {8: 3.111, 4: 5.222}, "gptq": {8: 3.055, 4: 4.444}, "qaft": {8: 3.022, 4: 4.111}}
+TEST_NLL = {"rtn": {8: 3.111, 4: 5.222, 3: 7.333}, "gptq": {8: 3.055, 4: 4.444, 3: 6.066},
+            "qaft": {8: 3.022, 4: 4.111, 3: 5.505}}
 MSE = {"rtn": 0.0423, "gptq": 0.0122, "qaft": 0.0484}  # own inputs; FP inputs: / 2; per bit-width x 2^(8-b)
 
 
@@ -134,24 +135,24 @@ def test_cli_report_rewrites_readme(tmp_path, capsys):
     outputs, readme = tmp_path / "out", tmp_path / "README.md"
     readme.write_text("# R\n" + "".join(f"<!-- report:{n} -->\nTODO\n<!-- /report:{n} -->\n" for n in report.SECTIONS)
                       + "tail\n")
-    for method, bits, code in [("fp", None, None), ("rtn", 8, "aaaaaaaaaaaa"), ("rtn", 4, "aaaaaaaaaaaa"),
-                               ("gptq", 8, "bbbbbbbbbbbb"), ("gptq", 4, "bbbbbbbbbbbb"),
-                               ("qaft", 8, "bbbbbbbbbbbb"), ("qaft", 4, "bbbbbbbbbbbb")]:
+    for method, bits, code in [("fp", None, None), ("rtn", 4, "aaaaaaaaaaaa"), ("rtn", 3, "aaaaaaaaaaaa"),
+                               ("gptq", 4, "bbbbbbbbbbbb"), ("gptq", 3, "bbbbbbbbbbbb"),
+                               ("qaft", 4, "bbbbbbbbbbbb"), ("qaft", 3, "bbbbbbbbbbbb")]:
         runs.write_json_atomic(runs.record_path(runs.make_config(method, bits, tier="ci"), outputs),
                                record(method, bits, code=code))
-    mse = record("rtn", 8, "mse", code="cccccccccccc", nll_validation=3.3)
-    runs.write_json_atomic(runs.record_path(runs.make_config("rtn", 8, tier="ci", observer="mse"), outputs), mse)
+    mse = record("rtn", 4, "mse", code="cccccccccccc", nll_validation=5.7)  # the tier's int4 observer is histogram
+    runs.write_json_atomic(runs.record_path(runs.make_config("rtn", 4, tier="ci", observer="mse"), outputs), mse)
     capsys.readouterr()
     assert cli.main(["report", "--tier", "ci", "--outputs", str(outputs), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "TODO" not in text and text.startswith("# R\n") and text.endswith("tail\n")
-    assert "| int8 | 3.111 | 3.055 | 3.022 |" in text and "**3.300** (+0.7%)" in text
+    assert "| int4 | 5.222 | 4.444 | 4.111 |" in text and "**5.700** (+73.9%)" in text
     fig1 = text.split("<!-- report:fig1 -->")[1].split("<!-- /report:fig1 -->")[0]
     assert "code aaaaaaaaaaaa, bbbbbbbbbbbb, unknown" in fig1 and "`repro report --tier ci`" in fig1
     damping = text.split("<!-- report:damping -->")[1].split("<!-- /report:damping -->")[0]
     assert "code bbbbbbbbbbbb." in damping  # only the records the section draws on
     assert "cccccccccccc" in text.split("<!-- report:observers -->")[1]
-    assert "| int8 | 3.111 | 3.055 | 3.022 |" in capsys.readouterr().out
+    assert "| int4 | 5.222 | 4.444 | 4.111 |" in capsys.readouterr().out
 
 
 def test_cli_report_without_records(tmp_path):

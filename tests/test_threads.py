@@ -1,5 +1,5 @@
 """Checked notebook outputs do not depend on the machine's thread count: the embedded tiers pin
-torch's threads while computing (``threads: 2``, ``repro.runs.pinned_threads``), so a notebook
+torch's threads while computing (the tier's ``threads``, ``repro.runs.pinned_threads``), so a notebook
 executed with OMP_NUM_THREADS=1 prints what one executed with 2 prints, to the last digit."""
 import json
 import os
@@ -28,7 +28,8 @@ def test_quickstart_prints_the_same_at_one_and_two_threads(tmp_path):
     """Notebook 00 at int3 with the mse observer, in fresh results directories: measured unpinned,
     RTN int3's validation NLL reads 14.119 at 2 threads and 14.103 at 1 (the observer's float32 sum
     over a whole tensor is split by thread and picks another scale for 14 of 210 tensors)."""
-    assert runs.make_config("rtn", 3, "ci").threads == 2 and runs.make_config("rtn", 3, "ci").observer == "mse"
+    pinned = runs.load_tier("ci")["threads"]
+    assert runs.make_config("rtn", 3, "ci").threads == pinned and runs.make_config("rtn", 3, "ci").observer == "mse"
     printed = {}
     for threads in (1, 2):
         out = tmp_path / f"threads{threads}"
@@ -41,5 +42,5 @@ def test_quickstart_prints_the_same_at_one_and_two_threads(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         printed[threads] = checked_outputs(out / "00.ipynb")
         records = [json.loads(p.read_text()) for p in (out / "outputs" / "records").rglob("*.json")]
-        assert {r["environment"]["threads"] for r in records} == {2}  # pinned, whatever the machine's
+        assert {r["environment"]["threads"] for r in records} == {pinned}  # whatever the machine's
     assert "int3" in printed[1][0] and printed[1] == printed[2]
