@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from repro import runs
+from repro.methods import MAIN
 from repro.progress import progress
 from repro.quant import OBSERVERS
 
@@ -34,7 +35,7 @@ def _corpora(tier, model, bits):
     and RTN at every width of the tier (the landscape compares each with a random step)."""
     section = runs.load_tier(tier).get("datasets") or {}
     return [c for corpus in section.get("corpora", []) for c in
-            [*runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), section.get("bits") if bits is None else bits, tier,
+            [*runs.sweep_configs(MAIN, section.get("bits") if bits is None else bits, tier,
                                  model=model, corpus=corpus),
              *runs.sweep_configs(("rtn",), bits, tier, model=model, corpus=corpus)]]
 
@@ -46,9 +47,9 @@ NOTEBOOKS = {
     "00_quickstart": ("per model", lambda tier, model, bits: [
         *runs.sweep_configs(("fp", "rtn"), bits, tier=tier, model=model),
         *(c for obs in OBSERVERS for c in runs.sweep_configs(("rtn",), bits, tier=tier, model=model, observer=obs))]),
-    "01_misalignment": ("per model", _sweep("fp", "rtn", "gptq", "qaft")),
-    "02_pareto": ("all models", _sweep("fp", "rtn", "gptq", "qaft")),
-    "03_landscape": ("per model", _sweep("fp", "rtn", "gptq", "qaft"), "landscape"),
+    "01_misalignment": ("per model", _sweep(*MAIN)),
+    "02_pareto": ("all models", _sweep(*MAIN)),
+    "03_landscape": ("per model", _sweep(*MAIN), "landscape"),
     "04_cross_block": ("per model", lambda tier, model, bits: runs.cross_block_configs(tier, model, bits),
                        "cross_block"),
     "05_datasets": ("per model", _corpora, "datasets"),

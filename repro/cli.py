@@ -70,9 +70,10 @@ def _tier_records(args, model=None, required: bool = True) -> list[dict]:
     not every record on disk (the quickstart's observer comparison, for one, leaves RTN records of
     other observers there). Exits with the command to run when there are none and ``required``."""
     from repro import runs
+    from repro.methods import MAIN
 
     model = model or args.model
-    configs = runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), tier=args.tier, model=model)
+    configs = runs.sweep_configs(MAIN, tier=args.tier, model=model)
     records = _read_records(configs, args.outputs)
     if not records and required:
         raise SystemExit(f"no records for tier {args.tier}{f' and model {model}' if model else ''} under "
@@ -181,12 +182,13 @@ def _datasets(args, params) -> dict:
     """``{model: (records, landscapes)}`` of notebook 05 (the tier's ``datasets`` section), cached only:
     FP/RTN/GPTQ/QAFT records on each corpus (and the default corpus) and the complete landscapes."""
     from repro import landscape, runs
+    from repro.methods import MAIN
 
     section = params.get("datasets") or {}
     found = {}
     for model in section.get("models") or []:
         configs = [c for corpus in [*section.get("corpora", []), None] for c in
-                   runs.sweep_configs(("fp", "rtn", "gptq", "qaft"), section.get("bits"), args.tier, model=model,
+                   runs.sweep_configs(MAIN, section.get("bits"), args.tier, model=model,
                                       corpus=corpus)]
         records = _read_records(configs, args.outputs)
         results = [landscape.landscape(model, section.get("bits"), args.tier, args.outputs, cached_only=True,

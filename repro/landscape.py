@@ -35,12 +35,13 @@ from pathlib import Path
 import torch
 
 from repro import evaluate, models, runs
+from repro.methods import QUANTIZERS
 from repro.progress import progress
 from repro.quant import quantize
 
 VERSION = 1  # bump when what a point's record holds changes
 DEFAULTS = {"bits": [4], "directions": 2, "radii": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.4, 0.7, 1.0, 2.0, 3.0],
-            "alphas": [0.25, 0.5, 0.75], "n_train": 8, "n_validation": 8, "methods": ["rtn", "gptq", "qaft"],
+            "alphas": [0.25, 0.5, 0.75], "n_train": 8, "n_validation": 8, "methods": list(QUANTIZERS),
             "tau": 0.1}
 SPLITS = ("train", "validation")
 
@@ -389,7 +390,7 @@ def misalignment_vs_radius(results: list[dict], outputs: Path | None = None, gap
         basin = basin_radius(result)
         for b in runs.load_tier(result["tier"])["bits"] if bits is None else bits:
             configs = {m: runs.make_config(m, b, result["tier"], model=result["model"], corpus=result.get("corpus"))
-                       for m in ("rtn", "gptq", "qaft")}
+                       for m in QUANTIZERS}
             rec = {m: runs.run(c, outputs) if compute else runs.read_record(c, outputs) for m, c in configs.items()}
             if None in rec.values() or not math.isfinite(basin["R"]) or not basin["R"]:
                 continue

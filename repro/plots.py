@@ -16,9 +16,9 @@ import matplotlib.ticker
 import matplotlib.pyplot as plt
 
 from repro import report
+from repro.methods import METHODS, QUANTIZERS
 
-METHOD_COLORS = {"fp": "black", "rtn": "tab:blue", "gptq": "tab:orange", "qaft": "tab:green",
-                 "block": "tab:red", "mb": "tab:purple", "la": "tab:brown"}
+METHOD_COLORS = {name: method.color for name, method in METHODS.items()}
 OBSERVER_COLORS = {"histogram": "tab:red", "mse": "tab:purple", "minmax": "tab:blue"}
 
 
@@ -207,7 +207,7 @@ def misalignment_scatter(records, metric_rows=("nll_test", "layer_mse_fp_inputs"
     return fig
 
 
-def misalignment(records, methods=("rtn", "gptq", "qaft")):
+def misalignment(records, methods=QUANTIZERS):
     """Fig. 1's data as lines over bits, one per method: test NLL (top), mean layer-wise MSE
     with FP inputs (paper eq. 2, middle) and with the quantized model's own inputs (bottom)."""
     rows = (("nll_test", "test NLL (nats/token)"),

@@ -12,7 +12,8 @@ import math
 import re
 from collections import defaultdict
 
-METHODS = ("rtn", "gptq", "qaft")
+from repro.methods import MAIN, QUANTIZERS, describe
+
 MSE_READINGS = (("FP inputs", "mean_layer_mse_fp_inputs"), ("own inputs", "mean_layer_mse"))
 DASH = "—"
 
@@ -41,7 +42,7 @@ def _table(records):
     return table
 
 
-def _bits(table, methods=METHODS):
+def _bits(table, methods=QUANTIZERS):
     return sorted({b for m in methods for b in table.get(m, {}) if b is not None}, reverse=True)
 
 
@@ -99,17 +100,17 @@ def fig1_table(records, seconds: bool = True) -> str:
     and with their own inputs; QAFT's lr0 and epoch (chosen on validation); with ``seconds``,
     GPTQ's and QAFT's method time (s; wall clock, so leave it out where output is compared)."""
     t = _table(records)
-    names = [m.upper() for m in METHODS]
+    names = [m.upper() for m in QUANTIZERS]
     header = ["bits", *(f"{n} test NLL" for n in names),
               *(f"{n} MSE, {reading}" for reading, _ in MSE_READINGS for n in names),
               "QAFT lr0", "QAFT epoch", *(["GPTQ s", "QAFT s"] if seconds else [])]
     rows = []
     fp = t.get("fp", {}).get(None)
     if fp is not None:
-        rows.append(["FP", *[_nll(fp["nll_test"])] * len(METHODS),
-                     *(_g(fp.get(key)) for _, key in MSE_READINGS for _ in METHODS), *[DASH] * (4 if seconds else 2)])
+        rows.append(["FP", *[_nll(fp["nll_test"])] * len(QUANTIZERS),
+                     *(_g(fp.get(key)) for _, key in MSE_READINGS for _ in QUANTIZERS), *[DASH] * (4 if seconds else 2)])
     for b in _bits(t):
-        recs = [t.get(m, {}).get(b) for m in METHODS]
+        recs = [t.get(m, {}).get(b) for m in QUANTIZERS]
         info = (recs[2] or {}).get("info") or {}
         epoch = _chosen_epoch(info)
         rows.append([f"int{b}", *(_nll(r and r["nll_test"]) for r in recs),
@@ -127,7 +128,7 @@ def layer_share_table(records) -> str:
     table = _table(records)
     rows = []
     for b in _bits(table):
-        rtn, gptq, qaft = (table.get(m, {}).get(b) for m in METHODS)
+        rtn, gptq, qaft = (table.get(m, {}).get(b) for m in QUANTIZERS)
         for reading, key in MSE_READINGS:
             key = key.removeprefix("mean_")
 
@@ -450,16 +451,16 @@ def pareto_table(records, metric: str = "nll_test") -> str:
         for bits in sorted((b for m, b in cells if m == model), reverse=True):
             cell = cells[(model, bits)]
             size = next(iter(cell.values()))["size_gb"]
-            methods = sorted(cell, key=lambda m: (("fp", *METHODS) + (m,)).index(m))
+            methods = sorted(cell, key=lambda m: (MAIN + (m,)).index(m))
             on = ", ".join(m.upper() for m in methods if (model, m, bits) in front) or DASH
             if set(cell) == {"fp"}:
-                rows.append([model, "FP (16)", _g(size), *[_nll(cell["fp"]["nll"])] * len(METHODS), DASH, on])
+                rows.append([model, "FP (16)", _g(size), *[_nll(cell["fp"]["nll"])] * len(QUANTIZERS), DASH, on])
                 continue
-            nll = {m: cell[m]["nll"] if m in cell else None for m in METHODS}
+            nll = {m: cell[m]["nll"] if m in cell else None for m in QUANTIZERS}
             gap = None if None in (nll["gptq"], nll["qaft"]) else nll["gptq"] - nll["qaft"]
-            rows.append([model, f"int{bits}", _g(size), *(_nll(nll[m]) for m in METHODS),
+            rows.append([model, f"int{bits}", _g(size), *(_nll(nll[m]) for m in QUANTIZERS),
                          DASH if gap is None else f"{gap:+.3f}", on])
-    header = ["model", "bits", "size GB", *(f"{m.upper()} {_split_label(metric)}" for m in METHODS), "GPTQ − QAFT",
+    header = ["model", "bits", "size GB", *(f"{m.upper()} {_split_label(metric)}" for m in QUANTIZERS), "GPTQ − QAFT",
               "on Pareto front"]
     return _markdown(header, rows)
 
@@ -509,7 +510,7 @@ def pareto_summary(records, metric: str = "nll_test") -> str:
         if "fp" not in cells.get((model, FP_BITS), {}):
             missing.append(f"{model} FP")
         for bits in sorted((b for m, b in cells if m == model and b != FP_BITS), reverse=True):
-            absent = [m.upper() for m in METHODS if m not in cells[(model, bits)]]
+            absent = [m.upper() for m in QUANTIZERS if m not in cells[(model, bits)]]
             if absent:
                 missing.append(f"{model} int{bits} {'/'.join(absent)}")
     if missing:
@@ -519,8 +520,8 @@ def pareto_summary(records, metric: str = "nll_test") -> str:
 
 # README marker name -> (table function, methods of the records it draws on)
 SECTIONS = {
-    "fig1": (fig1_table, ("fp", *METHODS)),
-    "layers": (layer_share_table, METHODS),
+    "fig1": (fig1_table, MAIN),
+    "layers": (layer_share_table, QUANTIZERS),
     "qaft-epochs": (qaft_epochs_table, ("gptq", "qaft")),
     "lr": (lr_table, ("qaft",)),
     "rtn": (rtn_table, ("fp", "rtn")),
@@ -629,39 +630,19 @@ def update_markdown(text: str, sections: dict) -> str:
 # ----------------------------------------------------------------------------- cross-block study
 def method_label(record) -> str:
     """RTN, GPTQ, QAFT, FP, or the block-wise variant (block PTQ, MB-PTQ m=2, LA-PTQ l=1 ...)."""
-    c = record["config"]
-    if c["method"] == "blockwise":
-        from repro.methods.blockwise import variant
-
-        return variant(c["options"])
-    return c["method"].upper()
+    return describe(record["config"]).label
 
 
 def locality(record) -> tuple:
     """Sort key along the locality spectrum, from the most local objective to the global one:
     RTN (a weight tensor) < GPTQ (one linear) < block PTQ < MB-PTQ (m blocks) < LA-PTQ (a block
-    and l downstream) < QAFT (the whole network's NLL); the equal-steps control after its MB-PTQ."""
-    c = record["config"]
-    rank = {"fp": -1, "rtn": 0, "gptq": 1, "qaft": 4}.get(c["method"])
-    if rank is not None:
-        return (rank, 0, 0, 0, 0)
-    from repro.methods.blockwise import DEFAULTS
-
-    o = {**DEFAULTS, **c["options"]}
-    return (2 if o["lookahead"] == 0 else 3, o["window"], o["lookahead"], o["steps_per"] == "block",
-            -(o["stride"] or o["window"]))
+    and l downstream) < QAFT (the whole network's NLL); FP first."""
+    return describe(record["config"]).spectrum
 
 
 def sees(record) -> str:
     """What the method's objective sees, in words (the spectrum's x-axis)."""
-    c = record["config"]
-    if c["method"] == "blockwise":
-        from repro.methods.blockwise import DEFAULTS
-
-        o = {**DEFAULTS, **c["options"]}
-        trained = f"{o['window']} block{'s' if o['window'] > 1 else ''}"
-        return trained + (f" + {o['lookahead']} FP downstream" if o["lookahead"] else "")
-    return {"rtn": "one weight tensor", "gptq": "one linear layer", "qaft": "whole network (NLL)"}.get(c["method"], "—")
+    return describe(record["config"]).sees
 
 
 def blockwise_bits(records) -> list[int]:
@@ -913,14 +894,14 @@ def corpora_table(records) -> str:
         c = r["config"]
         if c["method"] == "fp":
             fp[c["corpus"]] = r["nll_test"]
-        elif c["method"] in METHODS:
+        elif c["method"] in QUANTIZERS:
             cells[(c["corpus"], c["bits"])][c["method"]] = r["nll_test"]
     rows = []
     for (corpus, bits), by in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        if set(METHODS) <= set(by):
-            order = " < ".join(m.upper() for m in sorted(METHODS, key=by.get))
+        if set(QUANTIZERS) <= set(by):
+            order = " < ".join(m.upper() for m in sorted(QUANTIZERS, key=by.get))
             rows.append([corpus, f"int{bits}", _nll(fp.get(corpus)) if corpus in fp else DASH,
-                         *(_nll(by[m]) for m in METHODS), f"{by['gptq'] - by['qaft']:+.3f}", order])
+                         *(_nll(by[m]) for m in QUANTIZERS), f"{by['gptq'] - by['qaft']:+.3f}", order])
     return _markdown(["corpus", "bits", "FP", "RTN", "GPTQ", "QAFT", "GPTQ − QAFT", "order (test NLL)"], rows) \
         if rows else "No complete (RTN, GPTQ, QAFT) sets of records yet."
 

@@ -27,7 +27,7 @@ import yaml
 import repro
 from repro import data as data_mod
 from repro import evaluate, models
-from repro.methods import AFTER_RECORD, METHODS, OPTION_CHECKS
+from repro.methods import MAIN, METHODS, QUANTIZERS
 from repro.progress import progress
 from repro.quant import OBSERVERS, check_bits, check_granularity, expand_scale, grid_name, is_int
 
@@ -36,7 +36,6 @@ TIERS = ("ci", "cpu", "paper")
 # where a run executes, and whether its weights are kept, do not change what it computes; the
 # thread count changes only float rounding (``pinned_threads``)
 HASH_EXCLUDE = ("device", "tier", "save_weights", "threads")
-WEIGHT_METHODS = ("rtn", "gptq", "qaft", "blockwise")  # methods whose quantized weights can be kept
 # Versions of the code every record shares, part of every record's key: bump one when what it
 # computes changes, so stale records are recomputed rather than re-read. (Methods carry their own.)
 SHARED_VERSIONS = {"evaluation": 3,  # 2: layer MSE on test, both input readings; 3: FP size at 16 bits
@@ -120,10 +119,10 @@ class RunConfig:
                                  "model's maximum length / torch's default threads)" if optional else ""))
         if self.device is not None:
             models.check_device(self.device)
-        OPTION_CHECKS[self.method](self)  # options are checked now, not after the model has loaded
-        if self.save_weights and self.method not in WEIGHT_METHODS:
+        METHODS[self.method].check_options(self)  # options are checked now, not after the model has loaded
+        if self.save_weights and not METHODS[self.method].keeps_weights:
             raise ValueError(f"save_weights: {self.method} runs have no quantized weights to keep "
-                             f"(methods that do: {', '.join(WEIGHT_METHODS)})")
+                             f"(methods that do: {', '.join(n for n, m in METHODS.items() if m.keeps_weights)})")
 
     def key(self) -> str:
         """Hash of the config (placement excluded) and the method's version."""
@@ -134,7 +133,7 @@ class RunConfig:
             del content["granularity"]
         if self.granularity != "group":
             del content["group_size"]
-        content["method_version"] = METHODS[self.method][1]
+        content["method_version"] = METHODS[self.method].version
         content.update(SHARED_VERSIONS)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -490,8 +489,8 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False, nee
             if record is None:
                 record = _compute(config, outputs)
     # after the record is on disk (also when a process stopped between writing it and cleaning up)
-    if config.method in AFTER_RECORD:
-        AFTER_RECORD[config.method](config)
+    if METHODS[config.method].after_record is not None:
+        METHODS[config.method].after_record(config)
     return record
 
 
@@ -544,7 +543,7 @@ def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
         bench.fp_test_hidden = (config.batch_size, evaluate.block_outputs(
             bench.model, bench.data.test, config.batch_size, desc="FP test block outputs"))
     torch.manual_seed(config.seed)
-    method, version = METHODS[config.method]
+    method, version = METHODS[config.method].run, METHODS[config.method].version
     extra = {}
     if config.method == "qaft":  # its epoch 0 is RTN on the same grid: reuse that record's NLL when there is one
         rtn = read_record(dataclasses.replace(config, method="rtn", options={}), outputs)
@@ -600,7 +599,7 @@ def cross_block_configs(tier: str = "cpu", model: str | None = None, bits=None, 
     bits = section["bits"] if bits is None else bits
     bits = [bits] if isinstance(bits, int) else list(bits)
     variants = section["variants"] if variants is None else variants
-    return [*sweep_configs(("fp", "rtn", "gptq", "qaft"), bits, tier, model=model),
+    return [*sweep_configs(MAIN, bits, tier, model=model),
             *(make_config("blockwise", b, tier, options=dict(v), model=model) for b in bits for v in variants)]
 
 
@@ -621,7 +620,7 @@ def granularity_configs(tier: str = "cpu", model: str | None = None, bits=None, 
         return {} if granularity == "tensor" else {"granularity": granularity,
                                                    "group_size": section.get("group_size", 128)}
 
-    methods = section.get("methods", ["rtn", "gptq", "qaft"])
+    methods = section.get("methods", list(QUANTIZERS))
     configs = [make_config("fp", None, tier, model=model)]
     for granularity in ["tensor", *granularities]:
         configs += [make_config(m, b, tier, model=model, **grid(granularity)) for b in bits for m in methods]

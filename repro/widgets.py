@@ -15,6 +15,7 @@ from pathlib import Path
 
 from repro import runs
 from repro.data import CORPORA
+from repro.methods import QUANTIZERS
 from repro.quant import GRANULARITIES, OBSERVERS
 
 FIGURES = ("NLL per width + layer MSE", "Fig. 1: GPTQ vs QAFT", "Fig. 2: Pareto front", "Fig. 3: landscape",
@@ -80,7 +81,7 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
         "tier": w.Dropdown(options=list(runs.TIERS), value=tier, description="tier"),
         "model": w.Dropdown(options=models, value=models[0], description="model"),
         "corpus": w.Dropdown(options=list(CORPORA), value=params.get("corpus", "wiki"), description="corpus"),
-        "methods": w.SelectMultiple(options=["rtn", "gptq", "qaft"], value=["rtn"], description="methods", rows=3),
+        "methods": w.SelectMultiple(options=list(QUANTIZERS), value=["rtn"], description="methods", rows=3),
         "bits": w.SelectMultiple(options=[8, 6, 4, 3, 2], value=[b for b in (8, 4, 3) if b in params["bits"]] or
                                  [params["bits"][0]], description="bits", rows=5),
         "observer": w.Dropdown(options=[("tier's per width", "tier"), *[(o, o) for o in OBSERVERS]], value="tier",

@@ -174,7 +174,7 @@ def test_kept_weights_lifecycle(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runs, "workbench", fresh_bench)
     monkeypatch.setattr(runs, "evaluate_model", lambda *args, **kwargs: {"nll_validation": 1.0, "nll_test": 1.0})
-    monkeypatch.setitem(runs.METHODS, "gptq", (fake_gptq, 99))
+    monkeypatch.setitem(runs.METHODS, "gptq", dataclasses.replace(runs.METHODS["gptq"], run=fake_gptq, version=99))
     plain = runs.RunConfig(method="gptq", bits=3, observer="minmax", options={"damping_grid": [0.01]})
     runs.run(plain, tmp_path)
     path = runs.weights_path(plain, tmp_path)
@@ -197,7 +197,7 @@ def test_kept_weights_lifecycle(tmp_path, monkeypatch):
             next(iter(stack_linears(model).values())).weight.add_(1e-3)
         return info
 
-    monkeypatch.setitem(runs.METHODS, "gptq", (off_grid, 99))
+    monkeypatch.setitem(runs.METHODS, "gptq", dataclasses.replace(runs.METHODS["gptq"], run=off_grid, version=99))
     with pytest.warns(UserWarning, match="not on its int3 grid.*without them"):
         record = runs.run(keeping, tmp_path, force=True)
     assert record["key"] == keeping.key() and runs.read_record(keeping, tmp_path) and not path.exists()

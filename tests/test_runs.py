@@ -78,7 +78,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 @pytest.mark.embedded
 def test_interrupted_sweep_resumes_from_records(tmp_path, monkeypatch, embedded):
-    fn, version = METHODS["rtn"]
+    fn = METHODS["rtn"].run
     calls = []
 
     def flaky(model, data, config):
@@ -87,7 +87,7 @@ def test_interrupted_sweep_resumes_from_records(tmp_path, monkeypatch, embedded)
             raise KeyboardInterrupt  # killed mid-batch
         return fn(model, data, config)
 
-    monkeypatch.setitem(METHODS, "rtn", (flaky, version))
+    monkeypatch.setitem(METHODS, "rtn", dataclasses.replace(METHODS["rtn"], run=flaky))
     with pytest.raises(KeyboardInterrupt):
         runs.sweep(methods=("rtn",), bits=(8, 4), tier="ci", outputs=tmp_path)
     assert len(list(tmp_path.glob("records/rtn/*.json"))) == 1
@@ -190,7 +190,7 @@ def test_two_runs_of_one_config_at_once_compute_it_once(tmp_path, monkeypatch):
                                   fp_test_hidden=(config.batch_size, []))
     monkeypatch.setattr(runs, "workbench", lambda config: bench)
     monkeypatch.setattr(runs, "evaluate_model", lambda *args, **kwargs: {"nll_validation": 1.0, "nll_test": 1.0})
-    monkeypatch.setitem(runs.METHODS, "rtn", (slow_rtn, 1))
+    monkeypatch.setitem(runs.METHODS, "rtn", dataclasses.replace(runs.METHODS["rtn"], run=slow_rtn))
     results = []
     threads = [threading.Thread(target=lambda: results.append(runs.run(config, tmp_path))) for _ in range(2)]
     for t in threads:

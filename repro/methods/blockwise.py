@@ -97,6 +97,18 @@ def variant(options: dict) -> str:
     return name
 
 
+def describe(options: dict) -> tuple[str, str, tuple]:
+    """For tables and figures: the variant's name, what its objective sees, and its key along the
+    locality spectrum (block PTQ, then MB-PTQ by m, then LA-PTQ by l; the equal-steps control after
+    its MB-PTQ), between GPTQ (one linear) and QAFT (the whole network)."""
+    o = {**DEFAULTS, **options}
+    sees = f"{o['window']} block{'s' if o['window'] > 1 else ''}" + (
+        f" + {o['lookahead']} FP downstream" if o["lookahead"] else "")
+    key = (2 if o["lookahead"] == 0 else 3, o["window"], o["lookahead"], o["steps_per"] == "block",
+           -(o["stride"] or o["window"]))
+    return variant(o), sees, key
+
+
 def windows(n_blocks: int, window: int, stride: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of every window over ``n_blocks`` blocks, in order: stride ``stride``,
     the last one clipped to the stack, ending with the first window that reaches the end."""
