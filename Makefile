@@ -15,13 +15,13 @@ run: install
 	$(VENV)/bin/repro batch --tier $(TIER)
 
 # Whole test suite: unit/property/end-to-end tests, the explorer in JupyterLab + headless Chromium,
-# and nbval over every notebook (ci tier). Two workers (pytest-xdist), each computing at one torch thread
-# (the ci tier's `threads`); a notebook's cells, and tests sharing an expensive fixture, stay on one worker
-# (xdist_group, conftest.py).
+# and nbval over every notebook (ci tier). First the ci-tier records the notebooks read, in two processes
+# (--ci-records); then two workers (pytest-xdist), each at one torch thread (the ci tier's `threads`); a
+# notebook's cells, and tests sharing an expensive fixture, stay on one worker (xdist_group, conftest.py).
 test: install
 	bash scripts/install_browser.sh
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --nbval-lax --nbval-current-env -p no:cacheprovider \
-		--durations=25 tests notebooks
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --ci-records --nbval-lax --nbval-current-env \
+		-p no:cacheprovider --durations=25 tests notebooks
 
 # Fast loop for development: unit and property tests on tiny random models; no embedded model, no
 # subprocess, no browser, no notebook (the `slow` marker, conftest.py). Not a substitute for `make test`.

@@ -3,11 +3,17 @@ this process's environment).
 
 One fresh, empty results directory per pytest run (``REPRO_OUTPUTS``): nothing written by older
 code is read, and every ci-tier record the session needs is computed once, by whichever test or
-notebook needs it first, and then read by the others (records are locked while computed).
+notebook needs it first, and then read by the others (records are locked while computed). With
+``--ci-records`` (``make test``) the records of every notebook nbval executes are computed first,
+on two processes (``tests/ci_records.py``), so the two test workers read instead of waiting on
+each other's locks.
 """
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +25,37 @@ os.environ["REPRO_PROGRESS"] = "0"
 SLOW = ("embedded", "browser", "subprocess")  # markers whose tests are end to end (also "slow")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--ci-records", action="store_true",
+                     help="first compute the ci-tier records the notebooks and embedded tests read, on two "
+                          "processes (tests/ci_records.py; `make test`)")
+
+
 def pytest_configure(config):
-    if not hasattr(config, "workerinput"):  # the controlling process (pytest-xdist workers inherit it)
-        os.environ["REPRO_OUTPUTS"] = tempfile.mkdtemp(prefix="repro-test-")
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller set everything up
+        return
+    os.environ["REPRO_OUTPUTS"] = tempfile.mkdtemp(prefix="repro-test-")
+    if (config.getoption("numprocesses", None) or 0) > 1:
+        # one torch thread per worker (and per subprocess it starts), so two workers do not
+        # oversubscribe two cores (torch's thread pool spins and slows many times over)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
+    if config.getoption("ci_records"):
+        config.ci_records_s = compute_ci_records(Path(os.environ["REPRO_OUTPUTS"]), processes=2)
+
+
+def compute_ci_records(outputs: Path, processes: int) -> float:
+    """``tests/ci_records.py`` in ``processes`` parts at once; returns the wall seconds."""
+    start = time.perf_counter()
+    script = Path(__file__).parent / "tests" / "ci_records.py"
+    procs = [subprocess.Popen([sys.executable, str(script), str(k), str(processes), str(outputs)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k in range(1, processes + 1)]
+    logs = [p.communicate()[0] for p in procs]
+    for p, log in zip(procs, logs):
+        if p.returncode != 0:
+            raise pytest.UsageError(f"computing the ci-tier records failed:\n{log[-4000:]}")
+    return time.perf_counter() - start
 
 
 def pytest_unconfigure(config):
@@ -70,3 +104,6 @@ def pytest_terminal_summary(terminalreporter):
     from repro.runs import machine
 
     terminalreporter.write_line(f"machine: {machine()}, {os.cpu_count()} cores")
+    if getattr(terminalreporter.config, "ci_records_s", None) is not None:
+        terminalreporter.write_line(f"ci-tier records computed before the tests (--ci-records): "
+                                    f"{terminalreporter.config.ci_records_s:.0f} s")

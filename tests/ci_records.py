@@ -1,0 +1,61 @@
+"""Compute the ``ci``-tier records the notebooks (under nbval) and the embedded tests read, once per
+pytest run, before the tests: ``python tests/ci_records.py K N OUTPUTS`` computes the K-th of N
+parts (``make test`` starts N = 2 at once, one per core, from ``conftest.py``).
+
+The parts are balanced by an estimate of each run's cost (longest first onto the part with the
+least so far), and each part runs its configs grouped by model and corpus (one load each). Every
+record is computed by ``repro.runs.run``, exactly as a test or a notebook kernel would compute it
+(same tier, same pinned thread count), so whichever reads it gets what it would have computed.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+# seconds per run at one thread on the 2-core machine (SmolLM2; Gemma 3's vocabulary costs ~1.8x)
+COST = {"fp": 5, "rtn": 15, "gptq": 55, "qaft": 85, "blockwise": 45}
+MODEL_FACTOR = {"gemma3-270m": 1.8}
+
+
+def configs() -> list:
+    """The runs of every notebook nbval executes, as it executes them: each per-model notebook with
+    its default model (SmolLM2), the Pareto notebook over the tier's models."""
+    from repro import batch, runs
+
+    per_model = [name for name, entry in batch.NOTEBOOKS.items() if entry[0] == "per model"]
+    default = runs.load_tier("ci")["model"]
+    jobs = batch.plan("ci", per_model, [default]) + batch.plan("ci", [n for n in batch.NOTEBOOKS if n not in per_model])
+    unique = {}
+    for job in jobs:
+        for config in job.configs:
+            unique.setdefault(config.key(), config)
+    return list(unique.values())
+
+
+def cost(config) -> float:
+    return COST.get(config.method, 30) * MODEL_FACTOR.get(config.model, 1.0)
+
+
+def part(all_configs: list, k: int, n: int) -> list:
+    """The K-th of N parts: longest-processing-time-first onto the least loaded part."""
+    loads, parts = [0.0] * n, [[] for _ in range(n)]
+    for config in sorted(all_configs, key=lambda c: (-cost(c), c.key())):
+        i = loads.index(min(loads))
+        parts[i].append(config)
+        loads[i] += cost(config)
+    return sorted(parts[k - 1], key=lambda c: (c.model, c.corpus, -cost(c)))
+
+
+def main(k: int, n: int, outputs: Path) -> None:
+    from repro import runs
+
+    start = time.perf_counter()
+    mine = part(configs(), k, n)
+    for config in mine:
+        runs.run(config, outputs)
+    print(f"ci records part {k}/{n}: {len(mine)} runs in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
