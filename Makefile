@@ -2,7 +2,7 @@
 VENV := .venv
 TIER ?= cpu
 
-.PHONY: install run test check
+.PHONY: install run test check notebooks
 
 install: $(VENV)/.installed
 
@@ -27,3 +27,8 @@ test: install
 # subprocess, no browser, no notebook (the `slow` marker, conftest.py). Not a substitute for `make test`.
 check: install
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# The notebooks are their own source (edit them in JupyterLab): execute them in place at the ci tier, the
+# outputs nbval compares, before committing a change to a notebook or to what it prints.
+notebooks: install
+	$(VENV)/bin/python scripts/execute_notebooks.py
