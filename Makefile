@@ -16,11 +16,12 @@ run: install
 
 # Whole test suite: unit/property/end-to-end tests, the explorer in JupyterLab + headless Chromium,
 # and nbval over every notebook (ci tier). First the ci-tier records the notebooks read, in two processes
-# (--ci-records); then two workers (pytest-xdist), each at one torch thread (the ci tier's `threads`); a
-# notebook's cells, and tests sharing an expensive fixture, stay on one worker (xdist_group, conftest.py).
+# (--ci-records); then two workers (pytest-xdist), each at one torch thread (the ci tier's `threads`). Each
+# test module and each notebook runs whole on one worker (--dist loadscope: a notebook's cells share one
+# kernel, a module's tests its module fixtures; pytest-xdist 3.8's loadgroup does not group under pytest 9.2).
 test: install
 	bash scripts/install_browser.sh
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --ci-records --nbval-lax --nbval-current-env \
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --ci-records --nbval-lax --nbval-current-env \
 		-p no:cacheprovider --durations=25 tests notebooks
 
 # Fast loop for development: unit and property tests on tiny random models; no embedded model, no

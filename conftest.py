@@ -63,16 +63,11 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["REPRO_OUTPUTS"], ignore_errors=True)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items):
-    """``slow``: every nbval notebook and every test marked embedded, browser or subprocess. A
-    notebook's cells run in one kernel, in order: one ``xdist_group`` per notebook keeps them on one
-    worker under ``pytest -n 2 --dist loadgroup`` (``make test``)."""
+    """``slow``: every nbval notebook and every test marked embedded, browser or subprocess."""
     for item in items:
         if item.path.suffix == ".ipynb" or any(item.get_closest_marker(name) for name in SLOW):
             item.add_marker(pytest.mark.slow)
-        if item.path.suffix == ".ipynb":
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 import paper_standins
 from repro import batch, runs
 
-pytestmark = [pytest.mark.subprocess, pytest.mark.xdist_group("paper_tier")]  # one dry run (module fixture)
+pytestmark = pytest.mark.subprocess
 ROOT = Path(__file__).resolve().parent.parent
 STANDINS = list(paper_standins.MODELS)
 LLAMA = "meta-llama/Llama-2-7b-hf"

@@ -272,7 +272,6 @@ def embedded_pair(tmp_path_factory):
 
 
 @pytest.mark.embedded
-@pytest.mark.xdist_group("qaft_embedded_pair")  # one computation of the module fixture
 def test_qaft_beats_rtn_at_3_bits_on_the_embedded_model(embedded_pair):
     record = embedded_pair[2][0]
     info = record["info"]
@@ -309,7 +308,6 @@ def _without_timings(value):
 
 
 @pytest.mark.embedded
-@pytest.mark.xdist_group("qaft_embedded_pair")
 def test_embedded_qaft_is_deterministic(embedded_pair):
     """Two runs of one config (fresh outputs, same process) give records identical to the bit
     apart from wall-clock times: same learning rate, epoch, history, NLLs and kept weights (whose
