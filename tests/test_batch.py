@@ -157,7 +157,7 @@ def test_pareto_notebook_runs_as_typed_from_root_and_from_notebooks(tmp_path):
     assert (outputs / "figures" / "pareto_ci.png").stat().st_size > 10_000
     assert "int3" in table or "| 3 " in table
     records = _records(outputs)
-    made = [json.loads(b)["config"] for b in records.values()]
+    made = [r["config"] for r in map(json.loads, records.values()) if "config" in r]  # (not landscape points)
     for model in runs.load_tier("ci")["models"]:
         assert {(c["method"], c["bits"]) for c in made if c["model"] == model} >= {
             ("fp", None), ("rtn", 3), ("gptq", 3), ("qaft", 3)}
