@@ -82,14 +82,14 @@ def seed_records(ci_outputs):
     """``seed_records(outputs, configs)``: copy the records of ``configs`` from the session's results
     directory into ``outputs`` (computed there first if no test or notebook has yet), so that a
     batch or a kernel reading ``outputs`` finds them and nothing else."""
-    from repro import runs
+    from repro import runs, store
 
     def seed(outputs: Path, configs) -> None:
         for config in configs:
             runs.run(config, ci_outputs)
-            target = runs.record_path(config, outputs)
+            target = store.record_path(config, outputs)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(runs.record_path(config, ci_outputs), target)
+            shutil.copy(store.record_path(config, ci_outputs), target)
 
     return seed
 

@@ -26,7 +26,7 @@ import torch
 from repro import data as data_mod
 from repro import models
 from repro.methods.blockwise import blockwise
-from repro.runs import make_config
+from repro.config import make_config
 
 
 def _rss() -> int:

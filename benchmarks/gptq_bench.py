@@ -70,7 +70,8 @@ def layer_part(args):
 
 def model_part(args):
     from repro import models
-    from repro.runs import make_config, workbench
+    from repro.config import make_config
+    from repro.runs import workbench
 
     print(f"\n## whole-model GPTQ, embedded model, tier {args.tier} ({args.bits} bits)\n")
     rows = []

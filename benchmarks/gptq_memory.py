@@ -20,7 +20,7 @@ from blockwise_memory import PeakMalloc, PeakRSS, measure_peak, memory_parser
 from repro import data as data_mod
 from repro import models
 from repro.methods.gptq import gptq, gptq_options, solve_memory
-from repro.runs import make_config
+from repro.config import make_config
 
 
 def predicted(model, info: dict, tokens: int, k: int, grid_size: int, offloaded: bool) -> dict:

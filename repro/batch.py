@@ -17,46 +17,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from repro import runs
-from repro.methods import MAIN
+from repro import runs, store
+from repro.config import load_tier
 from repro.progress import progress
-from repro.quant import OBSERVERS
+from repro.studies import NOTEBOOKS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-
-
-def _sweep(*methods):
-    """The runs of ``runs.sweep_configs(methods)`` for one model, as a notebook's plan."""
-    return lambda tier, model, bits: runs.sweep_configs(methods, bits, tier=tier, model=model)
-
-
-def _corpora(tier, model, bits):
-    """Notebook 05's runs: FP, RTN, GPTQ and QAFT at the ``datasets`` widths on each of its corpora,
-    and RTN at every width of the tier (the landscape compares each with a random step)."""
-    section = runs.load_tier(tier).get("datasets") or {}
-    return [c for corpus in section.get("corpora", []) for c in
-            [*runs.sweep_configs(MAIN, section.get("bits") if bits is None else bits, tier,
-                                 model=model, corpus=corpus),
-             *runs.sweep_configs(("rtn",), bits, tier, model=model, corpus=corpus)]]
-
-
-# name -> (one execution per model of the tier, or one over all of them; the runs it reads, given the
-# tier, the model and the notebook's ``bits`` parameter (None: the tier's widths); the tier section whose
-# ``models`` list replaces the tier's for this notebook, where it has one)
-NOTEBOOKS = {
-    "00_quickstart": ("per model", lambda tier, model, bits: [
-        *runs.sweep_configs(("fp", "rtn"), bits, tier=tier, model=model),
-        *(c for obs in OBSERVERS for c in runs.sweep_configs(("rtn",), bits, tier=tier, model=model, observer=obs))]),
-    "01_misalignment": ("per model", _sweep(*MAIN)),
-    "02_pareto": ("all models", _sweep(*MAIN)),
-    "03_landscape": ("per model", _sweep(*MAIN), "landscape"),
-    "04_cross_block": ("per model", lambda tier, model, bits: runs.cross_block_configs(tier, model, bits),
-                       "cross_block"),
-    "05_datasets": ("per model", _corpora, "datasets"),
-    "06_hyperparameters": ("per model", _sweep("qaft")),
-    "08_granularity": ("per model", lambda tier, model, bits: runs.granularity_configs(tier, model, bits),
-                       "granularity_study"),
-}
 
 
 @dataclass
@@ -79,7 +45,7 @@ class Job:
 
 def tier_models(tier: str, models=None) -> list[str]:
     """``models``, else the tier's ``models`` list, else its single ``model``."""
-    params = runs.load_tier(tier)
+    params = load_tier(tier)
     return list(models or params.get("models") or [params["model"]])
 
 
@@ -88,22 +54,22 @@ def plan(tier: str, notebooks=None, models=None, bits=None) -> list[Job]:
     first, grouped by model (each model is loaded once), then the notebooks over all models.
     Without ``notebooks``: every notebook but the tier's ``on_request`` ones. ``bits`` (a list of
     widths) replaces every notebook's widths, as its ``bits`` parameter does (None: the tier's)."""
-    params = runs.load_tier(tier)
+    params = load_tier(tier)
     names = list(notebooks or [n for n in NOTEBOOKS if n not in (params.get("on_request") or [])])
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebook(s) {', '.join(unknown)}; available: {', '.join(NOTEBOOKS)}")
 
     def notebook_models(name):
-        section = NOTEBOOKS[name][2] if len(NOTEBOOKS[name]) > 2 else None
+        section = NOTEBOOKS[name].section
         return tier_models(tier, models or (params.get(section) or {}).get("models"))
 
-    per_model = [name for name in names if NOTEBOOKS[name][0] == "per model"]
+    per_model = [name for name in names if NOTEBOOKS[name].per_model]
     order = list(dict.fromkeys(m for name in per_model for m in notebook_models(name)))
-    jobs = [Job(name, model, NOTEBOOKS[name][1](tier, model, bits))
+    jobs = [Job(name, model, NOTEBOOKS[name].configs(tier, model, bits))
             for model in order for name in per_model if model in notebook_models(name)]
-    jobs += [Job(name, None, [c for model in notebook_models(name) for c in NOTEBOOKS[name][1](tier, model, bits)])
-             for name in names if NOTEBOOKS[name][0] != "per model"]
+    jobs += [Job(name, None, [c for model in notebook_models(name) for c in NOTEBOOKS[name].configs(tier, model, bits)])
+             for name in names if not NOTEBOOKS[name].per_model]
     return jobs
 
 
@@ -185,14 +151,14 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
     ``shard=(K, N)``: compute only the K-th of N deterministic parts of the runs and execute no
     notebook (``repro batch --shard K/N``, e.g. one per GPU or SLURM array task, on one shared
     outputs directory); a final unsharded batch then reads every record and executes the notebooks."""
-    outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
+    outputs = Path(outputs) if outputs is not None else store.outputs_dir()
     jobs = plan(tier, notebooks, models, bits)  # per notebook: the models given, else its own or the tier's list
     models = tier_models(tier, models)
     unique = {}
     for job in jobs:
         job.configs = [c for c in job.configs if in_shard(c, shard)]
         for config in job.configs:
-            unique.setdefault(runs.record_path(config, outputs), config)
+            unique.setdefault(store.record_path(config, outputs), config)
     cached = {path for path in unique if path.exists()}
     check_hub([c for path, c in unique.items() if path not in cached], tier)
     echo(f"repro batch --tier {tier}{f' --shard {shard[0]}/{shard[1]}' if shard else ''}: {len(jobs)} notebook(s), "
@@ -202,7 +168,7 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
     for job in jobs:
         start = time.perf_counter()
         for config in job.configs:
-            path = runs.record_path(config, outputs)
+            path = store.record_path(config, outputs)
             if path in done or path in failed:
                 continue
             bar.set_postfix_str(f"{config.model} {config.label()}")
@@ -218,7 +184,7 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
                 job.ran.append((config, "failed", time.perf_counter() - t0))
             bar.update(1)
         job.runs_s = time.perf_counter() - start
-        missing = [c for c in job.configs if runs.record_path(c, outputs) in failed]
+        missing = [c for c in job.configs if store.record_path(c, outputs) in failed]
         if shard is not None:  # the notebooks run once every shard's records are in
             job.status = "failed" if missing else "passed"
             job.error = f"{len(missing)} run(s) failed" if missing else None
@@ -269,7 +235,7 @@ def write_summary(jobs: list[Job], tier: str, outputs: Path, cached: int, name: 
     """``OUTPUTS/<tier>/<name>.json`` (``batch.json`` for the main job, ``batch-<notebooks>.json`` for
     a batch of some notebooks): per notebook the status, runs computed and wall times."""
     path = outputs / tier / f"{name}.json"
-    runs.write_json_atomic(path, {
+    store.write_json_atomic(path, {
         "tier": tier, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": runs.code_hash(), "cached": cached,
         "jobs": [{"notebook": j.notebook, "model": j.model, "status": j.status, "error": j.error,
                   "runs_s": j.runs_s, "execute_s": j.execute_s,

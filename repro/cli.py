@@ -32,6 +32,7 @@ def _options(pairs) -> dict:
 
 def _run(args) -> int:
     from repro import runs
+    from repro.config import make_config
 
     if args.group_size is not None and args.granularity != "group":
         raise ValueError("--group-size applies to --granularity group only")
@@ -39,9 +40,9 @@ def _run(args) -> int:
         raise ValueError("--method fp quantizes nothing: leave out --bits and --granularity")
 
     for bits in ([None] if args.method == "fp" else args.bits or [4]):
-        config = runs.make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
-                                  corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,
-                                  granularity=args.granularity, group_size=args.group_size)
+        config = make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
+                             corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,
+                             granularity=args.granularity, group_size=args.group_size)
         record = runs.run(config, args.outputs, force=args.force)
         print(runs.summary(record), flush=True)
     return 0
@@ -49,9 +50,10 @@ def _run(args) -> int:
 
 def _batch(args) -> int:
     from repro import batch
+    from repro.studies import NOTEBOOKS
 
     shard = batch.parse_shard(args.shard) if args.shard else None
-    swallowed = [m for m in args.models or [] if m in batch.NOTEBOOKS]
+    swallowed = [m for m in args.models or [] if m in NOTEBOOKS]
     if swallowed:  # `--models a b` takes every name after it
         raise ValueError(f"--models took the notebook name(s) {', '.join(swallowed)}: put notebook names before "
                          f"--models, e.g. repro batch {' '.join(swallowed)} --models {args.models[0]}")
@@ -59,232 +61,36 @@ def _batch(args) -> int:
     return 0 if all(job.status == "passed" for job in jobs) else 1
 
 
-def _read_records(configs, outputs) -> list[dict]:
-    from repro import runs
-
-    return [r for r in (runs.read_record(c, outputs) for c in configs) if r is not None]
-
-
-def _tier_records(args, model=None, required: bool = True) -> list[dict]:
-    """The records the notebooks show: the tier's sweep (fp, rtn, gptq, qaft at the tier's bits),
-    not every record on disk (the quickstart's observer comparison, for one, leaves RTN records of
-    other observers there). Exits with the command to run when there are none and ``required``."""
-    from repro import runs
-    from repro.methods import MAIN
-
-    model = model or args.model
-    configs = runs.sweep_configs(MAIN, tier=args.tier, model=model)
-    records = _read_records(configs, args.outputs)
-    if not records and required:
-        raise SystemExit(f"no records for tier {args.tier}{f' and model {model}' if model else ''} under "
-                         f"{args.outputs}/records; run `repro batch --tier {args.tier}` first")
-    return records
-
-
-def _cross_block_records(args, model) -> list[dict]:
-    """The records notebook 04 reads for ``model`` (the tier's ``cross_block`` runs), plus the
-    controls run by hand (``report.CROSS_BLOCK_CONTROLS``), where present."""
-    from repro import report, runs
-
-    configs = runs.cross_block_configs(args.tier, model)
-    bits = sorted({c.bits for c in configs if c.method == "blockwise"})
-    configs += [runs.make_config("blockwise", b, args.tier, model=model, options=dict(o))
-                for b in bits for o in report.CROSS_BLOCK_CONTROLS]
-    return _read_records(configs, args.outputs)
-
-
-def _cross_models(args, params, models) -> list[str]:
-    """``models``, then (unless ``--model`` chose one) the tier's ``cross_block.models`` not among them."""
-    extra = [] if args.model else (params.get("cross_block") or {}).get("models", [])
-    return list(dict.fromkeys([*models, *extra]))
-
-
-def _observer_records(args, model=None) -> list[dict]:
-    from repro import runs
-    from repro.quant import OBSERVERS
-
-    return _read_records([runs.make_config("rtn", b, args.tier, model=model or args.model, observer=obs)
-                          for obs in OBSERVERS for b in runs.load_tier(args.tier)["bits"]], args.outputs)
-
-
 def _figures(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from repro import plots
+    from repro.studies import STUDIES, NoRecordsError
 
-    from repro import plots, report, runs
-
-    params = runs.load_tier(args.tier)
-    default = args.model or params["model"]
-    models = [default] if args.model else [default, *(m for m in params.get("models") or [] if m != default)]
-    directory = Path(args.outputs) / "figures"
-    every, drawn = [], {}
-    # the default model's figures as <name>_<tier>.png, the others' with _<model>
-    for model in _cross_models(args, params, models):
-        records = _tier_records(args, model, required=model == default) if model in models else []
-        every += records
-        suffix = f"_{args.tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
-        drawn.update(dict.fromkeys(plots.save_figures(records, directory, suffix=suffix)) if records else {})
-        cross = _cross_block_records(args, model)
-        if report.blockwise_bits(cross):  # notebook 04's figures
-            figures = {f"spectrum_int{b}": (lambda b=b: plots.spectrum(cross, b, model))
-                       for b in report.blockwise_bits(cross)}
-            figures["window_time"] = lambda: plots.window_time(cross)
-            drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
-    for model, result in _landscapes(args, params).items():  # notebook 03's figures
-        from repro import landscape
-
-        suffix = f"_{args.tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
-        figures = {f"landscape_int{b}": (lambda b=b: plots.landscape(result, b)) for b in result["bits"]}
-        figures["basin"] = lambda: plots.basin_fits(result)
-        analysis = landscape.misalignment_vs_radius([result], args.outputs, compute=False)
-        if analysis["rows"]:
-            figures["eta_vs_rho"] = lambda: plots.eta_vs_rho(analysis)
-        drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
-    for model, (records, results) in _datasets(args, params).items():  # notebook 05's figures
-        suffix = f"_{args.tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
-        figures = {"corpora_misalignment": lambda: plots.misalignment_scatter(records, column="corpus")}
-        figures.update({f"landscape_{r['corpus']}_int{b}": (lambda r=r, b=b: plots.landscape(r, b))
-                        for r in results for b in r["bits"]})
-        drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
-    for model, (records, _) in _granularity(args, params).items():  # notebook 08's figures
-        from repro import report
-
-        suffix = f"_{args.tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
-        main = [r for r in records if r["config"]["method"] != "blockwise"]
-        figures = {"granularity_misalignment": lambda main=main: plots.misalignment_scatter(main, column=report.grid_of),
-                   "granularity_pareto": lambda main=main: plots.pareto(main)}
-        drawn.update(dict.fromkeys(plots.save_drawn(figures, directory, suffix)))
-    if len({r["config"]["model"] for r in every}) > 1:  # Fig. 2 over all of the tier's models
-        fig = plots.pareto(every)
-        fig.savefig(directory / f"pareto_{args.tier}.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        drawn[directory / f"pareto_{args.tier}.png"] = None
-    print("\n".join(map(str, drawn)))
+    figures = {}  # each study's figures, the default model's as <name>_<tier>.png, the others' with _<model>
+    try:
+        for study in STUDIES.values():
+            figures.update(study.figures(args.tier, args.outputs, args.model))
+    except NoRecordsError as err:
+        raise SystemExit(str(err)) from None
+    print("\n".join(map(str, plots.save_drawn(figures, Path(args.outputs) / "figures"))))
     return 0
-
-
-def _landscapes(args, params) -> dict:
-    """``{model: landscape}`` of the tier's landscape models whose every point is cached."""
-    from repro import landscape
-
-    section = params.get("landscape") or {}
-    found = {}
-    for model in section.get("models") or []:
-        result = landscape.landscape(model, section.get("bits", [4]), args.tier, args.outputs, cached_only=True)
-        if result is not None:
-            found[model] = result
-    return found
-
-
-def _datasets(args, params) -> dict:
-    """``{model: (records, landscapes)}`` of notebook 05 (the tier's ``datasets`` section), cached only:
-    FP/RTN/GPTQ/QAFT records on each corpus (and the default corpus) and the complete landscapes."""
-    from repro import landscape, runs
-    from repro.methods import MAIN
-
-    section = params.get("datasets") or {}
-    found = {}
-    for model in section.get("models") or []:
-        configs = [c for corpus in [*section.get("corpora", []), None] for c in
-                   runs.sweep_configs(MAIN, section.get("bits"), args.tier, model=model,
-                                      corpus=corpus)]
-        records = _read_records(configs, args.outputs)
-        results = [landscape.landscape(model, section.get("bits"), args.tier, args.outputs, cached_only=True,
-                                       corpus=corpus, **section.get("landscape", {})) for corpus in section.get("corpora", [])]
-        if any(r["config"]["corpus"] in section.get("corpora", []) for r in records):
-            found[model] = (records, [r for r in results if r is not None])
-    return found
-
-
-def _granularity(args, params) -> dict:
-    """``{model: (records, basin)}`` of notebook 08 (the tier's ``granularity_study``), cached only, for
-    the models with any per-channel or group record; basin: ``landscape.basin_radius`` of the FP
-    landscape where it is cached, else None."""
-    from repro import landscape, runs
-
-    found = {}
-    for model in (params.get("granularity_study") or {}).get("models") or []:
-        records = _read_records(runs.granularity_configs(args.tier, model), args.outputs)
-        if any(r["config"].get("granularity", "tensor") != "tensor" for r in records):
-            result = landscape.landscape(model, None, args.tier, args.outputs, cached_only=True)
-            found[model] = (records, landscape.basin_radius(result) if result else None)
-    return found
 
 
 def _report(args) -> int:
     import json
 
-    from repro import report, runs
+    from repro import report, store
+    from repro.studies import STUDIES, NoRecordsError
 
-    params = runs.load_tier(args.tier)
-    default = args.model or params["model"]
-    records = _tier_records(args, default)
-    in_sample = _read_records([runs.make_config("gptq", b, args.tier, model=default, options={"holdout": 0})
-                               for b in params["bits"]], args.outputs)  # the A/B, if run
-    others = {}  # the tier's other models that have records
-    for model in [] if args.model else [m for m in params.get("models") or [] if m != default]:
-        sweep = _tier_records(args, model, required=False)
-        if sweep:
-            others[model] = (sweep, _observer_records(args, model))
     command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
-    sections = report.readme_sections(records, _observer_records(args, default), tier=args.tier, command=command,
-                                      in_sample_records=in_sample, other_models=others)
-    pairs = []  # QAFT trained under bf16 autocast vs fp32, everything else equal (the A/B, where run)
-    for model in [default, *others]:
-        for b in params["bits"]:
-            found = _read_records([runs.make_config("qaft", b, args.tier, model=model, options={"mixed_precision": mp})
-                                   for mp in ("bf16", "no")], args.outputs)
-            if len(found) == 2:
-                pairs.append(tuple(found))
-    if pairs:
-        sections["qaft-precision"] = (f"{report.precision_table(pairs)}\n\n"
-                                      f"{report.provenance([r for p in pairs for r in p], args.tier, command)}")
-    sweep = _read_records([runs.make_config("blockwise", report.BLOCKWISE_SWEEP_BITS, args.tier, model=default, options=o)
-                           for o in report.BLOCKWISE_SWEEP], args.outputs)  # the defaults' sweep, where run
-    if len(sweep) > 1:  # the sweep, not only the tier's default run
-        sections["blockwise-sweep"] = (f"{report.blockwise_sweep_table(sweep)}\n\n"
-                                       f"{report.provenance(sweep, args.tier, command)}")
-    cross = {model: _cross_block_records(args, model) for model in _cross_models(args, params, [default, *others])}
-    cross = {model: rs for model, rs in cross.items() if report.blockwise_bits(rs)}
-    for model, rs in cross.items():
-        sections[f"spectrum-{model}"] = "\n\n".join(
-            [f"int{b}:\n\n{report.spectrum_table(rs, b, model)}" for b in report.blockwise_bits(rs)]
-            + [report.provenance(rs, args.tier, command)])
-    if cross:
-        every = [r for rs in cross.values() for r in rs]
-        blockwise = [r for r in every if r["config"]["method"] == "blockwise"]
-        growth = "\n".join(f"- {model}: {report.growth_summary([r for r in blockwise if r['config']['model'] == model])}"
-                            for model in cross)
-        sections["cross-block"] = (f"{report.cross_block_summary(every)}\n\n{growth}\n\n"
-                                   f"{report.memory_table(blockwise)}\n\n{report.provenance(every, args.tier, command)}")
-    for model, result in _landscapes(args, params).items():
-        from repro import landscape
-
-        analysis = landscape.misalignment_vs_radius([result], args.outputs, compute=False)
-        sections[f"landscape-{model}"] = "\n\n".join(
-            [f"int{b} segments:\n\n{report.barrier_table(result, b)}" for b in result["bits"]]
-            + [f"Basin radius:\n\n{report.basin_table(result)}", report.radius_summary(analysis),
-               f"RTN against a random step of the same length:\n\n{report.rtn_vs_random_table(result)}",
-               f"*Generated from {len(result['points'])} cached landscape points by `{command}`: tier {args.tier}, "
-               f"model {model}, code {', '.join(sorted({p.get('code', 'unknown') for p in result['points']}))}.*"])
-    for model, (records, results) in _datasets(args, params).items():
-        from repro import landscape
-
-        parts = [report.corpora_table(records), report.corpora_summary(records)]
-        parts += [f"{r['corpus']}:\n\n{report.basin_table(r)}" for r in results]
-        if results:
-            section = params.get("datasets") or {}
-            parts.append(report.radius_summary(landscape.misalignment_vs_radius(
-                results, args.outputs, compute=False, bits=section.get("bits"))))
-        sections[f"datasets-{model}"] = "\n\n".join(parts + [report.provenance(records, args.tier, command)])
-    for model, (records, basin) in _granularity(args, params).items():
-        sections[f"granularity-{model}"] = "\n\n".join([report.granularity_table(records),
-                                                          report.granularity_summary(records, **(
-                                                              {"radius": basin["R"], "bound": basin["bound"]}
-                                                              if basin else {})),
-                                                          report.provenance(records, args.tier, command)])
+    sections = {}
+    try:
+        for study in STUDIES.values():
+            sections.update(study.sections(args.tier, args.outputs, args.model, command))
+    except NoRecordsError as err:
+        raise SystemExit(str(err)) from None
     summary = Path(args.outputs) / args.tier / "batch.json"
     if summary.is_file():
         from repro import batch
@@ -297,7 +103,7 @@ def _report(args) -> int:
         path = Path(args.readme)
         if not path.is_file():
             raise SystemExit(f"{path} not found")
-        runs.write_text_atomic(path, report.update_markdown(path.read_text(), sections))
+        store.write_text_atomic(path, report.update_markdown(path.read_text(), sections))
         print(f"updated {', '.join(sections)} in {path}", file=sys.stderr)
     return 0
 
@@ -343,7 +149,7 @@ def _bench(args) -> int:
             print(done.stderr[-2000:], file=sys.stderr)
     path = Path(args.outputs) / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    from repro.runs import write_text_atomic
+    from repro.store import write_text_atomic
 
     write_text_atomic(path, "\n".join(lines))
     print(f"written to {path}")
@@ -354,7 +160,7 @@ def main(argv=None) -> int:
     from repro.data import CORPORA
     from repro.methods import METHODS
     from repro.quant import GRANULARITIES, OBSERVERS
-    from repro.runs import TIERS
+    from repro.config import TIERS
 
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -421,7 +227,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     if getattr(args, "outputs", "") is None:
-        from repro.runs import outputs_dir
+        from repro.store import outputs_dir
 
         args.outputs = outputs_dir()
     try:

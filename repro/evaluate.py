@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from repro.data import check_seq_len
-from repro.models import blocks, max_length, stack_linears, weight_matrix
+from repro.models import blocks, max_length, stack_linears, stack_param_count, weight_matrix, weight_size_gb
 from repro.quant import is_int, is_prepared
 from repro.progress import progress
 
@@ -426,3 +426,48 @@ def weight_distance(model, fp_weights: dict[str, torch.Tensor]) -> float:
     for name, m in stack_linears(model).items():
         sq += float((m.weight.detach().float().cpu() - fp_weights[name].float()).pow(2).sum())
     return math.sqrt(sq)
+
+
+# ----------------------------------------------------------------------------- a record's metrics
+def record_metrics(model, data, fp_weights: dict, batch_size: int, bits: int | None,
+                   fp_grams: dict | None = None, fp_hidden: list | None = None,
+                   nll_validation: float | None = None, granularity: str = "tensor", group_size: int = 128) -> dict:
+    """The metrics every record carries (definitions above).
+
+    Validation NLL is for selection (QAFT's lr0 and epoch); every comparison across methods
+    uses the test split, so the layer-wise MSEs, both readings, are measured on test. With
+    ``fp_grams`` (``input_grams`` of the FP model on test) the FP-input reading costs
+    no forward pass; without, one pass with the FP weights exchanged in. With ``fp_hidden``
+    (``block_outputs`` of the FP model on test) the same test pass also measures every
+    block's output MSE against the FP residual stream (``block_output_mse``; else ``None``).
+    ``nll_validation``, when the method already measured it on these weights, is not measured again.
+    ``data``: a ``repro.data.Data``. ``granularity``/``group_size``: the grid's, for the weight
+    size (its scales count).
+    """
+    nll_val = nll_validation if nll_validation is not None else \
+        nll(model, data.validation, batch_size, desc="NLL validation")
+    if bits is None:
+        nll_test = nll(model, data.test, batch_size, desc="NLL test")
+        zeros = dict.fromkeys(stack_linears(model), 0.0)
+        mse = {"layer_mse": zeros, "layer_mse_fp_inputs": zeros}
+        block_mse = [0.0] * len(blocks(model))
+    else:  # the test NLL pass also records the own-input layer MSE and the block outputs (one forward)
+        blocks_ctx = recording_block_mse(model, fp_hidden) if fp_hidden is not None else nullcontext()
+        with recording_layer_mse(model, fp_weights) as own, blocks_ctx as block_mse:
+            nll_test = nll(model, data.test, batch_size, desc="NLL test + layer MSE")
+        fp_inputs = (layer_mse_from_grams(model, fp_weights, fp_grams) if fp_grams is not None else
+                     layer_mse(model, fp_weights, data.test, batch_size, inputs="fp", desc="layer MSE (FP inputs)"))
+        mse = {"layer_mse": own, "layer_mse_fp_inputs": fp_inputs}
+    n_layers = len(mse["layer_mse"])
+    return {
+        "nll_validation": nll_val, "nll_test": nll_test,
+        "ppl_validation": perplexity(nll_val), "ppl_test": perplexity(nll_test),
+        **mse, **{f"mean_{key}": sum(values.values()) / n_layers for key, values in mse.items()},
+        "block_output_mse": block_mse, "mean_block_output_mse": sum(block_mse) / len(block_mse) if block_mse else None,
+        "weight_mse": sum(weight_mse(model, fp_weights).values()) / n_layers,
+        "weight_distance": weight_distance(model, fp_weights),
+        # FP: float16, as the paper
+        "weight_size_gb": weight_size_gb(model, 16) if bits is None else
+        weight_size_gb(model, bits, granularity, group_size),
+        "stack_params": stack_param_count(model),
+    }

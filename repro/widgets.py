@@ -13,7 +13,8 @@ import json
 import threading
 from pathlib import Path
 
-from repro import runs
+from repro import runs, store
+from repro.config import TIERS, RunConfig, load_tier, make_config, sweep_configs
 from repro.data import CORPORA
 from repro.methods import QUANTIZERS
 from repro.quant import GRANULARITIES, OBSERVERS
@@ -24,22 +25,22 @@ FIGURES = ("NLL per width + layer MSE", "Fig. 1: GPTQ vs QAFT", "Fig. 2: Pareto 
 
 def load_records(outputs: Path | str | None = None) -> list[dict]:
     """Every record under ``outputs/records`` (no computation)."""
-    root = Path(outputs) if outputs is not None else runs.outputs_dir()
+    root = Path(outputs) if outputs is not None else store.outputs_dir()
     return [json.loads(p.read_text()) for p in sorted((root / "records").glob("*/*.json"))]
 
 
 def selection_configs(tier: str, model: str, corpus: str, methods, bits, observer: str | None,
-                      granularity: str, figure: str = FIGURES[0]) -> list[runs.RunConfig]:
+                      granularity: str, figure: str = FIGURES[0]) -> list[RunConfig]:
     """The runs a figure of the selection reads: FP and ``methods`` at ``bits`` (``observer``
     None: the tier's per width), Fig. 2 over every model of the tier, the spectrum adds the tier's
     block-wise variants."""
-    grid = {"granularity": granularity, "observer": observer}  # (None: the tier's; see runs.make_config)
-    models = runs.load_tier(tier).get("models", [model]) if figure == FIGURES[2] else [model]
-    configs = [c for m in models for c in runs.sweep_configs(("fp", *methods), list(bits), tier, model=m,
+    grid = {"granularity": granularity, "observer": observer}  # (None: the tier's; see make_config)
+    models = load_tier(tier).get("models", [model]) if figure == FIGURES[2] else [model]
+    configs = [c for m in models for c in sweep_configs(("fp", *methods), list(bits), tier, model=m,
                                                              corpus=corpus, **grid)]
     if figure == FIGURES[5]:
-        variants = (runs.load_tier(tier).get("cross_block") or {}).get("variants", [])
-        configs += [runs.make_config("blockwise", b, tier, options=dict(v), model=model, corpus=corpus, **grid)
+        variants = (load_tier(tier).get("cross_block") or {}).get("variants", [])
+        configs += [make_config("blockwise", b, tier, options=dict(v), model=model, corpus=corpus, **grid)
                     for b in bits for v in variants]
     return configs
 
@@ -48,7 +49,8 @@ def draw(figure: str, records: list[dict], tier: str, model: str, bits, outputs=
     """The matplotlib figure for ``figure`` from ``records`` (cached only), or None with nothing to draw."""
     import matplotlib.pyplot as plt
 
-    from repro import landscape, plots
+    from repro import plots
+    from repro.studies import landscape
 
     mine = [r for r in records if r["config"]["model"] == model]
     if figure == FIGURES[0]:
@@ -73,12 +75,12 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
-    params = runs.load_tier(tier)
+    params = load_tier(tier)
     models = list(params.get("models") or [params["model"]])
 
     style = {"description_width": "initial"}
     controls = {
-        "tier": w.Dropdown(options=list(runs.TIERS), value=tier, description="tier"),
+        "tier": w.Dropdown(options=list(TIERS), value=tier, description="tier"),
         "model": w.Dropdown(options=models, value=models[0], description="model"),
         "corpus": w.Dropdown(options=list(CORPORA), value=params.get("corpus", "wiki"), description="corpus"),
         "methods": w.SelectMultiple(options=list(QUANTIZERS), value=["rtn"], description="methods", rows=3),
@@ -98,7 +100,7 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
     worker = {"thread": None, "stop": threading.Event()}
     drawing = threading.Lock()  # the worker thread redraws too: one redraw (pyplot, out.outputs) at a time
 
-    def selection() -> list[runs.RunConfig]:
+    def selection() -> list[RunConfig]:
         v = {k: c.value for k, c in controls.items()}
         return selection_configs(v["tier"], v["model"], v["corpus"], v["methods"], sorted(v["bits"], reverse=True),
                                  None if v["observer"] == "tier" else v["observer"], v["granularity"], v["figure"])
@@ -117,7 +119,7 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
             compute.disabled = True
             out.outputs = ()
             return
-        found = [(c, runs.read_record(c, outputs)) for c in configs]
+        found = [(c, store.read_record(c, outputs)) for c in configs]
         records = [r for _, r in found if r is not None]
         missing = [c for c, r in found if r is None]
         status.value = (f"{len(records)} cached run(s)" + (f"; <b>{len(missing)} missing</b>: " +
@@ -162,7 +164,7 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
 
     def start(_):
         try:
-            missing = [c for c in selection() if runs.read_record(c, outputs) is None]
+            missing = [c for c in selection() if store.read_record(c, outputs) is None]
         except ValueError as err:
             status.value = f"<b>not a valid selection</b>: {err}"
             return
@@ -180,7 +182,7 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
         status.value += " — cancelling after the run in progress"
 
     def retier(change):  # the tier's models and corpus
-        p = runs.load_tier(change["new"])
+        p = load_tier(change["new"])
         controls["model"].options = list(p.get("models") or [p["model"]])
         controls["corpus"].value = p.get("corpus", "wiki")
 

@@ -21,11 +21,13 @@ MODEL_FACTOR = {"gemma3-270m": 1.8}
 def configs() -> list:
     """The runs of every notebook nbval executes, as it executes them: each per-model notebook with
     its default model (SmolLM2), the Pareto notebook over the tier's models."""
-    from repro import batch, runs
+    from repro import batch
+    from repro.config import load_tier
+    from repro.studies import NOTEBOOKS
 
-    per_model = [name for name, entry in batch.NOTEBOOKS.items() if entry[0] == "per model"]
-    default = runs.load_tier("ci")["model"]
-    jobs = batch.plan("ci", per_model, [default]) + batch.plan("ci", [n for n in batch.NOTEBOOKS if n not in per_model])
+    per_model = [name for name, notebook in NOTEBOOKS.items() if notebook.per_model]
+    default = load_tier("ci")["model"]
+    jobs = batch.plan("ci", per_model, [default]) + batch.plan("ci", [n for n in NOTEBOOKS if n not in per_model])
     unique = {}
     for job in jobs:
         for config in job.configs:

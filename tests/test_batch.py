@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from repro import batch, runs
+from repro import batch, runs, store
+from repro.config import load_tier, make_config
+from repro.studies import Notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 REPRO = [sys.executable, "-m", "repro.cli"]
@@ -18,13 +20,13 @@ REPRO = [sys.executable, "-m", "repro.cli"]
 
 def test_plan_covers_every_notebook_and_model():
     jobs = batch.plan("ci")
-    models = runs.load_tier("ci")["models"]
+    models = load_tier("ci")["models"]
     assert len(models) == 2
     assert [j.name() for j in jobs if j.notebook == "00_quickstart"] == [f"00_quickstart-{m}" for m in models]
     (pareto,) = [j for j in jobs if j.notebook == "02_pareto"]
     assert pareto.model is None and {c.model for c in pareto.configs} == set(models)
     assert {c.method for c in pareto.configs} == {"fp", "rtn", "gptq", "qaft"}
-    landscape_models = runs.load_tier("ci")["landscape"]["models"]
+    landscape_models = load_tier("ci")["landscape"]["models"]
     assert [j.model for j in jobs if j.notebook == "03_landscape"] == landscape_models
     with pytest.raises(ValueError, match="unknown notebook"):
         batch.plan("ci", ["99_missing"])
@@ -68,7 +70,7 @@ def test_batch_killed_after_the_first_notebook_resumes(tmp_path, seed_records):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "".join(first)
     before = _records(tmp_path)
-    assert runs.record_path(left[0], tmp_path).relative_to(tmp_path) in before, "".join(first)  # its own
+    assert store.record_path(left[0], tmp_path).relative_to(tmp_path) in before, "".join(first)  # its own
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     print(done.stdout[-3000:])
@@ -119,7 +121,7 @@ def test_two_shards_in_two_processes_equal_the_unsharded_batch(tmp_path, seed_re
     done = subprocess.run(base, env={**env, "REPRO_OUTPUTS": str(alone)}, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:]
     assert " 4 to compute" in done.stdout.splitlines()[0], done.stdout[-2000:]
-    assert _numbers(shared) == _numbers(alone) and len(_numbers(alone)) == len({runs.record_path(c) for c in job.configs})
+    assert _numbers(shared) == _numbers(alone) and len(_numbers(alone)) == len({store.record_path(c) for c in job.configs})
     final = subprocess.run(base, env={**env, "REPRO_OUTPUTS": str(shared)}, capture_output=True, text=True, cwd=ROOT)
     assert final.returncode == 0 and " 0 to compute" in final.stdout.splitlines()[0], final.stdout[-2000:]
     assert (shared / "ci" / "notebooks" / "00_quickstart-smollm2-135m.ipynb").is_file()
@@ -158,7 +160,7 @@ def test_pareto_notebook_runs_as_typed_from_root_and_from_notebooks(tmp_path):
     assert "int3" in table or "| 3 " in table
     records = _records(outputs)
     made = [r["config"] for r in map(json.loads, records.values()) if "config" in r]  # (not landscape points)
-    for model in runs.load_tier("ci")["models"]:
+    for model in load_tier("ci")["models"]:
         assert {(c["method"], c["bits"]) for c in made if c["model"] == model} >= {
             ("fp", None), ("rtn", 3), ("gptq", 3), ("qaft", 3)}
 
@@ -174,9 +176,9 @@ def test_a_failed_run_or_notebook_does_not_stop_the_others(tmp_path, monkeypatch
     from repro import cli
 
     def plan_of(bits):
-        return lambda tier, model, widths: [runs.make_config("rtn", bits, tier, model=model)]
+        return lambda tier, model, widths: [make_config("rtn", bits, tier, model=model)]
 
-    monkeypatch.setattr(batch, "NOTEBOOKS", {"a": ("per model", plan_of(4)), "b": ("all models", plan_of(3))})
+    monkeypatch.setattr(batch, "NOTEBOOKS", {"a": Notebook("a", plan_of(4)), "b": Notebook("b", plan_of(3), per_model=False)})
     monkeypatch.setattr(batch, "check_hub", lambda configs, tier: None)  # models "x", "y" are stand-ins
     monkeypatch.setattr(runs, "run", lambda config, outputs: (_ for _ in ()).throw(RuntimeError("boom"))
                         if config.model == "x" else {"config": {}, "wall_s": {}})

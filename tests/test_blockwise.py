@@ -8,8 +8,9 @@ import torch
 
 from repro import quant
 from repro.models import blocks, fp_snapshot, stack_linears
-from repro.runs import RunConfig
+from repro.config import RunConfig
 from repro.stack import capture, run_blocks
+from repro.config import load_tier
 from tiny_models import FAMILIES, tiny_model
 
 bw = importlib.import_module("repro.methods.blockwise")  # the module (repro.methods.blockwise is also the function's name)
@@ -209,7 +210,8 @@ def test_a_non_finite_loss_stops_the_window_with_a_reason_and_keeps_its_best_sta
 # ----------------------------------------------------------------------------- embedded model
 @pytest.mark.embedded
 def test_embedded_block_ptq_beats_rtn(ci_outputs):
-    from repro.runs import make_config, run
+    from repro.config import make_config
+    from repro.runs import run
 
     rtn = run(make_config("rtn", 3, tier="ci"), outputs=ci_outputs)  # notebook 04 reads both
     block = run(make_config("blockwise", 3, tier="ci"), outputs=ci_outputs)
@@ -218,10 +220,10 @@ def test_embedded_block_ptq_beats_rtn(ci_outputs):
 
 
 def test_the_paper_tier_runs_notebook_04_on_the_cross_block_papers_models():
-    from repro import batch, runs
+    from repro import batch
 
     jobs = [j for j in batch.plan("paper") if j.notebook == "04_cross_block"]
-    assert sorted(j.model for j in jobs) == sorted(runs.load_tier("paper")["cross_block"]["models"])
+    assert sorted(j.model for j in jobs) == sorted(load_tier("paper")["cross_block"]["models"])
     assert "meta-llama/Llama-2-7b-hf" in [j.model for j in jobs]
 
 

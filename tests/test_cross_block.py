@@ -12,9 +12,11 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from repro import batch, evaluate, models, plots, report, runs
-from repro.runs import RunConfig
+from repro import analysis, batch, evaluate, models, plots
+from repro.config import RunConfig, load_tier
+from repro.studies import cross_block
 
+from fake_records import fake_record, table_rows
 from tiny_models import tiny_model
 
 # label -> blockwise options (None: not block-wise), in locality order
@@ -35,18 +37,14 @@ def window(start=0, m=1, l=0, steps=8, wall_s=1.0, params=1000, **mem):
             "memory_bytes": memory(window_weights=4 * params, optimizer_state=8 * params, **mem)}
 
 
-def record(method, bits=3, nll=4.0, model="m", options=None, block_mse=None, windows=None, val=None, seconds=10.0,
-           layer_mse=(0.1, 0.2, 0.3)):
-    c = {"method": method, "bits": None if method == "fp" else bits, "model": model, "observer": "mse",
-         "corpus": "wiki", "options": dict(options or {})}
-    layers = {f"model.layers.{i}.mlp.up_proj": v for i, v in enumerate(layer_mse)}
-    r = {"config": c, "nll_test": nll, "nll_validation": nll + 0.5 if val is None else val,
-         "layer_mse_fp_inputs": {k: v / 2 for k, v in layers.items()}, "layer_mse": layers,
-         "mean_block_output_mse": block_mse, "wall_s": {"method": seconds, "evaluate": 1.0}, "info": {}}
+def record(method, bits=3, nll=4.0, windows=None, layer_mse=(0.1, 0.2, 0.3), **kw):
+    """``fake_record`` at int3 with three linears' MSE; a block-wise one's ``info`` names its variant and
+    holds ``windows`` (default: one ``window()``)."""
+    r = fake_record(method, bits, nll, layer_mse=layer_mse, **kw)
     if method == "blockwise":
         from repro.methods.blockwise import variant
 
-        r["info"] = {"variant": variant(c["options"]), "windows": windows if windows is not None else [window()]}
+        r["info"] = {"variant": variant(r["config"]["options"]), "windows": [window()] if windows is None else windows}
     return r
 
 
@@ -60,13 +58,6 @@ def spectrum_records(bits=3, model="m"):
     return out
 
 
-def rows(table):
-    """[[cells]] of a markdown table's body and its header."""
-    lines = [line for line in table.splitlines() if line.startswith("|")]
-    split = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
-    return [split(line) for line in lines[2:]], split(lines[0])
-
-
 @pytest.fixture(autouse=True)
 def close_figures():
     yield
@@ -78,25 +69,26 @@ def test_locality_orders_the_spectrum_and_labels_it():
     recs = spectrum_records()
     shuffled = recs[:]
     random.Random(0).shuffle(shuffled)
-    assert [report.method_label(r) for r in sorted(shuffled, key=report.locality)] == ["FP", *SPECTRUM]
-    assert [report.method_label(r) for r in report.spectrum_records(shuffled, 3)] == list(SPECTRUM)  # no FP
-    assert report.spectrum_records(shuffled, 4) == [] and report.spectrum_records(shuffled, 3, model="other") == []
-    sees = {report.method_label(r): report.sees(r) for r in recs}
+    assert [analysis.method_label(r) for r in sorted(shuffled, key=analysis.locality)] == ["FP", *SPECTRUM]
+    assert [analysis.method_label(r) for r in analysis.spectrum_records(shuffled, 3)] == list(SPECTRUM)  # no FP
+    assert analysis.spectrum_records(shuffled, 4) == [] and analysis.spectrum_records(shuffled, 3, model="other") == []
+    sees = {analysis.method_label(r): analysis.sees(r) for r in recs}
     assert sees["RTN"] == "one weight tensor" and sees["GPTQ"] == "one linear layer"
     assert sees["QAFT"] == "whole network (NLL)" and sees["block PTQ"] == "1 block"
     assert sees["MB-PTQ m=2"] == "2 blocks" and sees["LA-PTQ l=2"] == "1 block + 2 FP downstream"
 
 
 def test_median_layer_mse():
-    assert report.median_layer_mse(record("rtn", layer_mse=(3.0, 1.0, 2.0)), "layer_mse") == 2.0
-    assert report.median_layer_mse(record("rtn", layer_mse=(4.0, 1.0, 3.0, 2.0)), "layer_mse") == 2.5
-    assert report.median_layer_mse(record("rtn", layer_mse=(4.0, 1.0, 3.0, 2.0))) == 1.25  # FP inputs: / 2
-    assert report.median_layer_mse(record("rtn", layer_mse=())) is None
-    assert report.median_layer_mse({"config": {}}) is None
+    assert analysis.median_layer_mse(record("rtn", layer_mse=(3.0, 1.0, 2.0)), "layer_mse") == 2.0
+    assert analysis.median_layer_mse(record("rtn", layer_mse=(4.0, 1.0, 3.0, 2.0)), "layer_mse") == 2.5
+    assert analysis.median_layer_mse(record("rtn", layer_mse=(4.0, 1.0, 3.0, 2.0))) == 1.25  # FP inputs: / 2
+    assert analysis.median_layer_mse(record("rtn", layer_mse=())) is None
+    assert analysis.median_layer_mse({"config": {}}) is None
 
 
 def test_spectrum_table():
-    body, header = rows(report.spectrum_table(spectrum_records() + spectrum_records(model="other"), 3, model="m"))
+    table = cross_block.spectrum_table(spectrum_records() + spectrum_records(model="other"), 3, model="m")
+    body, header = table_rows(table)
     assert [r[0] for r in body] == list(SPECTRUM)
     cells = {r[0]: dict(zip(header, r)) for r in body}
     assert cells["QAFT"]["test NLL"] == "**4.250**" and cells["RTN"]["test NLL"] == "6.000"
@@ -104,9 +96,9 @@ def test_spectrum_table():
     assert cells["LA-PTQ l=1"]["objective sees"] == "1 block + 1 FP downstream"
     assert cells["RTN"]["median layer MSE, FP inputs"] == "0.1" and cells["RTN"]["median layer MSE, own inputs"] == "0.2"
     assert cells["GPTQ"]["block-output MSE"] == "2" and cells["GPTQ"]["method s"] == "20"
-    no_seconds, header = rows(report.spectrum_table(spectrum_records(), 3, seconds=False))
+    no_seconds, header = table_rows(cross_block.spectrum_table(spectrum_records(), 3, seconds=False))
     assert "method s" not in header and len(header) == 6 and all(len(r) == 6 for r in no_seconds)
-    assert report.spectrum_table(spectrum_records(), 4) == "No int4 records yet."
+    assert cross_block.spectrum_table(spectrum_records(), 4) == "No int4 records yet."
 
 
 def timed_records(a=0.1, k=0.8, steps=8):
@@ -121,33 +113,36 @@ def timed_records(a=0.1, k=0.8, steps=8):
 
 def test_window_times_and_growth_law():
     recs = timed_records()
-    points = report.window_times(recs)
+    points = analysis.window_times(recs)
     assert len(points) == 7  # the window with 0 steps is left out
     assert sorted({n for n, _ in points}) == [1, 2, 3, 4]
     assert all(math.isclose(t, 0.1 * n ** 0.8) for n, t in points)
-    a, k = report.growth_law(recs)
+    a, k = analysis.growth_law(recs)
     assert a == pytest.approx(0.1, rel=1e-9) and k == pytest.approx(0.8, rel=1e-9)
-    a, k = report.growth_law(timed_records(a=2.0, k=1.5, steps=3))
+    a, k = analysis.growth_law(timed_records(a=2.0, k=1.5, steps=3))
     assert a == pytest.approx(2.0, rel=1e-9) and k == pytest.approx(1.5, rel=1e-9)
-    assert "0.1 s × (m + l)^0.80" in report.growth_summary(recs) and "fit over 7 windows" in report.growth_summary(recs)
+    summary = cross_block.growth_summary(recs)
+    assert "0.1 s × (m + l)^0.80" in summary and "fit over 7 windows" in summary
     single = [timed_records()[0]]  # block PTQ only: one size
-    assert report.growth_law(single) is None and report.growth_law([]) is None
-    assert report.growth_summary(single).startswith("Fewer than two window sizes")
+    assert analysis.growth_law(single) is None and analysis.growth_law([]) is None
+    assert cross_block.growth_summary(single).startswith("Fewer than two window sizes")
 
 
 def cell(block, others, model="m", bits=3):
     """Block PTQ at 4.0 and block-wise ``others`` {options-label: (nll, block mse)}, RTN/GPTQ/QAFT around."""
-    recs = [record("fp", nll=3.0, model=model), record("blockwise", bits, 4.0, model, {"window": 1}, block)]
-    recs += [record("blockwise", bits, nll, model, opts, mse) for opts, (nll, mse) in others]
-    recs += [record("rtn", bits, 6.0, model, block_mse=9.0), record("gptq", bits, 5.0, model, block_mse=5.0),
-             record("qaft", bits, 3.7, model, block_mse=3.0)]
+    recs = [record("fp", nll=3.0, model=model),
+            record("blockwise", bits, 4.0, model=model, options={"window": 1}, block_mse=block)]
+    recs += [record("blockwise", bits, nll, model=model, options=opts, block_mse=mse)
+             for opts, (nll, mse) in others]
+    recs += [record(method, bits, nll, model=model, block_mse=mse)
+             for method, nll, mse in (("rtn", 6.0, 9.0), ("gptq", 5.0, 5.0), ("qaft", 3.7, 3.0))]
     return recs
 
 
 def test_cross_block_summary_verdicts_and_agreement():
     others = [({"lookahead": 1}, (4.2, 2.0)), ({"window": 2}, (3.8, 1.5)),  # 5% worse, 5% better
               ({"window": 2, "steps_per": "block"}, (4.02, 1.2))]  # 0.5% worse
-    text = report.cross_block_summary(cell(1.0, others))
+    text = cross_block.cross_block_summary(cell(1.0, others))
     lines = text.splitlines()
     assert len(lines) == 2 and lines[0].startswith("- m int3: block PTQ 4.000; ")
     assert "MB-PTQ m=2 3.800 (Δ -0.200: helps)" in lines[0]
@@ -157,16 +152,17 @@ def test_cross_block_summary_verdicts_and_agreement():
     assert "RTN" not in lines[0] and "QAFT" not in lines[0]  # only block-wise variants against block PTQ
     assert lines[1] == ("  Lowest test NLL: QAFT (3.700); lowest block-output MSE: block PTQ (1) — "
                         "**not** the same method.")
-    agree = report.cross_block_summary(cell(4.0, [(o, (nll, mse + 3)) for o, (nll, mse) in others]))  # QAFT's 3.0 lowest
+    agree = cross_block.cross_block_summary(cell(4.0, [(o, (nll, mse + 3)) for o, (nll, mse) in others]))
+    # (with the others' block MSE + 3, QAFT's 3.0 is the lowest)
     assert agree.splitlines()[1].endswith("lowest block-output MSE: QAFT (3) — the same method.")
-    no_mse = report.cross_block_summary([r | {"mean_block_output_mse": None} for r in cell(1.0, others)])
+    no_mse = cross_block.cross_block_summary([r | {"mean_block_output_mse": None} for r in cell(1.0, others)])
     assert no_mse.splitlines()[1] == "  Lowest test NLL: QAFT (3.700)."
-    assert report.cross_block_summary([]) == "No block-wise records yet."
+    assert cross_block.cross_block_summary([]) == "No block-wise records yet."
 
 
 def test_cross_block_summary_cells_in_order():
     recs = cell(1.0, [], model="b", bits=3) + cell(1.0, [], model="b", bits=4) + cell(1.0, [], model="a", bits=3)
-    heads = [line for line in report.cross_block_summary(recs).splitlines() if line.startswith("- ")]
+    heads = [line for line in cross_block.cross_block_summary(recs).splitlines() if line.startswith("- ")]
     assert [h.split(":")[0] for h in heads] == ["- a int3", "- b int4", "- b int3"]  # model, then bits high to low
 
 
@@ -176,7 +172,7 @@ def test_memory_table():
             record("blockwise", options={"window": 1}, windows=[window(0, params=5000, cuda_peak=50_000_000),
                                                                  window(1, params=500_000, cuda_peak=7_000_000)]),
             record("qaft")]
-    body, header = rows(report.memory_table(recs))
+    body, header = table_rows(cross_block.memory_table(recs))
     assert [r[0] for r in body] == ["block PTQ int3", "LA-PTQ l=1 int3"]  # locality order, QAFT left out
     la = dict(zip(header, body[1]))
     # predicted = 2 x 8 MB weights + 16 MB Adam + 12.3 MB saved = 44.3 MB
@@ -184,23 +180,23 @@ def test_memory_table():
             la["predicted peak MB"], la["CUDA peak MB"]) == ("2000000", "8.0", "16.0", "12.3", "3.0", "44.3", "—")
     block = dict(zip(header, body[0]))  # the largest window, not the first
     assert (block["window params"], block["predicted peak MB"], block["CUDA peak MB"]) == ("500000", "8.0", "7.0")
-    assert report.memory_table([record("rtn")]) == "No block-wise records yet."
+    assert cross_block.memory_table([record("rtn")]) == "No block-wise records yet."
 
 
 def test_blockwise_sweep_table():
     sweep = [({"steps": 64, "lr": 1e-3}, 4.30), ({"steps": 8, "lr": 1e-4}, 4.50),
              ({"steps": 8, "lr": 1e-3, "mixed_precision": "bf16"}, 4.20), ({"steps": 8, "lr": 1e-3}, 4.40)]
     recs = [record("blockwise", options=o, val=v, nll=v - 0.4, seconds=s) for s, (o, v) in enumerate(sweep)]
-    body, header = rows(report.blockwise_sweep_table(recs + [record("gptq", val=4.0)]))
+    body, header = table_rows(cross_block.blockwise_sweep_table(recs + [record("gptq", val=4.0)]))
     assert header[:6] == ["variant", "bits", "steps per window", "lr", "training precision", "validation NLL"]
     # fp32 before bf16, then by steps and lr
     assert [r[2:6] for r in body] == [["8", "0.0001", "fp32", "4.500"], ["8", "0.001", "fp32", "4.400"],
                                       ["64", "0.001", "fp32", "4.300"], ["8", "0.001", "bf16", "**4.200**"]]
     assert body[3][:2] == ["block PTQ", "int3"] and body[3][6:] == ["3.800", "2"]
     # a record that leaves steps/lr to the method's defaults is read with them
-    (row,), _ = rows(report.blockwise_sweep_table([record("blockwise", options={"window": 2}, val=4.0)]))
+    (row,), _ = table_rows(cross_block.blockwise_sweep_table([record("blockwise", options={"window": 2}, val=4.0)]))
     assert row[:4] == ["MB-PTQ m=2", "int3", "64", "0.0001"]
-    assert report.blockwise_sweep_table([record("gptq")]) == "No block-wise sweep records."
+    assert cross_block.blockwise_sweep_table([record("gptq")]) == "No block-wise sweep records."
 
 
 # ----------------------------------------------------------------------------- plots
@@ -233,19 +229,19 @@ def test_window_time_plot():
 
 # ----------------------------------------------------------------------------- configs and batch plan
 def test_cross_block_configs_ci():
-    tier = runs.load_tier("ci")
-    configs = runs.cross_block_configs("ci")
+    tier = load_tier("ci")
+    configs = cross_block.configs("ci")
     assert [c.method for c in configs] == ["fp", "rtn", "gptq", "qaft"] + ["blockwise"] * len(tier["cross_block"]["variants"])
     assert {c.model for c in configs} == {tier["model"]} and {c.bits for c in configs} == {None, 3}
     assert [c.label() for c in configs[4:]] == ["block PTQ int3", "MB-PTQ m=2 int3", "LA-PTQ l=1 int3"]
     for c, v in zip(configs[4:], tier["cross_block"]["variants"]):
         assert c.options == {**tier["methods"]["blockwise"], **v} and c.tier == "ci"
-    two = runs.cross_block_configs("ci", "gemma3-270m", bits=[4, 3])
+    two = cross_block.configs("ci", "gemma3-270m", bits=[4, 3])
     assert [(c.method, c.bits) for c in two[:7]] == [("fp", None), ("rtn", 4), ("rtn", 3), ("gptq", 4), ("gptq", 3),
                                                       ("qaft", 4), ("qaft", 3)]
     assert [c.label() for c in two[7:]] == [f"{v} int{b}" for b in (4, 3) for v in ("block PTQ", "MB-PTQ m=2", "LA-PTQ l=1")]
     assert two[8].observer == "mse" and two[8].model == "gemma3-270m"  # gemma's int4 observer (smollm2: histogram)
-    own = runs.cross_block_configs("ci", bits=4, variants=[{"window": 3, "steps": 2}])
+    own = cross_block.configs("ci", bits=4, variants=[{"window": 3, "steps": 2}])
     assert [c.label() for c in own] == ["fp", "rtn int4", "gptq int4", "qaft int4", "MB-PTQ m=3 int4"]
     assert own[-1].options["steps"] == 2 and own[-1].options["lr"] == tier["methods"]["blockwise"]["lr"]
 
@@ -259,7 +255,7 @@ def test_run_config_labels():
 
 def test_batch_plan_groups_by_model_and_pareto_last():
     jobs = batch.plan("ci")
-    models_ = runs.load_tier("ci")["models"]
+    models_ = load_tier("ci")["models"]
     cross = [j for j in jobs if j.notebook == "04_cross_block"]
     assert [j.model for j in cross] == models_
     for j in cross:

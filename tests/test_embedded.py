@@ -2,6 +2,7 @@
 import pytest
 
 from repro import models, runs
+from repro.config import make_config
 
 pytestmark = pytest.mark.embedded
 
@@ -19,9 +20,9 @@ def test_rtn_int8_near_fp_and_int2_far_worse(tmp_path):
     # 512-token contexts (the cpu tier's length), few sequences: the paper's premise that int8
     # is nearly lossless, under the embedded tiers' observers (chosen per bit-width)
     kw = dict(tier="ci", seq_len=512, n_eval=4)
-    fp = runs.run(runs.make_config("fp", None, **kw), tmp_path)
-    int8 = runs.run(runs.make_config("rtn", 8, **kw), tmp_path)
-    int2 = runs.run(runs.make_config("rtn", 2, **kw), tmp_path)
+    fp = runs.run(make_config("fp", None, **kw), tmp_path)
+    int8 = runs.run(make_config("rtn", 8, **kw), tmp_path)
+    int2 = runs.run(make_config("rtn", 2, **kw), tmp_path)
     assert (int8["config"]["observer"], int2["config"]["observer"]) == ("minmax", "mse")
     assert int8["nll_validation"] <= 1.03 * fp["nll_validation"]
     assert int2["nll_validation"] > fp["nll_validation"] + 3
@@ -31,4 +32,4 @@ def test_rtn_int8_near_fp_and_int2_far_worse(tmp_path):
 
 def test_sequence_longer_than_model_allows_is_rejected_before_work(tmp_path):
     with pytest.raises(ValueError, match="seq_len=9000.*8192"):
-        runs.run(runs.make_config("rtn", 4, tier="ci", seq_len=9000), tmp_path)
+        runs.run(make_config("rtn", 4, tier="ci", seq_len=9000), tmp_path)

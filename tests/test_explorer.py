@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from repro import runs, widgets
+from repro import widgets
+from repro.config import load_tier, sweep_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium")
@@ -28,9 +29,9 @@ def test_selection_lists_the_runs_each_figure_reads():
     grouped = widgets.selection_configs("ci", "smollm2-135m", "wiki", ["rtn"], [4], None, "group")
     assert grouped[1].label() == "rtn int4 g128" and grouped[1].observer == "minmax"
     pareto = widgets.selection_configs("ci", "smollm2-135m", "wiki", ["rtn"], [4], None, "tensor", widgets.FIGURES[2])
-    assert {c.model for c in pareto} == set(runs.load_tier("ci")["models"])
+    assert {c.model for c in pareto} == set(load_tier("ci")["models"])
     spectrum = widgets.selection_configs("ci", "smollm2-135m", "wiki", ["rtn"], [3], None, "tensor", widgets.FIGURES[5])
-    assert sum(c.method == "blockwise" for c in spectrum) == len(runs.load_tier("ci")["cross_block"]["variants"])
+    assert sum(c.method == "blockwise" for c in spectrum) == len(load_tier("ci")["cross_block"]["variants"])
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def lab(tmp_path, seed_records):
             pytest.fail("chromium is missing: `make test` installs it (scripts/install_browser.sh)")
         pytest.skip("Debian's chromium is not installed (bash scripts/install_browser.sh)")
     outputs = tmp_path / "outputs"
-    seed_records(outputs, runs.sweep_configs(("fp", "rtn"), [8, 4, 3], "ci"))
+    seed_records(outputs, sweep_configs(("fp", "rtn"), [8, 4, 3], "ci"))
     root = tmp_path / "lab"
     root.mkdir()
     shutil.copy(ROOT / "notebooks" / "explore.ipynb", root)

@@ -13,7 +13,7 @@ from repro.methods.gptq import (accumulate_hessian, damping_search, gptq, gptq_q
                                 hessian_factor, layer_loss, merge_hessians, split_calibration)
 from repro.models import fp_snapshot, stack_linears, weight_matrix
 from repro.quant import codes, compute_scale, quantize
-from repro.runs import RunConfig
+from repro.config import RunConfig
 
 
 def correlated_problem(out=40, inp=200, tokens=1000, seed=0, dtype=torch.float64):
@@ -336,7 +336,8 @@ def test_solve_memory_terms_of_a_llama_block():
 # ----------------------------------------------------------------------------- embedded model
 @pytest.mark.embedded
 def test_embedded_gptq_beats_rtn_layer_mse(ci_outputs):
-    from repro.runs import make_config, run
+    from repro.config import make_config
+    from repro.runs import run
 
     # share of layers whose error GPTQ must lower, measured at the ci tier: 203/210 at int4 and
     # 158/210 at int3, where GPTQ's calibration inputs (its own quantized prefix) drift from FP
@@ -357,7 +358,9 @@ def test_embedded_gptq_beats_rtn_layer_mse(ci_outputs):
 def test_embedded_gptq_is_deterministic(tmp_path, ci_outputs):
     """A second computation of a config (fresh outputs) gives the session's record of it again
     (computed by the test above, or by a notebook at the tier's pinned thread count)."""
-    from repro.runs import make_config, read_record, run
+    from repro.config import make_config
+    from repro.runs import run
+    from repro.store import read_record
 
     config = make_config("gptq", 3, tier="ci")
     assert run(config, outputs=tmp_path)["cached"] is False

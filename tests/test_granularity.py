@@ -10,9 +10,10 @@ import torch
 from test_gptq import correlated_problem, rel
 from tiny_models import FAMILIES, tiny_model
 
-from repro import models, quant, runs
+from repro import models, quant, runs, store
 from repro.methods.gptq import damping_search, gptq_quantize, hessian_factor
 from repro.quant import codes, compute_scale, expand_scale, quantize, row_scales
+from repro.config import RunConfig, make_config
 
 
 def weight(out=12, inp=40, seed=0):
@@ -57,11 +58,11 @@ def test_bad_grids_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="histogram observer is per tensor only.*mse.*minmax"):
         compute_scale(weight(), 4, "histogram", "channel")
     with pytest.raises(ValueError, match="group_size=0"):
-        runs.RunConfig(method="rtn", bits=4, granularity="group", group_size=0, observer="minmax")
+        RunConfig(method="rtn", bits=4, granularity="group", group_size=0, observer="minmax")
     with pytest.raises(ValueError, match="histogram.*per tensor only"):
-        runs.RunConfig(method="rtn", bits=4, granularity="channel", observer="histogram")
+        RunConfig(method="rtn", bits=4, granularity="channel", observer="histogram")
     with pytest.raises(ValueError, match="act_order=False"):
-        runs.make_config("gptq", 4, "ci", granularity="group", observer="minmax", options={"act_order": True})
+        make_config("gptq", 4, "ci", granularity="group", observer="minmax", options={"act_order": True})
     with pytest.raises(ValueError, match="pass the group_size"):
         quantize(weight(), compute_scale(weight(), 4, "minmax", "group", 16), 4)
 
@@ -69,12 +70,12 @@ def test_bad_grids_are_refused_with_the_fix():
 def test_per_tensor_keys_and_grid_are_unchanged():
     """Records made before granularity existed keep their keys (so they stay valid), and the
     per-tensor grid is the same computation as before: a 0-d scale, quantize by broadcasting."""
-    config = runs.RunConfig(method="rtn", bits=4, model="smollm2-135m", observer="mse")
+    config = RunConfig(method="rtn", bits=4, model="smollm2-135m", observer="mse")
     assert config.key() == "5c8c443503c43a22"  # computed by the code before this option existed
     assert config.label() == "rtn int4"
-    assert runs.RunConfig(method="rtn", bits=4, granularity="channel", observer="mse").key() != config.key()
-    g64 = runs.RunConfig(method="rtn", bits=4, granularity="group", group_size=64, observer="mse")
-    assert g64.key() != runs.RunConfig(method="rtn", bits=4, granularity="group", observer="mse").key()
+    assert RunConfig(method="rtn", bits=4, granularity="channel", observer="mse").key() != config.key()
+    g64 = RunConfig(method="rtn", bits=4, granularity="group", group_size=64, observer="mse")
+    assert g64.key() != RunConfig(method="rtn", bits=4, granularity="group", observer="mse").key()
     assert g64.label() == "rtn int4 g64"
     W = weight()
     scale = compute_scale(W, 4, "mse")
@@ -183,8 +184,8 @@ def test_kept_weights_round_trip_group_scales(tmp_path):
     model = tiny_model("gpt2")
     linears = models.stack_linears(model)
     fp = models.fp_snapshot(model)
-    config = runs.RunConfig(method="gptq", bits=3, model="tiny", granularity="group", group_size=16,
-                            observer="minmax", save_weights=True)
+    config = RunConfig(method="gptq", bits=3, model="tiny", granularity="group", group_size=16,
+                       observer="minmax", save_weights=True)
     grid_scales = {}
     with torch.no_grad():
         for name, m in linears.items():
@@ -192,8 +193,8 @@ def test_kept_weights_round_trip_group_scales(tmp_path):
             scale = 1.1 * compute_scale(W, 3, "minmax", "group", 16)  # not what the observer gives
             W.copy_(quantize(W, scale, 3, 16))
             grid_scales[name] = scale
-    path = runs.weights_path(config, tmp_path)
-    runs.save_weights(model, config, {}, path, fp, "now", grid_scales)
+    path = store.weights_path(config, tmp_path)
+    store.save_weights(model, config, {}, path, fp, "now", grid_scales)
     kept = runs.load_weights(config, tmp_path)
     for name, m in linears.items():
         assert torch.equal(kept[name], m.weight.detach())  # the stored layout, Conv1D included
@@ -205,8 +206,8 @@ def test_embedded_g128_int4_rtn_stays_near_fp(ci_outputs):
     """Measured at the ci tier (SmolLM2, 4 x 128-token test sequences): FP 2.868, per-tensor RTN
     int4 9.654, g128 minmax 3.290 nats/token. The margin: g128 within 0.6 nats of FP, where per
     tensor is 6.8 nats away."""
-    fp = runs.run(runs.make_config("fp", None, "ci"), ci_outputs)
-    g128 = runs.run(runs.make_config("rtn", 4, "ci", granularity="group", observer="minmax"), ci_outputs)
+    fp = runs.run(make_config("fp", None, "ci"), ci_outputs)
+    g128 = runs.run(make_config("rtn", 4, "ci", granularity="group", observer="minmax"), ci_outputs)
     assert g128["nll_test"] - fp["nll_test"] < 0.6
     assert g128["config"]["group_size"] == 128
     assert g128["weight_size_gb"] > 4 * g128["stack_params"] / 8 / 1e9  # scales counted

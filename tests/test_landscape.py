@@ -9,9 +9,11 @@ import pytest
 import torch
 from tiny_models import FAMILIES, tiny_model
 
-from repro import evaluate, landscape, runs
+from repro import evaluate, runs, store
+from repro.config import RunConfig, load_tier, make_config
 from repro.methods.rtn import rtn
 from repro.models import fp_snapshot, stack_linears
+from repro.studies import landscape
 
 
 def test_a_direction_is_a_seeded_unit_vector_over_the_stack():
@@ -120,24 +122,24 @@ def test_bad_landscape_settings_fail_early():
 
 
 def test_the_tier_keeps_weights_of_the_landscape_runs_only():
-    section = runs.load_tier("ci")["landscape"]
+    section = load_tier("ci")["landscape"]
     b = section["bits"][0]
-    assert runs.make_config("gptq", b, tier="ci").save_weights and runs.make_config("qaft", b, tier="ci").save_weights
-    assert not runs.make_config("rtn", b, tier="ci").save_weights  # follows from its record's scales
-    assert not runs.make_config("gptq", 8, tier="ci").save_weights
-    assert not runs.make_config("gptq", b, tier="ci", model="gemma3-270m").save_weights
+    assert make_config("gptq", b, tier="ci").save_weights and make_config("qaft", b, tier="ci").save_weights
+    assert not make_config("rtn", b, tier="ci").save_weights  # follows from its record's scales
+    assert not make_config("gptq", 8, tier="ci").save_weights
+    assert not make_config("gptq", b, tier="ci", model="gemma3-270m").save_weights
     # keeping weights does not change what a run is
-    assert runs.make_config("gptq", b, tier="ci").key() == runs.make_config("gptq", b, tier="ci", save_weights=False).key()
+    assert make_config("gptq", b, tier="ci").key() == make_config("gptq", b, tier="ci", save_weights=False).key()
     with pytest.raises(ValueError, match="save_weights"):
-        runs.RunConfig(method="fp", save_weights=True)
+        RunConfig(method="fp", save_weights=True)
 
 
 def test_kept_weights_round_trip_exactly(tmp_path):
     model = tiny_model("gpt2")
-    config = runs.RunConfig(method="rtn", bits=3, observer="minmax")
+    config = RunConfig(method="rtn", bits=3, observer="minmax")
     info = rtn(model, types.SimpleNamespace(), config)
     path = tmp_path / "w.safetensors"
-    runs.save_weights(model, config, info, path)
+    store.save_weights(model, config, info, path)
     from safetensors.torch import load_file
 
     stored = load_file(str(path))
@@ -148,7 +150,7 @@ def test_kept_weights_round_trip_exactly(tmp_path):
     with torch.no_grad():
         m.weight.add_(1e-3)  # off the grid: refused, nothing written
     with pytest.raises(RuntimeError, match="not on its int3 grid"):
-        runs.save_weights(model, config, info, tmp_path / "bad.safetensors")
+        store.save_weights(model, config, info, tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob(".bad*"))
 
 
@@ -173,17 +175,17 @@ def test_kept_weights_lifecycle(tmp_path, monkeypatch):
         return bench
 
     monkeypatch.setattr(runs, "workbench", fresh_bench)
-    monkeypatch.setattr(runs, "evaluate_model", lambda *args, **kwargs: {"nll_validation": 1.0, "nll_test": 1.0})
+    monkeypatch.setattr(evaluate, "record_metrics", lambda *args, **kwargs: {"nll_validation": 1.0, "nll_test": 1.0})
     monkeypatch.setitem(runs.METHODS, "gptq", dataclasses.replace(runs.METHODS["gptq"], run=fake_gptq, version=99))
-    plain = runs.RunConfig(method="gptq", bits=3, observer="minmax", options={"damping_grid": [0.01]})
+    plain = RunConfig(method="gptq", bits=3, observer="minmax", options={"damping_grid": [0.01]})
     runs.run(plain, tmp_path)
-    path = runs.weights_path(plain, tmp_path)
+    path = store.weights_path(plain, tmp_path)
     assert not path.exists() and len(calls) == 1
     keeping = dataclasses.replace(plain, save_weights=True)
     assert runs.run(keeping, tmp_path)["cached"] and len(calls) == 1  # the record serves; weights not needed
     weights = runs.load_weights(keeping, tmp_path)  # needed now: computed again, kept
     assert len(calls) == 2 and path.exists()
-    assert runs.weights_stamp(keeping, tmp_path) == runs.read_record(keeping, tmp_path)["created"]
+    assert store.weights_stamp(keeping, tmp_path) == store.read_record(keeping, tmp_path)["created"]
     for name, m in stack_linears(model).items():
         assert torch.equal(weights[name], m.weight.detach())
     runs.load_weights(keeping, tmp_path)
@@ -200,4 +202,4 @@ def test_kept_weights_lifecycle(tmp_path, monkeypatch):
     monkeypatch.setitem(runs.METHODS, "gptq", dataclasses.replace(runs.METHODS["gptq"], run=off_grid, version=99))
     with pytest.warns(UserWarning, match="not on its int3 grid.*without them"):
         record = runs.run(keeping, tmp_path, force=True)
-    assert record["key"] == keeping.key() and runs.read_record(keeping, tmp_path) and not path.exists()
+    assert record["key"] == keeping.key() and store.read_record(keeping, tmp_path) and not path.exists()

@@ -8,9 +8,9 @@ import torch
 from test_qaft import tiny_data
 from tiny_models import FAMILIES, tiny_model
 
-from repro import models, runs
+from repro import models, store
 from repro.methods import MAIN, METHODS, QUANTIZERS
-from repro.runs import RunConfig
+from repro.config import RunConfig
 
 # small options per method, so each finishes in about a second on a 2-layer model
 FAST = {"gptq": {"damping_grid": [0.01, 1.0]}, "qaft": {"epochs": 1, "lr_grid": [1e-3]},
@@ -51,7 +51,7 @@ def test_a_method_changes_only_the_stack_linear_weights(method, family, tmp_path
     if method != "fp":
         assert any(not torch.equal(w, stack_before[n]) for n, w in stack_after.items())  # it did quantize
         if METHODS[method].keeps_weights:  # on the grid: save_weights refuses weights that are not
-            runs.save_weights(model, config, info, tmp_path / "w.safetensors", fp_weights=stack_before)
+            store.save_weights(model, config, info, tmp_path / "w.safetensors", fp_weights=stack_before)
 
 
 def test_the_main_methods_are_registered_in_spectrum_order():

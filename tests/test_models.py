@@ -65,7 +65,7 @@ def test_unsupported_family_is_named():
     import types
 
     from repro.methods.gptq import gptq
-    from repro.runs import RunConfig
+    from repro.config import RunConfig
 
     calibration = torch.randint(0, 32, (2, 8))
     with pytest.raises(ValueError, match="'bert' is not supported"):  # a method says so too, not KeyError

@@ -5,14 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from repro import batch
+from repro import studies
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
+FILES = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
 def test_every_batch_notebook_is_committed():
-    assert {f"{name}.ipynb" for name in batch.NOTEBOOKS} <= {p.name for p in FILES}
+    assert {f"{name}.ipynb" for name in studies.NOTEBOOKS} <= {p.name for p in FILES}
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])

@@ -20,14 +20,16 @@ from pathlib import Path
 import pytest
 
 import paper_standins
-from repro import batch, runs
+from repro import batch
+from repro.config import load_tier
+from repro.studies import NOTEBOOKS
 
 pytestmark = pytest.mark.subprocess
 ROOT = Path(__file__).resolve().parent.parent
 STANDINS = list(paper_standins.MODELS)
 LLAMA = "meta-llama/Llama-2-7b-hf"
 # (models, notebooks, widths: None = the tier's)
-PLAN = ([(STANDINS, list(batch.NOTEBOOKS), None)] if os.environ.get("REPRO_PAPER_DRY_RUN") == "full" else
+PLAN = ([(STANDINS, list(NOTEBOOKS), None)] if os.environ.get("REPRO_PAPER_DRY_RUN") == "full" else
         [(STANDINS, ["00_quickstart"], None), (["gpt2"], ["01_misalignment", "02_pareto", "06_hyperparameters"], [4]),
          ([LLAMA], ["04_cross_block"], [4])])
 
@@ -69,7 +71,7 @@ def test_every_planned_notebook_executes(paper_run):
 
 
 def test_records_follow_the_paper_protocol(paper_run):
-    tier = runs.load_tier("paper")
+    tier = load_tier("paper")
     found = records(paper_run)
     assert {r["config"]["method"] for r in found} >= {"fp", "rtn", "gptq", "qaft", "blockwise"}
     assert {r["config"]["model"] for r in found} == set(STANDINS)

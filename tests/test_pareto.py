@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from repro import plots, report
+from fake_records import fake_record, sweep_records, table_dict
+
+from repro import analysis, plots
+from repro.studies import pareto, sweep
 
 STACK = {"small": 80_000_000, "large": 400_000_000}
 # test NLL per model, method, bits (FP: bits None); QAFT below GPTQ everywhere, gap larger at int3
@@ -19,16 +22,15 @@ NLL = {"small": {"fp": {None: 3.50}, "rtn": {8: 3.60, 3: 6.00}, "gptq": {8: 3.55
                  "qaft": {8: 3.02, 3: 3.90}}}
 
 
-def record(model, method, bits):
+def record(method, bits, model):
     nll = NLL[model][method][bits]
-    return {"config": {"method": method, "bits": bits, "model": model, "observer": "mse", "corpus": "wiki"},
-            "nll_test": nll, "nll_validation": nll + 0.1, "stack_params": STACK[model],
-            "weight_size_gb": 123.0}  # stale on purpose: sizes come from stack_params and bits
+    return fake_record(method, bits, nll, val=nll + 0.1, model=model, stack_params=STACK[model],
+                       weight_size_gb=123.0)  # stale on purpose: sizes come from stack_params and bits
 
 
 def records(skip=()):
-    return [record(model, method, bits) for model in NLL for method in NLL[model] for bits in NLL[model][method]
-            if (model, method, bits) not in skip]
+    return [r for model in NLL for r in sweep_records(record, (8, 3), model=model)
+            if (model, r["config"]["method"], r["config"]["bits"]) not in skip]
 
 
 @pytest.fixture(autouse=True)
@@ -43,39 +45,32 @@ def pt(size, nll, name="x"):
 
 def test_pareto_front_dominance_and_ties():
     a, b, c = pt(1, 5, "a"), pt(2, 4, "b"), pt(3, 4.5, "c")  # c: larger and worse than b
-    assert report.pareto_front([c, b, a]) == [a, b]
+    assert analysis.pareto_front([c, b, a]) == [a, b]
     same_size_lower = pt(2, 3.9, "d")  # equal size, lower NLL wins
-    assert report.pareto_front([a, b, same_size_lower]) == [a, same_size_lower]
+    assert analysis.pareto_front([a, b, same_size_lower]) == [a, same_size_lower]
     same_nll_smaller = pt(1.5, 4, "e")  # equal NLL, smaller size wins
-    assert report.pareto_front([b, same_nll_smaller]) == [same_nll_smaller]
+    assert analysis.pareto_front([b, same_nll_smaller]) == [same_nll_smaller]
     tie = pt(2, 4, "twin")  # identical (size, NLL): both stay
-    assert {p["model"] for p in report.pareto_front([a, b, tie, c])} == {"a", "b", "twin"}
-    assert report.pareto_front([a]) == [a] and report.pareto_front([]) == []
-    assert report.pareto_front([a, pt(0.5, float("nan"), "nan")]) == [a]
+    assert {p["model"] for p in analysis.pareto_front([a, b, tie, c])} == {"a", "b", "twin"}
+    assert analysis.pareto_front([a]) == [a] and analysis.pareto_front([]) == []
+    assert analysis.pareto_front([a, pt(0.5, float("nan"), "nan")]) == [a]
 
 
 def test_pareto_points_sizes():
-    points = {(p["model"], p["method"], p["bits"]): p for p in report.pareto_points(records())}
+    points = {(p["model"], p["method"], p["bits"]): p for p in analysis.pareto_points(records())}
     fp = points[("small", "fp", 16)]
     assert fp["size_gb"] == pytest.approx(STACK["small"] * 16 / 8 / 1e9) and fp["nll"] == 3.50
     assert points[("large", "gptq", 3)]["size_gb"] == pytest.approx(STACK["large"] * 3 / 8e9)
-    int4 = {"config": {"method": "gptq", "bits": 4, "model": "small"}, "nll_test": 4.0, "stack_params": 10**9}
-    assert report.pareto_points([int4]) == [{"model": "small", "method": "gptq", "bits": 4, "size_gb": 0.5,
-                                             "nll": 4.0}]
-    assert report.pareto_points(records(), "nll_validation")[0]["nll"] == pytest.approx(3.60)
-    no_size = {**record("small", "rtn", 8), "stack_params": None}
-    assert report.pareto_points([no_size]) == []
-
-
-def table_rows(table):
-    lines = [line for line in table.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return header, {tuple(c.strip() for c in line.strip("|").split("|"))[:2]:
-                    dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]}
+    int4 = fake_record("gptq", 4, 4.0, model="small", stack_params=10**9)
+    assert analysis.pareto_points([int4]) == [{"model": "small", "method": "gptq", "bits": 4, "size_gb": 0.5,
+                                               "nll": 4.0}]
+    assert analysis.pareto_points(records(), "nll_validation")[0]["nll"] == pytest.approx(3.60)
+    no_size = {**record("rtn", 8, "small"), "stack_params": None}
+    assert analysis.pareto_points([no_size]) == []
 
 
 def test_pareto_table():
-    header, rows = table_rows(report.pareto_table(records()))
+    rows, header = table_dict(pareto.pareto_table(records()), key=2, named=True)
     assert header[-2:] == ["GPTQ − QAFT", "on Pareto front"]
     assert list(rows) == [("small", "FP (16)"), ("small", "int8"), ("small", "int3"),
                           ("large", "FP (16)"), ("large", "int8"), ("large", "int3")]  # small stack first
@@ -90,7 +85,7 @@ def test_pareto_table():
 
 
 def test_pareto_summary():
-    text = report.pareto_summary(records())
+    text = pareto.pareto_summary(records())
     assert "5 of 14 points, 2 model(s)): QAFT 3, FP 2." in text
     assert "small QAFT int3 (0.03 GB, 4.400), small QAFT int8 (0.08 GB, 3.520), small FP (0.16 GB, 3.500)" in text
     assert "- int3: +0.450 over 2 model(s) (small +0.600, large +0.300)" in text
@@ -101,17 +96,17 @@ def test_pareto_summary():
 
 def test_pareto_summary_and_table_with_missing_method():
     recs = records(skip={("large", "qaft", 3), ("small", "fp", None)})
-    text = report.pareto_summary(recs)
+    text = pareto.pareto_summary(recs)
     assert "- int3: +0.600 over 1 model(s) (small +0.600)" in text
     assert "(3/3)" in text and "Missing records: small FP, large int3 QAFT." in text
-    _, rows = table_rows(report.pareto_table(recs))
+    rows, _ = table_dict(pareto.pareto_table(recs), key=2, named=True)
     assert rows[("large", "int3")]["QAFT test NLL"] == "—" and rows[("large", "int3")]["GPTQ − QAFT"] == "—"
     assert ("small", "FP (16)") not in rows
-    worse = records() + [{**record("large", "qaft", 8), "nll_test": 3.10}]  # replaces large int8 QAFT
-    assert "3/4 (model, bits) pairs; not at: large int8 (-0.060)" in report.pareto_summary(worse)
+    worse = records() + [{**record("qaft", 8, "large"), "nll_test": 3.10}]  # replaces large int8 QAFT
+    assert "3/4 (model, bits) pairs; not at: large int8 (-0.060)" in pareto.pareto_summary(worse)
     only_rtn = [r for r in records() if r["config"]["method"] in ("fp", "rtn")]
-    assert "no gap to report" in report.pareto_summary(only_rtn)
-    assert report.pareto_summary([]) == report.pareto_table([]) == "No records with a weight size yet."
+    assert "no gap to report" in pareto.pareto_summary(only_rtn)
+    assert pareto.pareto_summary([]) == pareto.pareto_table([]) == "No records with a weight size yet."
 
 
 def markers(ax):
@@ -162,6 +157,7 @@ def test_pareto_gap_plot_and_save_figures(tmp_path):
     assert list(small.get_xdata()) == [3, 8] and np.allclose(small.get_ydata(), [0.6, 0.03])
     assert list(large.get_xdata()) == [8] and ax.xaxis_inverted()
     rtn = [r for r in records() if r["config"]["method"] in ("fp", "rtn")]  # the other figures need more fields
-    assert {p.name for p in plots.save_figures(rtn, tmp_path, suffix="_t")} == {"nll_vs_bits_t.png", "pareto_t.png"}
+    saved = plots.save_drawn(sweep.record_figures(rtn, "_t"), tmp_path)
+    assert {p.name for p in saved} == {"nll_vs_bits_t.png", "pareto_t.png"}
     fp_only = [r for r in records() if r["config"]["method"] == "fp"]
-    assert "pareto.png" not in {p.name for p in plots.save_figures(fp_only, tmp_path / "fp")}
+    assert "pareto.png" not in {p.name for p in plots.save_drawn(sweep.record_figures(fp_only), tmp_path / "fp")}

@@ -1,5 +1,5 @@
 """repro.plots on synthetic records: the figures' panels, the Fig. 1 scatter's coordinates,
-the damping panels with and without held-out losses, and save_figures' files."""
+the damping panels with and without held-out losses, and the saved figure files."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,43 +9,35 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from repro import plots
+from fake_records import LAYERS, fake_record, gptq_info, qaft_info, sweep_records
 
-LAYERS = [f"model.layers.{b}.{n}" for b in range(2) for n in ("self_attn.q_proj", "mlp.up_proj")]
+from repro import plots
+from repro.studies import sweep
+
 GRID = ["0.001", "0.01", "0.1", "1"]
 NLL = {"fp": 3.0, "rtn": {8: 3.1, 4: 4.5}, "gptq": {8: 3.05, 4: 3.6}, "qaft": {8: 3.02, 4: 3.4}}
 MSE_SCALE = {"rtn": 3.0, "gptq": 1.0, "qaft": 2.0}  # GPTQ lowest layer MSE, QAFT above it
 
 
 def record(method, bits, model="m1", held_out=True):
-    """A record of the new schema; layer MSE = scale * 2^(-bits) * (1 + layer position)."""
+    """``fake_record`` over the four ``LAYERS``: layer MSE = scale * 2^(-bits) * (1 + layer position)."""
     nll = NLL[method] if method == "fp" else NLL[method][bits] + (0.5 if model == "m2" else 0.0)
     scale = 0.0 if method == "fp" else MSE_SCALE[method] * 2.0 ** -bits
-    mse = {n: scale * (1 + i) for i, n in enumerate(LAYERS)}
-    fp_mse = {n: v / 2 for n, v in mse.items()}
-    r = {"config": {"method": method, "bits": bits, "observer": "mse", "model": model},
-         "nll_validation": nll + 0.01, "nll_test": nll,
-         "layer_mse": mse, "mean_layer_mse": np.mean(list(mse.values())),
-         "layer_mse_fp_inputs": fp_mse, "mean_layer_mse_fp_inputs": np.mean(list(fp_mse.values())),
-         "weight_mse": scale, "info": {}}
+    info = {}
     if method == "gptq":
         # in-sample loss falls toward low damping; held-out loss is lowest at 0.1
-        r["info"]["layers"] = {n: {"damping": 0.1 if i % 2 else 0.01,
-                                   "losses": {g: (1 + i) * (1 + float(g)) for g in GRID},
-                                   **({"held_out_losses": {g: (1 + i) * (2 + abs(np.log10(float(g)) + 1))
-                                                           for g in GRID}} if held_out else {})}
-                               for i, n in enumerate(LAYERS)}
+        info = gptq_info([0.01, 0.1] * 2, GRID, lambda i, g: (1 + i) * (1 + float(g)),
+                         (lambda i, g: (1 + i) * (2 + abs(np.log10(float(g)) + 1))) if held_out else None)
     if method == "qaft":
-        r["info"] = {"lr": 1e-4, "rtn": {"nll_validation": NLL["rtn"][bits]},
-                     "runs": [{"lr": lr, "best_nll_validation": nll + lr,
-                               "history": [{"epoch": e, "nll_test": nll + 0.1 / (e + 1)} for e in range(3)]}
-                              for lr in (1e-5, 1e-4)]}
-    return r
+        info = qaft_info(NLL["rtn"][bits], {lr: (nll + lr, [nll + 0.1 / (e + 1) for e in range(3)])
+                                            for lr in (1e-5, 1e-4)})
+    return fake_record(method, bits, nll, val=nll + 0.01, model=model, info=info, weight_mse=scale,
+                       layer_mse=[scale * (1 + i) for i in range(len(LAYERS))])
 
 
 def records(model="m1", qaft_bits=(8, 4)):
-    return ([record("fp", None, model)] + [record(m, b, model) for m in ("rtn", "gptq") for b in (8, 4)]
-            + [record("qaft", b, model) for b in qaft_bits])
+    return [r for r in sweep_records(record, model=model)
+            if r["config"]["method"] != "qaft" or r["config"]["bits"] in qaft_bits]
 
 
 @pytest.fixture(autouse=True)
@@ -142,10 +134,11 @@ def test_damping_plot_panels_and_normalised_losses():
 
 
 def test_save_figures_writes_pngs(tmp_path):
-    paths = plots.save_figures(records(), tmp_path / "figs", suffix="_t")
+    paths = plots.save_drawn(sweep.record_figures(records(), "_t"), tmp_path / "figs")
     names = {p.name for p in paths}
     assert {"misalignment_t.png", "misalignment_scatter_t.png", "damping_t.png"} <= names
     for p in paths:
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    without_qaft = plots.save_figures([r for r in records() if r["config"]["method"] != "qaft"], tmp_path / "b")
+    without_qaft = plots.save_drawn(sweep.record_figures([r for r in records() if r["config"]["method"] != "qaft"]),
+                                    tmp_path / "b")
     assert "misalignment_scatter.png" not in {p.name for p in without_qaft}

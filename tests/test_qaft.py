@@ -8,10 +8,11 @@ import platform
 import pytest
 import torch
 
-from repro import models, quant, runs
+from repro import models, quant, runs, store
 from repro.data import Data
 from repro.methods.qaft import keep_freed_memory, lr_at, make_scheduler, qaft
-from repro.runs import RunConfig
+from repro.config import RunConfig
+from repro.config import make_config
 
 from tiny_models import VOCAB, tiny_model
 
@@ -229,7 +230,7 @@ def test_nan_loss_stops_that_lr_and_the_sweep_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "workbench", lambda cfg: runs.Workbench(model, None, data, fp, ()))
     record = runs.run(config, outputs=tmp_path / "out")
 
-    saved = json.loads(runs.record_path(config, tmp_path / "out").read_text())
+    saved = json.loads(store.record_path(config, tmp_path / "out").read_text())
     first, second = saved["info"]["runs"]
     assert first["stop_reason"].startswith("non-finite training loss (nan) at epoch 1, step 3")
     assert [h["epoch"] for h in first["history"]] == [0]  # only RTN: no epoch finished
@@ -245,10 +246,10 @@ def test_unknown_option_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown QAFT option"):
         qaft(tiny_model("llama"), tiny_data(), tiny_config(tmp_path, learning_rate=1e-3))
     with pytest.raises(ValueError, match=r"lr_grid=0\.001: a non-empty list of values > 0"):
-        runs.make_config("qaft", 4, "ci", options={"lr_grid": 0.001})
+        make_config("qaft", 4, "ci", options={"lr_grid": 0.001})
     with pytest.raises(ValueError, match="lr_grid=.*'abc' is not a finite number > 0"):
-        runs.make_config("qaft", 4, "ci", options={"lr_grid": [1e-3, "abc"]})
-    assert runs.make_config("qaft", 4, "ci", options={"lr_grid": ["1e-3"]}).options["lr_grid"] == ["1e-3"]
+        make_config("qaft", 4, "ci", options={"lr_grid": [1e-3, "abc"]})
+    assert make_config("qaft", 4, "ci", options={"lr_grid": ["1e-3"]}).options["lr_grid"] == ["1e-3"]
 
 
 def test_sequences_longer_than_the_model_allows_are_refused_before_training(tmp_path):
@@ -265,7 +266,7 @@ def test_sequences_longer_than_the_model_allows_are_refused_before_training(tmp_
 def embedded_pair(tmp_path_factory):
     """One ci-tier QAFT config (one epoch at one lr0 keeps it short; weights kept) run twice in
     this process, into fresh outputs each time: the config, the two outputs, the two records."""
-    config = runs.make_config("qaft", BITS, "ci", options={"epochs": 1, "lr_grid": [1e-3]})
+    config = make_config("qaft", BITS, "ci", options={"epochs": 1, "lr_grid": [1e-3]})
     config = dataclasses.replace(config, save_weights=True)
     outputs = [tmp_path_factory.mktemp(name) for name in ("a", "b")]
     return config, outputs, [runs.run(config, outputs=out) for out in outputs]
@@ -317,7 +318,7 @@ def test_embedded_qaft_is_deterministic(embedded_pair):
     assert first["info"]["runs"][0]["history"]  # it trained
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(runs.weights_path(config, out))) for out in outputs)  # stamps differ
+    a, b = (load_file(str(store.weights_path(config, out))) for out in outputs)  # stamps differ
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

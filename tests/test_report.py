@@ -2,9 +2,12 @@
 the test-split misalignment summary, and `repro report` end to end on ci-tier record paths."""
 import pytest
 
-from repro import cli, report, runs
+from fake_records import fake_record, gptq_info, qaft_info, sweep_records, table_dict
 
-LAYERS = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+from repro import cli, report, store
+from repro.config import make_config
+from repro.studies import datasets, landscape, sweep
+
 # test NLL per method and bits; validation = test + 0.5 unless a test overrides it
 METHODS_ALL = ("rtn", "gptq", "qaft")
 TEST_NLL = {"rtn": {8: 3.111, 4: 5.222, 3: 7.333}, "gptq": {8: 3.055, 4: 4.444, 3: 6.066},
@@ -13,51 +16,32 @@ MSE = {"rtn": 0.0423, "gptq": 0.0122, "qaft": 0.0484}  # own inputs; FP inputs: 
 
 
 def record(method, bits=None, observer="minmax", code="abc123def456", **fields):
-    c = {"method": method, "bits": bits, "observer": observer, "model": "m", "corpus": "wiki"}
+    """``fake_record`` with this module's numbers; GPTQ's damping search over three linears, QAFT's two lr0s."""
     if method == "fp":
-        r = {"config": c, "nll_test": 2.790, "nll_validation": 3.277, "ppl_validation": 26.5,
-             "mean_layer_mse": 0.0, "mean_layer_mse_fp_inputs": 0.0, "wall_s": {"method": 0.0}, "info": {}}
-    else:
-        mse = MSE[method] * 2 ** (8 - bits)
-        r = {"config": c, "nll_test": TEST_NLL[method][bits], "nll_validation": TEST_NLL[method][bits] + 0.5,
-             "ppl_validation": 10.0 * bits, "mean_layer_mse": mse, "mean_layer_mse_fp_inputs": mse / 2,
-             "wall_s": {"method": {"rtn": 1.0, "gptq": 564.4, "qaft": 437.0}[method] + bits}, "info": {}}
+        fields = {"ppl_validation": 26.5, "mean_layer_mse": 0.0, "mean_layer_mse_fp_inputs": 0.0, **fields}
+        return fake_record("fp", nll=2.790, val=3.277, observer=observer, seconds=0.0, code=code, **fields)
+    nll, mse = TEST_NLL[method][bits], MSE[method] * 2 ** (8 - bits)
+    info = {}
     if method == "gptq":
-        grid = ["0.001", "1", "100"]
-        chosen = [0.001, 0.001, 100.0]  # held-out prefers 1 for the first layer only
-        r["info"] = {"options": {"damping_grid": [float(g) for g in grid]},
-                     "layers": {n: {"damping": d, "losses": dict.fromkeys(grid, 1.0),
-                                    "held_out_losses": {"0.001": 2.0 if i == 0 else 1.0, "1": 1.5, "100": 3.0}}
-                                for i, (n, d) in enumerate(zip(LAYERS, chosen))}}
+        grid = ["0.001", "1", "100"]  # held-out prefers 1 for the first layer only
+        info = gptq_info([0.001, 0.001, 100.0], grid, lambda i, g: 1.0,
+                         lambda i, g: {"0.001": 2.0 if i == 0 else 1.0, "1": 1.5, "100": 3.0}[g],
+                         options={"damping_grid": [float(g) for g in grid]})
     if method == "qaft":
-        nll = TEST_NLL["qaft"][bits]
-        r["info"] = {"lr": 1e-4, "epoch": 1, "rtn": {"nll_validation": TEST_NLL["rtn"][bits] + 0.5},
-                     "runs": [{"lr": lr, "best_nll_validation": nll + 0.5 + (0 if lr == 1e-4 else 0.25),
-                               "history": [{"epoch": 0, "nll_test": TEST_NLL["rtn"][bits]},
-                                           {"epoch": 1, "nll_test": nll}, {"epoch": 2, "nll_test": nll + 0.01}]}
-                              for lr in (1e-4, 1e-3)]}
-    if code is not None:
-        r["versions"] = {"package": "0.1.0", "code": code}
-    r.update(fields)
-    return r
+        rtn = TEST_NLL["rtn"][bits]
+        info = qaft_info(rtn + 0.5, {lr: (nll + 0.5 + (0 if lr == 1e-4 else 0.25), [rtn, nll, nll + 0.01])
+                                     for lr in (1e-4, 1e-3)}, epoch=1)
+    fields = {"ppl_validation": 10.0 * bits, "mean_layer_mse": mse, "mean_layer_mse_fp_inputs": mse / 2, **fields}
+    seconds = {"rtn": 1.0, "gptq": 564.4, "qaft": 437.0}[method] + bits
+    return fake_record(method, bits, nll, observer=observer, seconds=seconds, info=info, code=code, **fields)
 
 
 def records():
-    return [record("fp")] + [record(m, b) for m in ("rtn", "gptq", "qaft") for b in (8, 4)]
-
-
-def rows(table):
-    """{first cell: [cells]} of a markdown table."""
-    lines = [line for line in table.splitlines() if line.startswith("|")]
-    out = {}
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        out[cells[0]] = cells[1:]
-    return out, [c.strip() for c in lines[0].strip("|").split("|")][1:]
+    return sweep_records(record)
 
 
 def test_fig1_table():
-    body, header = rows(report.fig1_table(records()))
+    body, header = table_dict(sweep.fig1_table(records()))
     assert list(body) == ["FP", "int8", "int4"]  # FP first, then high to low bits
     assert body["FP"][:3] == ["2.790"] * 3
     cell = dict(zip(header, body["int4"]))
@@ -67,23 +51,23 @@ def test_fig1_table():
 
 
 def test_qaft_epochs_and_lr_tables():
-    body, header = rows(report.qaft_epochs_table(records()))
+    body, header = table_dict(sweep.qaft_epochs_table(records()))
     assert header == ["test NLL, epoch 0 (RTN)", "epoch 1", "epoch 2", "GPTQ test NLL"]
     assert body["int4"] == ["5.222", "**4.111**", "4.121", "4.444"]  # bold: the chosen epoch
-    body, header = rows(report.lr_table(records()))
+    body, header = table_dict(sweep.lr_table(records()))
     assert header == ["validation NLL, lr0 0.0001", "validation NLL, lr0 0.001"]
-    assert body["int8"] == ["**3.522**", "3.772"] and "†" not in report.lr_table(records())
+    assert body["int8"] == ["**3.522**", "3.772"] and "†" not in sweep.lr_table(records())
     recs = records()
     for r in recs:
         if r["config"]["method"] == "qaft":
             r["info"]["runs"][1]["best_epoch"] = 0  # lr0 1e-3 never beat RTN
-    table = report.lr_table(recs)
-    body, _ = rows(table)
+    table = sweep.lr_table(recs)
+    body, _ = table_dict(table)
     assert body["int8"] == ["**3.522**", "3.772†"] and table.endswith("(this lr0 only made it worse).")
 
 
 def test_rtn_table():
-    body, header = rows(report.rtn_table(records()))
+    body, header = table_dict(sweep.rtn_table(records()))
     assert list(body) == ["FP", "int8", "int4"]
     assert body["FP"] == ["3.277", "26.5", "2.790", "0", "0"]
     assert body["int4"] == ["5.722", "40", "5.222", "0.338", "0.677"]
@@ -93,7 +77,7 @@ def test_observer_table_bolds_column_minimum():
     recs = [record("fp"), record("rtn", 8, "minmax"), record("rtn", 4, "minmax"),
             record("rtn", 8, "mse", nll_validation=3.300, nll_test=3.500),
             record("rtn", 4, "mse", nll_validation=9.0, nll_test=9.5)]
-    body, header = rows(report.observer_table(recs))
+    body, header = table_dict(sweep.observer_table(recs))
     assert header == ["int8 validation NLL (vs FP)", "int8 test NLL", "int4 validation NLL (vs FP)", "int4 test NLL"]
     assert body["mse"][:2] == ["**3.300** (+0.7%)", "3.500"]
     assert body["minmax"][:2] == ["3.611 (+10.2%)", "**3.111**"]
@@ -101,25 +85,25 @@ def test_observer_table_bolds_column_minimum():
 
 
 def test_damping_table():
-    body, header = rows(report.damping_table(records()))
+    body, header = table_dict(sweep.damping_table(records()))
     assert header == ["λ 0.001", "λ 1", "λ 100", "layers", "in-sample pick = held-out pick"]
     assert body["int8"] == ["2", "0", "1", "3", "2/3"]  # in sample (ties: the first) picks 0.001
     old = record("gptq", 4)
     for layer in old["info"]["layers"].values():
         del layer["held_out_losses"]
-    assert rows(report.damping_table([old]))[0]["int4"][-1] == "—"
+    assert table_dict(sweep.damping_table([old]))[0]["int4"][-1] == "—"
 
 
 def test_misalignment_summary_uses_test_split():
     # validation says GPTQ wins int8, test says QAFT: the test winner is reported
     recs = [record("gptq", 8, nll_validation=3.0), record("qaft", 8, nll_validation=3.5)]
-    text = report.misalignment_summary(recs)
+    text = sweep.misalignment_summary(recs)
     assert "QAFT has the lower test NLL (3.055 GPTQ vs 3.022 QAFT" in text
     assert "FP inputs: GPTQ lower (0.0061 GPTQ vs 0.0242 QAFT), **misaligned**" in text
     assert "own inputs: GPTQ lower (0.0122 GPTQ vs 0.0484 QAFT), **misaligned**" in text
     old = [{**r, "mean_layer_mse_fp_inputs": None} for r in recs]
-    assert "FP inputs" not in report.misalignment_summary(old)
-    assert report.first_epoch_summary(records()) and "int4: best initial LR 0.0001" in report.lr_summary(records())
+    assert "FP inputs" not in sweep.misalignment_summary(old)
+    assert sweep.first_epoch_summary(records()) and "int4: best initial LR 0.0001" in sweep.lr_summary(records())
 
 
 def test_update_markdown():
@@ -133,15 +117,15 @@ def test_update_markdown():
 
 def test_cli_report_rewrites_readme(tmp_path, capsys):
     outputs, readme = tmp_path / "out", tmp_path / "README.md"
-    readme.write_text("# R\n" + "".join(f"<!-- report:{n} -->\nTODO\n<!-- /report:{n} -->\n" for n in report.SECTIONS)
+    readme.write_text("# R\n" + "".join(f"<!-- report:{n} -->\nTODO\n<!-- /report:{n} -->\n" for n in sweep.SECTIONS)
                       + "tail\n")
     for method, bits, code in [("fp", None, None), ("rtn", 4, "aaaaaaaaaaaa"), ("rtn", 3, "aaaaaaaaaaaa"),
                                ("gptq", 4, "bbbbbbbbbbbb"), ("gptq", 3, "bbbbbbbbbbbb"),
                                ("qaft", 4, "bbbbbbbbbbbb"), ("qaft", 3, "bbbbbbbbbbbb")]:
-        runs.write_json_atomic(runs.record_path(runs.make_config(method, bits, tier="ci"), outputs),
-                               record(method, bits, code=code))
+        store.write_json_atomic(store.record_path(make_config(method, bits, tier="ci"), outputs),
+                                record(method, bits, code=code))
     mse = record("rtn", 4, "mse", code="cccccccccccc", nll_validation=5.7)  # the tier's int4 observer is histogram
-    runs.write_json_atomic(runs.record_path(runs.make_config("rtn", 4, tier="ci", observer="mse"), outputs), mse)
+    store.write_json_atomic(store.record_path(make_config("rtn", 4, tier="ci", observer="mse"), outputs), mse)
     capsys.readouterr()
     assert cli.main(["report", "--tier", "ci", "--outputs", str(outputs), "--readme", str(readme)]) == 0
     text = readme.read_text()
@@ -163,25 +147,21 @@ def test_cli_report_without_records(tmp_path):
 def test_layer_share_table_counts_layers_not_means():
     per_layer = {"rtn": [1.0, 1.0, 100.0], "gptq": [0.5, 0.5, 150.0], "qaft": [2.0, 0.9, 90.0]}
 
-    def with_layers(method):
-        values = dict(zip(LAYERS, per_layer[method]))
-        return record(method, 4, layer_mse=values, layer_mse_fp_inputs={n: v / 2 for n, v in values.items()})
-
-    table = report.layer_share_table([with_layers(m) for m in ("rtn", "gptq", "qaft")])
+    table = sweep.layer_share_table([record(m, 4, layer_mse=per_layer[m]) for m in ("rtn", "gptq", "qaft")])
     lines = [line for line in table.splitlines() if line.startswith("| int4")]
     # GPTQ lowers 2 of 3 layers although its mean (dominated by the third layer) is higher
     assert lines[0] == "| int4 | FP inputs | 2/3 | 2/3 | 2/3 |"
     assert lines[1] == "| int4 | own inputs | 2/3 | 2/3 | 2/3 |"
-    assert "—" in report.layer_share_table(records())  # no per-layer values: a dash, not a crash
+    assert "—" in sweep.layer_share_table(records())  # no per-layer values: a dash, not a crash
 
 
 def test_fig1_table_without_seconds_for_compared_outputs():
-    body, header = rows(report.fig1_table(records(), seconds=False))
+    body, header = table_dict(sweep.fig1_table(records(), seconds=False))
     assert header[-2:] == ["QAFT lr0", "QAFT epoch"] and all(len(v) == len(header) for v in body.values())
 
 
 def test_damping_by_kind_table():
-    body = report.damping_by_kind_table([record("gptq", 8)])
+    body = sweep.damping_by_kind_table([record("gptq", 8)])
     lines = [line for line in body.splitlines() if line.startswith("| int8")]
     # LAYERS: up_proj (block 0) 0.001, down_proj 0.001, up_proj (block 1) 100
     assert lines == ["| int8 | up_proj | 1 | 1 |", "| int8 | down_proj | 1 |  |"]
@@ -192,7 +172,7 @@ def test_damping_scoring_table_pairs_in_sample_and_held_out():
     held["info"]["options"]["holdout"] = 0.25
     in_sample = record("gptq", 4, nll_test=4.999, mean_layer_mse_fp_inputs=0.5)
     in_sample["info"]["options"]["holdout"] = 0
-    body, header = rows(report.damping_scoring_table([held, in_sample]))
+    body, header = table_dict(sweep.damping_scoring_table([held, in_sample]))
     assert header == ["test NLL, in sample", "test NLL, held out 0.25", "MSE FP inputs, in sample",
                       "MSE FP inputs, held out 0.25"]
     assert body["int4"] == ["4.999", "4.444", "0.5", "0.0976"]
@@ -207,7 +187,7 @@ def test_precision_table_decides_on_validation_and_flags_bf16_over_one_percent_w
         a["config"]["model"] = b["config"]["model"] = model
         a["info"]["step_s"], b["info"]["step_s"] = 1.0, 2.0
         pairs.append((a, b))
-    table = report.precision_table(pairs)
+    table = sweep.precision_table(pairs)
     assert "| smollm2-135m | int4 | 5.020 | 5.000 | +0.40% | yes | -14.00% | 1.00 | 2.00 |" in table
     assert "+6.67% | **no**" in table
     assert "| gemma3-270m | int4 | 7.000 | 7.500 | -6.67% | yes |" in table  # better in bf16: kept
@@ -215,10 +195,10 @@ def test_precision_table_decides_on_validation_and_flags_bf16_over_one_percent_w
 
 def test_fallback_summary_names_the_layers_that_fell_back():
     clean = record("gptq", 4)
-    assert report.fallback_summary([clean, record("rtn", 4)]).startswith("No GPTQ layer fell back")
+    assert sweep.fallback_summary([clean, record("rtn", 4)]).startswith("No GPTQ layer fell back")
     bad = record("gptq", 8)
     bad["info"]["warning"] = "1 layer(s) fell back to RTN (Cholesky failed at every damping): model.layers.0.mlp.up_proj"
-    text = report.fallback_summary([clean, bad])
+    text = sweep.fallback_summary([clean, bad])
     assert text.count("**Warning**") == 1 and "int8" in text and "model.layers.0.mlp.up_proj" in text
 
 
@@ -232,15 +212,15 @@ def _analysis(pairs, bound=False):
 
 
 def test_radius_summary_states_whether_rho_one_separates_misalignment():
-    holds = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.02), (2.0, 1.0), (5.0, 3.0)]))
+    holds = landscape.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.02), (2.0, 1.0), (5.0, 3.0)]))
     assert "the paper's explanation holds" in holds
-    fails = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.9), (2.0, 1.0), (5.0, 3.0)]))
+    fails = landscape.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.9), (2.0, 1.0), (5.0, 3.0)]))
     assert "does not hold here" in fails and "misalignment already at rho ≤ 1 (0.50)" in fails
-    bound = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.9), (2.0, 1.0), (5.0, 3.0)], bound=True))
+    bound = landscape.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.9), (2.0, 1.0), (5.0, 3.0)], bound=True))
     assert "every rho is an upper bound" in bound and "already at rho ≤ 0.50" in bound
-    untestable = report.radius_summary(_analysis([(0.1, 0.01), (2.0, 1.0)], bound=True))
+    untestable = landscape.radius_summary(_analysis([(0.1, 0.01), (2.0, 1.0)], bound=True))
     assert "cannot be tested" in untestable and "holds" not in untestable
-    none = report.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.02)]))
+    none = landscape.radius_summary(_analysis([(0.1, 0.01), (0.5, 0.02)]))
     assert "No misalignment" in none
 
 
@@ -252,13 +232,13 @@ def test_corpora_table_and_summary_per_corpus():
         if r["config"]["method"] == "qaft" and r["config"]["bits"] == 8:
             r["nll_test"] = 3.5  # QAFT loses to GPTQ here: no misalignment at int8 on news
         news.append(r)
-    table = report.corpora_table(wiki + news)
+    table = datasets.corpora_table(wiki + news)
     assert "| news | int8 | — | 3.111 | 3.055 | 3.500 | -0.445 | GPTQ < RTN < QAFT |" in table
     assert "| wiki | int4 | 2.790 | 5.222 | 4.444 | 4.111 | +0.333 | QAFT < GPTQ < RTN |" in table
-    summary = report.corpora_summary(wiki + news)
+    summary = datasets.corpora_summary(wiki + news)
     assert "- news: QAFT beats GPTQ by more than 0.05 nats at int4 (+0.333); not at int8 (-0.445)." in summary
     assert "does **not** hold on every corpus" in summary
-    assert "holds on every corpus" in report.corpora_summary([r for r in wiki if r["config"]["bits"] != 8])
+    assert "holds on every corpus" in datasets.corpora_summary([r for r in wiki if r["config"]["bits"] != 8])
 
 
 def test_portable_table_prints_fp_and_rtn_numbers_and_checks_the_rest():

@@ -5,52 +5,54 @@ import json
 import pytest
 import torch
 
-from repro import cli, runs
+from repro import cli, evaluate, runs, store
+from repro import config as config_mod
+from repro.config import RunConfig, load_tier, make_config, sweep_configs
 from repro.methods import METHODS
 
 
 def test_config_hash_covers_what_determines_a_run():
-    a = runs.make_config("rtn", 4, tier="ci")
-    assert a.key() == runs.make_config("rtn", 4, tier="ci").key()
-    assert a.key() == runs.make_config("rtn", 4, tier="ci", device="cpu").key()  # placement only
-    assert a.threads == 1 and a.key() == runs.make_config("rtn", 4, tier="ci", threads=2).key()  # rounding only
-    for other in (runs.make_config("rtn", 3, tier="ci"), runs.make_config("rtn", 4, tier="ci", seed=1),
-                  runs.make_config("rtn", 4, tier="ci", observer="mse"), runs.make_config("rtn", 4, tier="cpu")):
+    a = make_config("rtn", 4, tier="ci")
+    assert a.key() == make_config("rtn", 4, tier="ci").key()
+    assert a.key() == make_config("rtn", 4, tier="ci", device="cpu").key()  # placement only
+    assert a.threads == 1 and a.key() == make_config("rtn", 4, tier="ci", threads=2).key()  # rounding only
+    for other in (make_config("rtn", 3, tier="ci"), make_config("rtn", 4, tier="ci", seed=1),
+                  make_config("rtn", 4, tier="ci", observer="mse"), make_config("rtn", 4, tier="cpu")):
         assert other.key() != a.key()
 
 
 def test_bad_config_values_fail_early():
     with pytest.raises(ValueError, match="2..8"):
-        runs.make_config("rtn", 1, tier="ci")
+        make_config("rtn", 1, tier="ci")
     with pytest.raises(ValueError, match="unknown method 'awq'"):
-        runs.make_config("awq", 4, tier="ci")
+        make_config("awq", 4, tier="ci")
     with pytest.raises(ValueError, match="unknown tier"):
-        runs.make_config("rtn", 4, tier="huge")
+        make_config("rtn", 4, tier="huge")
     assert cli.main(["run", "--bits", "9", "--tier", "ci"]) == 2
     with pytest.raises(ValueError, match="method 'fp' quantizes nothing"):
-        runs.make_config("fp", 4, tier="ci")
+        make_config("fp", 4, tier="ci")
     assert cli.main(["run", "--method", "fp", "--bits", "4", "--tier", "ci"]) == 2
     assert cli.main(["batch", "--tier", "ci", "--models", "smollm2-135m", "00_quickstart"]) == 2
     with pytest.raises(ValueError, match="seed='a': an integer >= 0"):
-        runs.make_config("rtn", 4, tier="ci", seed="a")
+        make_config("rtn", 4, tier="ci", seed="a")
     with pytest.raises(ValueError, match="is not a torch device"):
-        runs.make_config("rtn", 4, tier="ci", device="tpu9")
+        make_config("rtn", 4, tier="ci", device="tpu9")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
-            runs.make_config("rtn", 4, tier="ci", device="cuda")
+            make_config("rtn", 4, tier="ci", device="cuda")
         assert cli.main(["run", "--bits", "4", "--tier", "ci", "--device", "cuda"]) == 2
 
 
 def test_tier_settings_per_model(monkeypatch):
-    smol, gemma = (runs.make_config("rtn", 8, tier="cpu", model=m) for m in runs.load_tier("cpu")["models"])
-    settings = runs.load_tier("cpu")["model_settings"]["gemma3-270m"]
-    assert gemma.observer == settings["observer"][8] and smol.observer == runs.load_tier("cpu")["observer"][8]
+    smol, gemma = (make_config("rtn", 8, tier="cpu", model=m) for m in load_tier("cpu")["models"])
+    settings = load_tier("cpu")["model_settings"]["gemma3-270m"]
+    assert gemma.observer == settings["observer"][8] and smol.observer == load_tier("cpu")["observer"][8]
     assert gemma.seq_len == smol.seq_len  # what a model does not set is the tier's
     # a model's method options are merged into the tier's per option, not replaced
-    tier = runs.load_tier("cpu")
+    tier = load_tier("cpu")
     tier["model_settings"]["gemma3-270m"]["methods"] = {"qaft": {"mixed_precision": "no"}}
-    monkeypatch.setattr(runs, "load_tier", lambda name: copy.deepcopy(tier))
-    smol_qaft, gemma_qaft = (runs.make_config("qaft", 4, tier="cpu", model=m) for m in ("smollm2-135m", "gemma3-270m"))
+    monkeypatch.setattr(config_mod, "load_tier", lambda name: copy.deepcopy(tier))
+    smol_qaft, gemma_qaft = (make_config("qaft", 4, tier="cpu", model=m) for m in ("smollm2-135m", "gemma3-270m"))
     assert (smol_qaft.options["mixed_precision"], gemma_qaft.options["mixed_precision"]) == ("bf16", "no")
     assert gemma_qaft.options["lr_grid"] == smol_qaft.options["lr_grid"]
 
@@ -62,16 +64,16 @@ def test_outputs_dir_is_the_checkouts_from_any_working_directory(tmp_path, monke
     (root / "pyproject.toml").write_text("")
     for cwd in (root, root / "notebooks"):
         monkeypatch.chdir(cwd)
-        assert runs.outputs_dir() == root.resolve() / "outputs"
+        assert store.outputs_dir() == root.resolve() / "outputs"
     monkeypatch.setenv("REPRO_OUTPUTS", str(tmp_path / "elsewhere"))
-    assert runs.outputs_dir() == tmp_path / "elsewhere"
+    assert store.outputs_dir() == tmp_path / "elsewhere"
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "r.json"
-    runs.write_json_atomic(path, {"a": 1})
+    store.write_json_atomic(path, {"a": 1})
     with pytest.raises(TypeError):
-        runs.write_json_atomic(path, {"a": object()})
+        store.write_json_atomic(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
@@ -112,13 +114,13 @@ def test_cli_run_writes_record_and_summary(tmp_path, capsys, embedded):
 
 def test_figures_draw_the_tiers_records_only(tmp_path, capsys):
     """`repro figures` picks the tier's configs, not every record on disk (e.g. other observers)."""
-    tier_config = runs.make_config("rtn", 4, tier="ci")
-    other_observer = runs.make_config("rtn", 4, tier="ci", observer="minmax")  # the tier's: histogram
+    tier_config = make_config("rtn", 4, tier="ci")
+    other_observer = make_config("rtn", 4, tier="ci", observer="minmax")  # the tier's: histogram
     for config, nll in ((tier_config, 14.9), (other_observer, 10.4)):
-        runs.write_json_atomic(runs.record_path(config, tmp_path),
+        store.write_json_atomic(store.record_path(config, tmp_path),
                                {"config": dataclasses.asdict(config), "nll_validation": nll, "nll_test": nll - 0.5})
-    configs = runs.sweep_configs(("fp", "rtn"), tier="ci")
-    records = [r for r in (runs.read_record(c, tmp_path) for c in configs) if r is not None]
+    configs = sweep_configs(("fp", "rtn"), tier="ci")
+    records = [r for r in (store.read_record(c, tmp_path) for c in configs) if r is not None]
     assert [(r["config"]["observer"], r["nll_validation"], r["cached"]) for r in records] == [("histogram", 14.9, True)]
     assert cli.main(["figures", "--tier", "ci", "--outputs", str(tmp_path)]) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "figures" / "nll_vs_bits_ci.png")]
@@ -128,7 +130,7 @@ def test_figures_draw_the_tiers_records_only(tmp_path, capsys):
 
 
 def test_method_options_are_checked_when_the_config_is_made():
-    from repro.runs import RunConfig
+    from repro.config import RunConfig
 
     with pytest.raises(ValueError, match="takes no options"):
         RunConfig(method="rtn", options={"window": 2})
@@ -150,23 +152,23 @@ def test_cli_options_are_read_as_yaml():
 
 
 def test_a_corrupt_record_is_moved_aside_and_recomputed(tmp_path):
-    config = runs.make_config("rtn", 4, tier="ci")
-    path = runs.record_path(config, tmp_path)
+    config = make_config("rtn", 4, tier="ci")
+    path = store.record_path(config, tmp_path)
     path.parent.mkdir(parents=True)
     path.write_text('{"key": "')  # a write cut short
     with pytest.warns(UserWarning, match=f"record {path} is unreadable"):
-        assert runs.read_record(config, tmp_path) is None
+        assert store.read_record(config, tmp_path) is None
     assert not path.exists() and path.with_name(path.name + ".corrupt").read_text() == '{"key": "'
     path.write_text(json.dumps({"key": "another"}))  # valid JSON, but not this config's
     with pytest.warns(UserWarning, match="not '" + config.key()):
-        assert runs.read_record(config, tmp_path) is None
+        assert store.read_record(config, tmp_path) is None
 
 
 def test_unwritable_outputs_fail_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(RuntimeError, match="cannot write results to .*a-file.*--outputs or REPRO_OUTPUTS"):
-        runs.run(runs.make_config("rtn", 4, tier="ci"), outputs=blocker)  # outputs/records under a file
+        runs.run(make_config("rtn", 4, tier="ci"), outputs=blocker)  # outputs/records under a file
 
 
 def test_two_runs_of_one_config_at_once_compute_it_once(tmp_path, monkeypatch):
@@ -185,11 +187,11 @@ def test_two_runs_of_one_config_at_once_compute_it_once(tmp_path, monkeypatch):
         time.sleep(0.3)  # long enough for the other thread to arrive while this one computes
         return {}
 
-    config = runs.make_config("rtn", 4, tier="ci")
+    config = make_config("rtn", 4, tier="ci")
     bench = types.SimpleNamespace(model=torch.nn.Linear(1, 1), data=None, fp_weights={}, fp_test_grams={},
                                   fp_test_hidden=(config.batch_size, []))
     monkeypatch.setattr(runs, "workbench", lambda config: bench)
-    monkeypatch.setattr(runs, "evaluate_model", lambda *args, **kwargs: {"nll_validation": 1.0, "nll_test": 1.0})
+    monkeypatch.setattr(evaluate, "record_metrics", lambda *args, **kwargs: {"nll_validation": 1.0, "nll_test": 1.0})
     monkeypatch.setitem(runs.METHODS, "rtn", dataclasses.replace(runs.METHODS["rtn"], run=slow_rtn))
     results = []
     threads = [threading.Thread(target=lambda: results.append(runs.run(config, tmp_path))) for _ in range(2)]
@@ -231,7 +233,7 @@ def test_an_embedded_model_is_built_once_by_concurrent_loaders(tmp_path, monkeyp
                                           ("n_eval", 2.5), ("threads", 0)])
 def test_bad_sizes_are_refused_when_the_config_is_made(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}: an integer"):
-        runs.RunConfig(method="rtn", **{field: value})
+        RunConfig(method="rtn", **{field: value})
 
 
 def test_pinned_threads_set_the_count_inside_and_restore_it():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from repro import runs
+from repro.config import load_tier, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,8 +28,8 @@ def test_quickstart_prints_the_same_at_one_and_two_threads(tmp_path):
     """Notebook 00 at int3 with the mse observer, in fresh results directories: measured unpinned,
     RTN int3's validation NLL reads 14.119 at 2 threads and 14.103 at 1 (the observer's float32 sum
     over a whole tensor is split by thread and picks another scale for 14 of 210 tensors)."""
-    pinned = runs.load_tier("ci")["threads"]
-    assert runs.make_config("rtn", 3, "ci").threads == pinned and runs.make_config("rtn", 3, "ci").observer == "mse"
+    pinned = load_tier("ci")["threads"]
+    assert make_config("rtn", 3, "ci").threads == pinned and make_config("rtn", 3, "ci").observer == "mse"
     printed = {}
     for threads in (1, 2):
         out = tmp_path / f"threads{threads}"

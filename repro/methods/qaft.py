@@ -41,7 +41,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext, suppress
 from pathlib import Path
@@ -54,6 +53,7 @@ from repro.evaluate import check_sequences, model_device, nll, sequence_nll
 from repro.models import cache_dir, stack_linears
 from repro.progress import progress
 from repro.quant import bake, fp_weight, grid, positive_list, prepare
+from repro.store import atomic_path
 
 DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
             "mixed_precision": "no", "gradient_checkpointing": False}
@@ -144,16 +144,9 @@ def make_accelerator(cpu: bool, seed: int):
 
 
 def save_state(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: ``path`` is always a complete state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """``torch.save``, atomically (``repro.store.atomic_path``): ``path`` is always a complete state."""
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _rng_state() -> dict:

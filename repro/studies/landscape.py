@@ -34,10 +34,13 @@ from pathlib import Path
 
 import torch
 
-from repro import evaluate, models, runs
+from repro import evaluate, models, plots, runs, store
+from repro.config import SHARED_VERSIONS, RunConfig, load_tier, make_config
 from repro.methods import QUANTIZERS
 from repro.progress import progress
 from repro.quant import quantize
+from repro.report import DASH, markdown_table, nll_cell
+from repro.studies import Notebook, suffix, sweep, tier_models
 
 VERSION = 1  # bump when what a point's record holds changes
 DEFAULTS = {"bits": [4], "directions": 2, "radii": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.4, 0.7, 1.0, 2.0, 3.0],
@@ -46,12 +49,16 @@ DEFAULTS = {"bits": [4], "directions": 2, "radii": [1e-3, 3e-3, 1e-2, 3e-2, 0.1,
 SPLITS = ("train", "validation")
 
 
+NOTEBOOKS = (Notebook("03_landscape", lambda tier, model, bits: sweep.configs(tier, model, bits),
+                      section="landscape"),)
+
+
 def settings(tier: str = "cpu", **overrides) -> dict:
     """The landscape settings: ``DEFAULTS``, the tier's ``landscape`` section, then ``overrides``
     (``None`` values ignored): ``directions`` (random seeds, each swept at +e and -e), ``radii``
     (``lam / ||w||``), ``alphas`` (interior points of a segment), ``n_train``/``n_validation``
     (sequences per point), ``methods``, ``bits`` (widths with segments), ``tau`` (nats, for R_tau)."""
-    section = runs.load_tier(tier).get("landscape") or {}
+    section = load_tier(tier).get("landscape") or {}
     out = {**DEFAULTS, **{k: v for k, v in section.items() if k != "models"},
            **{k: v for k, v in overrides.items() if v is not None}}
     if not (isinstance(out["directions"], int) and out["directions"] >= 1):
@@ -102,27 +109,16 @@ def weights_set(model, fp_weights: dict[str, torch.Tensor]):
 
 
 # ----------------------------------------------------------------------------- cached points
-def _point_key(base: runs.RunConfig, spec: dict, opts: dict) -> str:
+def _point_key(base: RunConfig, spec: dict, opts: dict) -> str:
     content = {"model": base.model, "corpus": base.corpus, "seq_len": base.seq_len, "n_calibration": base.n_calibration,
                "n_eval": base.n_eval, "seed": base.seed, "n_train": opts["n_train"],
-               "n_validation": opts["n_validation"], "spec": spec, "version": VERSION, **runs.SHARED_VERSIONS}
+               "n_validation": opts["n_validation"], "spec": spec, "version": VERSION, **SHARED_VERSIONS}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _point_path(base: runs.RunConfig, key: str, outputs: Path | None) -> Path:
-    root = Path(outputs) if outputs is not None else runs.outputs_dir()
+def _point_path(base: RunConfig, key: str, outputs: Path | None) -> Path:
+    root = Path(outputs) if outputs is not None else store.outputs_dir()
     return root / "records" / "landscape" / base.model.replace("/", "--") / f"{key}.json"
-
-
-def _read_point(path: Path, discard: bool = True) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:  # a torn or hand-edited file: never trusted, computed again
-        if discard:
-            path.unlink(missing_ok=True)
-        return None
 
 
 def _measure(model, data, opts: dict, batch_size: int) -> dict:
@@ -135,7 +131,7 @@ def landscape(model: str | None = None, bits=None, tier: str = "cpu", outputs: P
     """Every point of the Fig. 3 picture for ``model`` at each width in ``bits``, computed or read.
 
     ``bits``: int or list, ``None``: the settings' (tier's) ``bits``; ``corpus``: ``None`` the
-    tier's. Runs the method's configs of the tier (``runs.make_config``), reading their kept weights.
+    tier's. Runs the method's configs of the tier (``make_config``), reading their kept weights.
     Returns ``{"model", "tier", "norm", "settings", "points": [...]}`` where every point is
     ``{"spec", "distance", "train", "validation"}``; ``spec["kind"]`` is ``fp``, ``radial``
     (``seed``, ``sign``, ``radius`` = lam/||w||), ``run`` (``method``, ``bits``) or ``segment``
@@ -146,17 +142,17 @@ def landscape(model: str | None = None, bits=None, tier: str = "cpu", outputs: P
     opts = settings(tier, **overrides)
     bits = opts["bits"] if bits is None else bits
     bits = [bits] if isinstance(bits, int) else list(bits)
-    base = runs.make_config("fp", None, tier, model=model, corpus=corpus)
+    base = make_config("fp", None, tier, model=model, corpus=corpus)
     for key, available in (("n_train", base.n_calibration), ("n_validation", base.n_eval)):
         if available is not None and opts[key] > available:
             raise ValueError(f"{key}={opts[key]}: the tier has only {available} such sequences; use at most {available}")
-    outputs = Path(outputs) if outputs is not None else runs.outputs_dir()
+    outputs = Path(outputs) if outputs is not None else store.outputs_dir()
     if not cached_only:
-        runs.check_writable(outputs / "records" / "landscape")
-    tier_bits = runs.load_tier(tier)["bits"]
-    run_configs = {f"{m}@{b}": runs.make_config(m, b, tier, model=base.model, corpus=base.corpus)
+        store.check_writable(outputs / "records" / "landscape")
+    tier_bits = load_tier(tier)["bits"]
+    run_configs = {f"{m}@{b}": make_config(m, b, tier, model=base.model, corpus=base.corpus)
                    for b in bits for m in opts["methods"]}
-    run_configs.update({f"rtn@{b}": runs.make_config("rtn", b, tier, model=base.model, corpus=base.corpus)
+    run_configs.update({f"rtn@{b}": make_config("rtn", b, tier, model=base.model, corpus=base.corpus)
                         for b in tier_bits})
     specs = [{"kind": "fp"}]
     specs += [{"kind": "radial", "seed": seed, "sign": sign, "radius": r}
@@ -173,13 +169,13 @@ def landscape(model: str | None = None, bits=None, tier: str = "cpu", outputs: P
         sources = {label: stamps[label] for label in _labels(spec)}
         return point is not None and None not in sources.values() and point.get("sources", {}) == sources
 
-    missing = [(spec, path) for spec, path in keyed if not current(_read_point(path, discard=not cached_only), spec)]
+    missing = [(spec, path) for spec, path in keyed if not current(store.read_json(path, discard=not cached_only), spec)]
     if missing and cached_only:
         return None
     if missing:
         with runs.pinned_threads(base.threads):  # bit-identical points on any machine (as records)
             _compute_points(base, missing, run_configs, opts, outputs)
-    points = [_read_point(path) for _, path in keyed]
+    points = [store.read_json(path) for _, path in keyed]
     return {"model": base.model, "corpus": base.corpus, "tier": tier, "bits": bits, "norm": points[0]["norm"],
             "settings": opts, "points": points}
 
@@ -191,13 +187,13 @@ def _labels(spec: dict) -> list[str]:
     return [label for label in (spec["a"], spec["b"]) if label != "fp"] if spec["kind"] == "segment" else []
 
 
-def _stamp(config: runs.RunConfig, outputs: Path | None) -> str | None:
+def _stamp(config: RunConfig, outputs: Path | None) -> str | None:
     """Which computation of a run a point used: the ``created`` stamp of the RTN record (its weights
     follow from the record's scales) or of the computation that kept the weights."""
     if config.method == "rtn" and config.granularity == "tensor":
-        record = runs.read_record(config, outputs)
+        record = store.read_record(config, outputs)
         return record.get("created") if record else None
-    return runs.weights_stamp(config, outputs)
+    return store.weights_stamp(config, outputs)
 
 
 def _identity(spec: dict, run_configs: dict) -> dict:
@@ -211,7 +207,7 @@ def _identity(spec: dict, run_configs: dict) -> dict:
     return spec
 
 
-def run_weights(config: runs.RunConfig, fp: dict, outputs: Path | None) -> dict[str, torch.Tensor]:
+def run_weights(config: RunConfig, fp: dict, outputs: Path | None) -> dict[str, torch.Tensor]:
     """A run's quantized stack weights: per-tensor RTN's from its record's scales (``quantize`` of
     the FP weights: nothing kept on disk), the others' from the codes kept beside their record."""
     if config.method == "rtn" and config.granularity == "tensor":
@@ -264,7 +260,7 @@ def _compute_points(base, missing, run_configs, opts, outputs) -> None:
             point = {"spec": spec, "distance": put(layer), "norm": norm,
                      "sources": {label: _stamp(run_configs[label], outputs) for label in _labels(spec)},
                      **_measure(bench.model, bench.data, opts, base.batch_size), "code": runs.code_hash()}
-            runs.write_json_atomic(path, point)
+            store.write_json_atomic(path, point)
 
 
 # ----------------------------------------------------------------------------- basin radius
@@ -388,10 +384,10 @@ def misalignment_vs_radius(results: list[dict], outputs: Path | None = None, gap
     rows = []
     for result in results:
         basin = basin_radius(result)
-        for b in runs.load_tier(result["tier"])["bits"] if bits is None else bits:
-            configs = {m: runs.make_config(m, b, result["tier"], model=result["model"], corpus=result.get("corpus"))
+        for b in load_tier(result["tier"])["bits"] if bits is None else bits:
+            configs = {m: make_config(m, b, result["tier"], model=result["model"], corpus=result.get("corpus"))
                        for m in QUANTIZERS}
-            rec = {m: runs.run(c, outputs) if compute else runs.read_record(c, outputs) for m, c in configs.items()}
+            rec = {m: runs.run(c, outputs) if compute else store.read_record(c, outputs) for m, c in configs.items()}
             if None in rec.values() or not math.isfinite(basin["R"]) or not basin["R"]:
                 continue
             rows.append({"model": result["model"], "corpus": result.get("corpus"), "bits": b, "distance_rtn": rec["rtn"]["weight_distance"],
@@ -445,3 +441,111 @@ def segment_barriers(result: dict, bits: int, split: str = "train") -> list[dict
     return [{"a": a, "b": b, "nll_a": ends[a], "nll_b": ends[b],
              "barrier": max([0.0] + [v - ((1 - al) * ends[a] + al * ends[b]) for al, v in vals])}
             for (a, b), vals in segs.items()]
+
+
+# ----------------------------------------------------------------------------- tables, README, figures
+def basin_table(result: dict) -> str:
+    """Markdown: the basin radius R(w) per split (median over directions, IQR, bootstrap 95% CI,
+    R / ‖w‖, R_tau, directions whose bowl fit was accepted)."""
+    rows = []
+    for split in ("train", "validation"):
+        b = basin_radius(result, split)
+        bound = " (lower bound)" if b["bound"] else ""
+        rows.append([split, f"{b['R']:.4g}{bound}", f"{b['R_iqr'][0]:.4g} – {b['R_iqr'][1]:.4g}",
+                     f"{b['R_ci95'][0]:.4g} – {b['R_ci95'][1]:.4g}", f"{b['R_over_norm']:.3f}",
+                     f"{b['R_tau']:.4g}" if b['R_tau'] is not None else "— (no quadratic fit)", f"{b['accepted']} of {b['directions']}"])
+    return (f"‖w‖ = {result['norm']:.4g} ({result['model']}, stack weights; corpus {result.get('corpus', DASH)})\n\n"
+            + markdown_table(["split", "R(w)", "IQR", "95% CI (median)", "R / ‖w‖",
+                         f"R_tau (tau = {result['settings']['tau']} nats)", "fits accepted"], rows))
+
+
+def rtn_vs_random_table(result: dict) -> str:
+    """Markdown: NLL of w_RTN per width against a random step of the same length from w."""
+    rows = []
+    for split in ("train", "validation"):
+        for r in rtn_vs_random(result, split):
+            rows.append([split, f"int{r['bits']}", f"{r['distance']:.4g}", nll_cell(r["nll_rtn"]),
+                         nll_cell(r["nll_random"]) if r["nll_random"] is not None else "beyond the sweep",
+                         f"{r['excess']:+.3f}" if r["excess"] is not None else DASH])
+    return markdown_table(["split", "RTN", "‖w_RTN − w‖", "NLL w_RTN", "NLL random step, same length",
+                      "RTN − random"], rows)
+
+
+def barrier_table(result: dict, bits: int) -> str:
+    """Markdown: per segment at ``bits``, the barrier max_a L(a) - (L(0) + L(1)) / 2, both splits."""
+    train, val = (segment_barriers(result, bits, s) for s in ("train", "validation"))
+    rows = [[f"{t['a']} → {t['b']}", nll_cell(t["nll_a"]), nll_cell(t["nll_b"]), f"{t['barrier']:+.3f}", f"{v['barrier']:+.3f}"]
+            for t, v in zip(train, val)]
+    return markdown_table(["segment", "train NLL start", "train NLL end", "barrier train", "barrier validation"], rows)
+
+
+def radius_summary(analysis: dict) -> str:
+    """Markdown, computed: does misalignment (eta = GPTQ - QAFT test NLL) start where rho =
+    ‖w_RTN − w‖ / R(w) passes 1, as the paper's explanation says?"""
+    rows = [[r["model"], r.get("corpus") or DASH, f"int{r['bits']}", f"{r['distance_rtn']:.4g}",
+             f"{r['R']:.4g}" + (" (≥)" if r["R_is_bound"] else ""), f"{r['rho']:.2f}", f"{r['eta']:+.3f}"]
+            for r in analysis["rows"]]
+    table = markdown_table(["model", "corpus", "bits", "‖w_RTN − w‖", "R(w)", "rho", "eta (test)"], rows)
+    gap, mis, ok = analysis["gap"], analysis["misaligned_rho"], analysis["aligned_rho"]
+    lines = [f"Spearman correlation of eta with rho: {analysis['spearman']:.2f} over {analysis['n']} (model, width)."]
+    if mis:
+        lines.append(f"Misaligned (eta > {gap} nats) at rho = {', '.join(f'{x:.2f}' for x in mis)}; "
+                     f"aligned at rho = {', '.join(f'{x:.2f}' for x in ok) or 'none'}.")
+    below = [x for x in mis if x <= 1]
+    above_ok = [x for x in ok if x > 1]
+    bound = any(r["R_is_bound"] for r in analysis["rows"])
+    if not mis:
+        lines.append(f"No misalignment (eta > {gap} nats) at any width: nothing for rho to explain.")
+    elif bound:  # R a lower bound: every rho an upper bound, so only rho <= 1 with misalignment is conclusive
+        lines.append("R(w) is only a lower bound here (no bowl fit accepted), so every rho is an upper bound: "
+                     + (f"misalignment already at rho ≤ {max(below):.2f} — **the threshold of the paper's "
+                        f"explanation does not hold here**." if below else
+                        "the threshold rho = 1 cannot be tested with these points (more radii or directions)."))
+    elif not below and not above_ok:
+        lines.append("rho = 1 separates them exactly: **the paper's explanation holds** on these records.")
+    else:
+        lines.append(f"rho = 1 separates them in {analysis['threshold_agrees']} of {analysis['n']} cases: "
+                     + (f"misalignment already at rho ≤ 1 ({', '.join(f'{x:.2f}' for x in below)})" if below else "")
+                     + ("; " if below and above_ok else "")
+                     + (f"no misalignment at rho > 1 ({', '.join(f'{x:.2f}' for x in above_ok)})" if above_ok else "")
+                     + " — **the threshold of the paper's explanation does not hold here**.")
+    return table + "\n\n" + " ".join(lines)
+
+
+def cached(tier: str, outputs) -> dict:
+    """``{model: landscape}`` of the tier's ``landscape`` models whose every point is cached."""
+    section = load_tier(tier).get("landscape") or {}
+    found = {m: landscape(m, section.get("bits", [4]), tier, outputs, cached_only=True)
+             for m in section.get("models") or []}
+    return {m: result for m, result in found.items() if result is not None}
+
+
+def sections(tier: str, outputs, model: str | None = None, command: str = "") -> dict:
+    """``landscape-MODEL`` per model of the tier's ``landscape`` section whose points are all cached:
+    the segments' barriers per width, the basin radius, its test against the misalignment, RTN
+    against a random step of the same length."""
+    result = {}
+    for m, found in cached(tier, outputs).items():
+        analysis = misalignment_vs_radius([found], outputs, compute=False)
+        result[f"landscape-{m}"] = "\n\n".join(
+            [f"int{b} segments:\n\n{barrier_table(found, b)}" for b in found["bits"]]
+            + [f"Basin radius:\n\n{basin_table(found)}", radius_summary(analysis),
+               f"RTN against a random step of the same length:\n\n{rtn_vs_random_table(found)}",
+               f"*Generated from {len(found['points'])} cached landscape points by `{command}`: tier {tier}, "
+               f"model {m}, code {', '.join(sorted({p.get('code', 'unknown') for p in found['points']}))}.*"])
+    return result
+
+
+def figures(tier: str, outputs, model: str | None = None) -> dict:
+    """Per cached landscape: Fig. 3 at each width, the basin fits, and eta against rho where measured."""
+    default = tier_models(tier, model)[0]
+    drawn = {}
+    for m, found in cached(tier, outputs).items():
+        end = suffix(tier, m, default)
+        drawn.update({f"landscape_int{b}{end}": (lambda found=found, b=b: plots.landscape(found, b))
+                      for b in found["bits"]})
+        drawn[f"basin{end}"] = lambda found=found: plots.basin_fits(found)
+        analysis = misalignment_vs_radius([found], outputs, compute=False)
+        if analysis["rows"]:
+            drawn[f"eta_vs_rho{end}"] = lambda analysis=analysis: plots.eta_vs_rho(analysis)
+    return drawn

@@ -1,0 +1,185 @@
+"""What determines a run: the tiers (``params/<tier>.yaml``), ``RunConfig`` and its key, and
+``make_config`` (a tier's settings, a model's own settings, then the caller's overrides).
+
+A record is keyed by ``RunConfig.key()``: a hash of everything that determines it (run-time
+placement excluded) plus the method's and the shared code's versions.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from repro import data as data_mod
+from repro import models
+from repro.methods import METHODS
+from repro.quant import OBSERVERS, check_bits, check_granularity, grid_name, is_int
+
+PARAMS_DIR = Path(__file__).parent / "params"
+TIERS = ("ci", "cpu", "paper")
+
+# where a run executes, and whether its weights are kept, do not change what it computes; the
+# thread count changes only float rounding (``pinned_threads``)
+HASH_EXCLUDE = ("device", "tier", "save_weights", "threads")
+# Versions of the code every record shares, part of every record's key: bump one when what it
+# computes changes, so stale records are recomputed rather than re-read. (Methods carry their own.)
+SHARED_VERSIONS = {"evaluation": 3,  # 2: layer MSE on test, both input readings; 3: FP size at 16 bits
+                   "data": 2}  # 2: windows start with BOS where the tokenizer adds one
+
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines one run. ``options`` holds the method's own settings."""
+
+    method: str = "rtn"
+    bits: int | None = 4  # None for the "fp" reference
+    model: str = models.DEFAULT_MODEL
+    corpus: str = data_mod.DEFAULT_CORPUS
+    observer: str = "histogram"
+    granularity: str = "tensor"  # scales per tensor, output channel or group (repro.quant)
+    group_size: int = 128  # input columns per scale at granularity "group"
+    seq_len: int | None = 512  # None: the model's maximum length (paper protocol)
+    n_calibration: int = 128
+    n_eval: int | None = None  # validation/test sequences (None: whole split)
+    batch_size: int = 4
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+    tier: str | None = None
+    device: str | None = None  # None: cuda when available, else cpu
+    # torch's intra-op CPU threads while computing (None: torch's default). Float reductions split
+    # by thread, so records are bit-identical only at one count: the embedded tiers pin 2.
+    threads: int | None = None
+    save_weights: bool = False  # keep the quantized weights beside the record (``weights_path``)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "fp":
+            self.bits, self.granularity = None, "tensor"  # nothing is quantized
+        else:
+            check_bits(self.bits)
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
+        check_granularity(self.granularity, self.group_size)
+        if self.granularity != "tensor" and self.observer == "histogram":
+            raise ValueError(f"observer 'histogram' is per tensor only (torch has no per-channel HistogramObserver); "
+                             f"granularity {self.granularity!r} takes observer 'mse' or 'minmax'")
+        if self.corpus not in data_mod.CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {', '.join(data_mod.CORPORA)}")
+        for name, low, optional in (("n_calibration", 1, False), ("n_eval", 1, True), ("seq_len", 2, True),
+                                    ("batch_size", 1, False), ("seed", 0, False), ("threads", 1, True)):
+            value = getattr(self, name)
+            if (value is None and not optional) or (value is not None and not is_int(value, low)):
+                raise ValueError(f"{name}={value!r}: an integer >= {low}" + (" or None (the whole split / the "
+                                 "model's maximum length / torch's default threads)" if optional else ""))
+        if self.device is not None:
+            models.check_device(self.device)
+        METHODS[self.method].check_options(self)  # options are checked now, not after the model has loaded
+        if self.save_weights and not METHODS[self.method].keeps_weights:
+            raise ValueError(f"save_weights: {self.method} runs have no quantized weights to keep "
+                             f"(methods that do: {', '.join(n for n, m in METHODS.items() if m.keeps_weights)})")
+
+    def key(self) -> str:
+        """Hash of the config (placement excluded) and the method's version."""
+        content = {k: v for k, v in dataclasses.asdict(self).items() if k not in HASH_EXCLUDE}
+        # per-tensor keys as before granularity existed (their records stay valid); a group size
+        # matters only to groups
+        if self.granularity == "tensor":
+            del content["granularity"]
+        if self.granularity != "group":
+            del content["group_size"]
+        content["method_version"] = METHODS[self.method].version
+        content.update(SHARED_VERSIONS)
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+    def grid_label(self) -> str:
+        """The grid's scales: "" per tensor (the default), "per channel" or "g128"."""
+        return "" if self.granularity == "tensor" else grid_name(self.granularity, self.group_size)
+
+    def label(self) -> str:
+        if self.bits is None:
+            return "fp"
+        name = self.method
+        if self.method == "blockwise":
+            from repro.methods.blockwise import variant
+
+            name = variant(self.options)
+        return " ".join(filter(None, (name, f"int{self.bits}", self.grid_label())))
+
+
+# Tier keys a model may set for itself under ``model_settings`` (the data, the grid and method
+# options, merged into the tier's per option; not the sweep or which model runs).
+MODEL_SETTINGS = {"observer", "corpus", "seq_len", "n_calibration", "n_eval", "batch_size", "seed", "methods",
+                  "cross_block"}
+
+
+def load_tier(tier: str) -> dict:
+    """The parameter set of a tier (``params/<tier>.yaml``) as a dict (the caller's own copy)."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
+    path = PARAMS_DIR / f"{tier}.yaml"
+    return copy.deepcopy(_parse_tier(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_tier(path: Path, mtime_ns: int) -> dict:
+    """A tier's YAML parsed once per version of the file: a batch plan builds hundreds of configs,
+    and parsing the file for each took most of ``batch.plan``'s time."""
+    return yaml.safe_load(path.read_text())
+
+
+def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", options: dict | None = None,
+                **overrides) -> RunConfig:
+    """A ``RunConfig`` from a tier's YAML, the method's options there, then ``overrides``
+    (any ``RunConfig`` field; ``None`` values are ignored so CLI defaults fall through)."""
+    if method == "fp" and bits is not None:
+        raise ValueError(f"method 'fp' quantizes nothing: pass bits=None, not {bits!r}")
+    params = load_tier(tier)
+    model = overrides.get("model") or params.get("model")
+    own = (params.pop("model_settings", None) or {}).get(model, {})  # what this model sets differently
+    misplaced = set(own) - MODEL_SETTINGS
+    if misplaced:
+        raise ValueError(f"params/{tier}.yaml: model_settings of {model!r} may set {', '.join(sorted(MODEL_SETTINGS))}, "
+                         f"not {', '.join(sorted(misplaced))}")
+    params.update({k: v for k, v in own.items() if k != "methods"})
+    method_options = {**(params.pop("methods", {}).get(method) or {}), **(own.get("methods", {}).get(method) or {})}
+    method_options.update(options or {})
+    params.pop("bits", None)
+    if isinstance(params.get("observer"), dict):  # chosen per bit-width (fp: the highest width's)
+        if method != "fp":
+            check_bits(bits)
+        by_bits = params["observer"]
+        if bits is not None and bits not in by_bits:
+            raise ValueError(f"tier {tier!r} chooses an observer per bit-width for {sorted(by_bits)} only, not "
+                             f"int{bits}; pass observer=... (CLI: --observer) or add int{bits} to params/{tier}.yaml")
+        params["observer"] = by_bits[bits if bits is not None else max(by_bits)]
+    if (overrides.get("granularity") or "tensor") != "tensor" and not overrides.get("observer") and method != "fp":
+        # per channel / group: the tier's granularity_study observer for this width (histogram is per
+        # tensor only), else minmax in histogram's place
+        study = (params.get("granularity_study") or {}).get("observer")
+        chosen = study.get(bits) if isinstance(study, dict) else study
+        params["observer"] = chosen or ("minmax" if params["observer"] == "histogram" else params["observer"])
+    # the landscape (notebook 03) reads the quantized weights of its methods at its widths: keep them
+    landscape = params.get("landscape") or {}
+    # (RTN's follow from its record's scales: nothing to keep)
+    landscape_models = {*landscape.get("models", [model]), *(params.get("datasets") or {}).get("models", [])}
+    params["save_weights"] = (method != "rtn" and method in landscape.get("methods", ())
+                              and bits in landscape.get("bits", ()) and model in landscape_models)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    params = {k: v for k, v in params.items() if k in fields}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(method=method, bits=bits, options=method_options, tier=tier, **params)
+
+
+def sweep_configs(methods=("fp", "rtn"), bits=None, tier: str = "cpu", **overrides) -> list[RunConfig]:
+    """The configs of every (method, bits) pair (``fp`` once); ``bits=None`` takes the tier's list."""
+    bits = load_tier(tier)["bits"] if bits is None else bits
+    return [make_config(method, b, tier, **overrides)
+            for method in methods for b in ([None] if method == "fp" else bits)]

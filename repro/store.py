@@ -1,0 +1,226 @@
+"""The record store under ``outputs/``: where records and kept weights live, atomic writes, locks.
+
+Everything written here is written whole or not at all (a temporary file in the same directory,
+then a rename: ``atomic_path``), so a process killed at any point leaves either the old file or
+the complete new one. A file that cannot be read back (torn, hand-edited) is never trusted.
+Records, landscape points, kept weights and QAFT's resume state all go through this module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from repro.quant import expand_scale
+
+
+def outputs_dir() -> Path:
+    """Results root: ``$REPRO_OUTPUTS``; else ``outputs/`` of the repository checkout that holds
+    the working directory (found upwards: a directory with ``pyproject.toml`` and ``notebooks/``),
+    so a notebook run from the root or from ``notebooks/`` writes to the same place; else
+    ``./outputs``."""
+    if "REPRO_OUTPUTS" in os.environ:
+        return Path(os.environ["REPRO_OUTPUTS"])
+    here = Path.cwd().resolve()
+    for root in (here, *here.parents):
+        if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+            return root / "outputs"
+    return Path("outputs")
+
+
+
+@contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the block: another
+    process (or thread) taking the same lock waits until it is released. POSIX ``flock``; where
+    that is unavailable the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends
+    without an exception, removed when it raises (``path`` is then untouched)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` holds either the old or the complete new file (fsynced; an
+    existing file's mode is kept)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """``obj`` as JSON, written atomically (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def read_json(path: Path, check=None, discard: bool = True, what: str = "file") -> dict | None:
+    """The JSON object in ``path``, or ``None`` when there is none.
+
+    A file that is not valid JSON, or that ``check(obj)`` rejects (by raising ``ValueError``), is
+    never trusted: with ``discard`` it is moved aside to ``<name>.corrupt`` with a warning naming
+    it (so it is computed again; ``what`` names it: "record"); without, it is left alone. Either way
+    ``None`` is returned."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+        if not isinstance(obj, dict):
+            raise ValueError(f"it holds a {type(obj).__name__}, not an object")
+        if check is not None:
+            check(obj)
+        return obj
+    except (FileNotFoundError, NotADirectoryError):  # not there, or another process moved it aside a moment ago
+        return None
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        if not discard:
+            return None
+        aside = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, aside)
+            where = f"moved to {aside}"
+        except FileNotFoundError:
+            return None
+        except OSError as move_err:  # a read-only results directory: leave it, never trust it
+            where = f"left in place ({type(move_err).__name__})"
+        warnings.warn(f"{what} {path} is unreadable ({str(err).splitlines()[0][:120]}); {where}, and it is "
+                      f"computed again", stacklevel=3)
+        return None
+
+
+def check_writable(directory: Path) -> None:
+    """Raise a clear error, before any long work, when results cannot be written to ``directory``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise RuntimeError(f"cannot write results to {directory} ({type(err).__name__}: {err.strerror or err}); "
+                           f"choose a writable directory with --outputs or REPRO_OUTPUTS") from None
+
+
+def record_path(config, outputs: Path | None = None) -> Path:
+    outputs = Path(outputs) if outputs is not None else outputs_dir()
+    bits = "fp" if config.bits is None else f"int{config.bits}"
+    model = config.model.replace("/", "--")
+    return outputs / "records" / config.method / f"{model}-{config.corpus}-{bits}-{config.key()}.json"
+
+
+def weights_path(config, outputs: Path | None = None) -> Path:
+    """Where a run's quantized weights are kept: beside its record, ``<record>.safetensors``."""
+    return record_path(config, outputs).with_suffix(".safetensors")
+
+
+def read_record(config, outputs: Path | None = None) -> dict | None:
+    """The cached record of ``config`` (marked ``cached``), or ``None`` if it has not run (a torn
+    record, or one holding another config's key, is moved aside: ``read_json``)."""
+    def own_key(record):
+        if record.get("key", config.key()) != config.key():
+            raise ValueError(f"it holds key {record.get('key')!r}, not {config.key()!r}")
+
+    record = read_json(record_path(config, outputs), check=own_key, what="record")
+    return None if record is None else {**record, "cached": True}
+
+
+def save_weights(model, config, info: dict, path: Path, fp_weights: dict | None = None,
+                 created: str = "", grid_scales: dict | None = None) -> None:
+    """The stack's quantized weights as int8 codes (the weight's stored layout) and their float32
+    scales (``<name>`` and ``<name>.scale``: 0-d, or [out, 1] / [out, n_groups] of the [out, in]
+    matrix), written atomically, with the record's ``created`` stamp, the group size and the
+    transposed (Conv1D) layers in the file's metadata (so a landscape point can tell which
+    computation of the run it used). A weight that is not ``code * scale``
+    (in the weight's own dtype) raises. Scales come from ``grid_scales`` (per channel / group, as
+    the method returned them), else the method's record (per tensor: RTN/QAFT ``scales``, GPTQ per
+    layer), else from the observer on the FP weight in ``fp_weights`` (every method's grid)."""
+    from safetensors.torch import save_file
+
+    from repro import models
+    from repro.quant import codes, compute_scale
+
+    known = {}
+    if config.granularity == "tensor":
+        known = {name: torch.tensor(s) for name, s in (info.get("scales") or {}).items()}
+        known.update({name: torch.tensor(layer["scale"]) for name, layer in (info.get("layers") or {}).items()
+                      if "scale" in layer})
+    known.update(grid_scales or {})
+    group_size = config.group_size if config.granularity == "group" else None
+    tensors, transposed = {}, []
+    for name, m in models.stack_linears(model).items():
+        w = models.weight_matrix(m).detach().cpu()
+        scale = known[name] if name in known else compute_scale(
+            models.weight_matrix(m, fp_weights[name]), config.bits, config.observer, config.granularity,
+            config.group_size).cpu()
+        c = codes(w.float(), scale, config.bits, group_size)
+        if not torch.equal((c.float() * expand_scale(scale, w.shape[-1], group_size)).to(w.dtype), w):
+            raise RuntimeError(f"{config.label()}: {name} is not on its int{config.bits} grid; weights not saved")
+        if models.is_conv1d(m):
+            c = c.t()
+            transposed.append(name)
+        tensors[name], tensors[f"{name}.scale"] = c.contiguous(), scale.float().contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": config.key(), "bits": str(config.bits), "created": created,
+                                               "group_size": str(group_size or ""), "transposed": ",".join(transposed)})
+
+
+def weights_stamp(config, outputs: Path | None = None) -> str | None:
+    """The ``created`` stamp of the record whose computation wrote the kept weights (None: none kept)."""
+    from safetensors import safe_open
+
+    path = weights_path(config, outputs)
+    try:
+        with safe_open(str(path), "pt") as f:
+            created = (f.metadata() or {}).get("created")
+        return created or f"mtime:{path.stat().st_mtime_ns}"  # a file kept before the stamp existed
+    except Exception:  # noqa: BLE001 - missing or torn (safetensors raises its own error type): not kept
+        return None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Kept weights written by ``save_weights``: name -> float32 tensor (the weight's stored layout)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    group_size = int(metadata.get("group_size") or 0) or None
+    transposed = set(filter(None, metadata.get("transposed", "").split(",")))
+    stored, weights = load_file(str(path)), {}
+    for name, c in stored.items():
+        if not name.endswith(".scale"):
+            matrix = c.t() if name in transposed else c
+            weight = matrix.float() * expand_scale(stored[f"{name}.scale"], matrix.shape[-1], group_size)
+            weights[name] = weight.t() if name in transposed else weight
+    return weights

@@ -1,0 +1,201 @@
+"""The cross-block study (notebook 04; Shabanovi et al.): one block at a time (block PTQ), several
+jointly (MB-PTQ) and a block tuned for a downstream error (LA-PTQ), placed on the locality spectrum
+between GPTQ (one linear) and QAFT (the whole network); how block-wise time grows with the window,
+its memory, and the sweep that chose the block-wise defaults.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from repro import plots
+from repro.analysis import (blockwise_bits, growth_law, locality, median_layer_mse, method_label, sees,
+                            spectrum_records, window_times)
+from repro.config import load_tier, make_config
+from repro.methods.blockwise import DEFAULTS
+from repro.report import DASH, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
+from repro.studies import Notebook, read_records, suffix, sweep, tier_models
+
+def spectrum_table(records, bits: int, model: str | None = None, seconds: bool = True) -> str:
+    """Markdown: the locality spectrum at ``bits``: per method, what its objective sees, test NLL,
+    the median layer MSE over the stack's layers in both readings (``median_layer_mse``), the mean
+    block-output MSE (test split, each model propagating its own activations; squared activation
+    units) and, with ``seconds``, the method's wall time."""
+    rows = spectrum_records(records, bits, model)
+    if not rows:
+        return f"No int{bits} records yet."
+    nlls = bold_min([r["nll_test"] for r in rows])
+    header = ["method", "objective sees", "test NLL", "median layer MSE, FP inputs", "median layer MSE, own inputs",
+              "block-output MSE"] + (["method s"] if seconds else [])
+    return markdown_table(header, [
+        [method_label(r), sees(r), nll, g_cell(median_layer_mse(r, "layer_mse_fp_inputs")),
+         g_cell(median_layer_mse(r, "layer_mse")),
+         g_cell(r.get("mean_block_output_mse"))] + ([seconds_cell(r)] if seconds else []) for r, nll in zip(rows, nlls)])
+
+
+def cross_block_summary(records) -> str:
+    """Markdown, computed: per (model, bits) how MB-PTQ and LA-PTQ compare with block PTQ (test NLL),
+    where along the spectrum the lowest local error and the lowest test NLL sit, and the growth
+    law of the time per step with the blocks involved."""
+    lines = []
+    cells = defaultdict(list)
+    for r in records:
+        if r["config"]["bits"] is not None:
+            cells[(r["config"]["model"], r["config"]["bits"])].append(r)
+    for (model, bits), rows in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        by = {method_label(r): r for r in rows}
+        base = by.get("block PTQ")
+        if base is not None:
+            parts = []
+            for name, r in sorted(by.items(), key=lambda kv: locality(kv[1])):
+                if r["config"]["method"] == "blockwise" and name != "block PTQ":
+                    d = r["nll_test"] - base["nll_test"]
+                    verdict = "helps" if d < -0.01 * base["nll_test"] else "hurts" if d > 0.01 * base["nll_test"] else "no effect (within 1%)"
+                    parts.append(f"{name} {r['nll_test']:.3f} (Δ {d:+.3f}: {verdict})")
+            lines.append(f"- {model} int{bits}: block PTQ {base['nll_test']:.3f}; " + "; ".join(parts) + ".")
+        ordered = spectrum_records(rows, bits)
+        with_mse = [r for r in ordered if r.get("mean_block_output_mse") is not None]
+        if ordered:
+            best_nll = min(ordered, key=lambda r: r["nll_test"])
+            text = f"  Lowest test NLL: {method_label(best_nll)} ({best_nll['nll_test']:.3f})"
+            if with_mse:
+                best_local = min(with_mse, key=lambda r: r["mean_block_output_mse"])
+                agree = ("the same method" if best_local is best_nll else "**not** the same method"
+                         if best_nll.get("mean_block_output_mse") is not None else
+                         f"unknown whether the same ({method_label(best_nll)}'s record predates the metric)")
+                text += (f"; lowest block-output MSE: {method_label(best_local)} "
+                         f"({best_local['mean_block_output_mse']:.3g}) — {agree}")
+            lines.append(text + ".")
+    return "\n".join(lines) or "No block-wise records yet."
+
+
+def growth_summary(records) -> str:
+    """One line: the fitted growth of the time per optimizer step with the blocks a window runs."""
+    law = growth_law(records)
+    if law is None:
+        return "Fewer than two window sizes (m + l): no growth law to fit."
+    a, k = law
+    return (f"Time per optimizer step grows as {a:.3g} s × (m + l)^{k:.2f} with the blocks a window runs "
+            f"(fit over {len(window_times(records))} windows; k = 1 is linear).")
+
+
+def memory_table(records) -> str:
+    """Per block-wise variant, its largest window's memory (MB = 1e6 bytes): the measured
+    components and the predicted training peak on top of the loaded model = 2 x the window's fp32
+    weights (gradient and best-state copy) + Adam's two moments + the tensors autograd saved for one
+    mini-batch through the m + l blocks (activations and the fake-quantized weight copies; for the
+    look-ahead blocks it also counts their resident weights, so it is an upper bound); the CUDA
+    peak where the run was on a GPU."""
+    rows = []
+    for r in sorted((r for r in records if r["config"]["method"] == "blockwise"), key=locality):
+        w = max(r["info"]["windows"], key=lambda w: w["trainable_params"] + w["lookahead"])
+        mem = w["memory_bytes"]
+        predicted = 2 * mem["window_weights"] + mem["optimizer_state"] + mem["saved_activations"]
+        rows.append([f"{method_label(r)} int{r['config']['bits']}", r["config"]["model"], w["trainable_params"],
+                     *(f"{mem[k] / 1e6:.1f}" for k in ("window_weights", "optimizer_state", "saved_activations",
+                                                        "lookahead_weights")),
+                     f"{predicted / 1e6:.1f}", DASH if mem["cuda_peak"] is None else f"{mem['cuda_peak'] / 1e6:.1f}"])
+    return markdown_table(["variant", "model", "window params", "weights MB", "Adam MB", "autograd saved MB",
+                      "look-ahead MB", "predicted peak MB", "CUDA peak MB"], rows) if rows else "No block-wise records yet."
+
+
+# Block-wise variants outside the main job that the README reports where their records exist: the equal
+# optimizer steps per block control for MB-PTQ m=2 (`repro run --method blockwise --bits 4 --option window=2
+# --option steps_per=block`), too slow for the cpu tier's budget (the paper tier runs it).
+CROSS_BLOCK_CONTROLS = [{"window": 2, "steps_per": "block"}]
+
+
+# The sweep that chose the cpu tier's block-wise defaults (block PTQ, SmolLM2, int4): each entry is
+# `repro run --method blockwise --bits 4 --option KEY=VALUE ...`; the last is the tier's default.
+BLOCKWISE_SWEEP_BITS = 4
+
+
+BLOCKWISE_SWEEP = [*({"window": 1, "steps": steps, "lr": lr, "mixed_precision": "no"}
+                     for steps, lr in ((32, 1e-4), (32, 3e-4), (32, 1e-3), (32, 3e-3), (16, 1e-3))),
+                   {"window": 1}]
+
+
+def blockwise_sweep_table(records) -> str:
+    """The sweep that chose the block-wise defaults: per variant, bits, training precision (fp32
+    first), steps and lr, the validation NLL (the selection; best in bold), test NLL and seconds."""
+    opts = {id(r): {**DEFAULTS, **r["config"]["options"]} for r in records}
+    rows = sorted((r for r in records if r["config"]["method"] == "blockwise"),
+                  key=lambda r: (locality(r), -r["config"]["bits"], opts[id(r)]["mixed_precision"] != "no",
+                                 opts[id(r)]["steps"], opts[id(r)]["lr"]))
+    if not rows:
+        return "No block-wise sweep records."
+    vals = bold_min([r["nll_validation"] for r in rows])
+    return markdown_table(["variant", "bits", "steps per window", "lr", "training precision", "validation NLL",
+                      "test NLL", "method s"],
+                     [[method_label(r), f"int{r['config']['bits']}", opts[id(r)]["steps"], f"{opts[id(r)]['lr']:g}",
+                       "fp32" if opts[id(r)]["mixed_precision"] == "no" else "bf16", v,
+                       nll_cell(r["nll_test"]), seconds_cell(r)] for r, v in zip(rows, vals)])
+
+
+def configs(tier: str = "cpu", model: str | None = None, bits=None, variants=None) -> list:
+    """The runs of the cross-block study and the locality spectrum for one model: FP, RTN, GPTQ and
+    QAFT, and the block-wise ``variants`` (option dicts of ``blockwise``: ``window``, ``lookahead``
+    ...) at ``bits`` (int or list); ``None`` takes the tier's ``cross_block`` section (a model's
+    ``model_settings`` may set its own)."""
+    params = load_tier(tier)
+    model = model or params["model"]
+    section = {**params.get("cross_block", {}),
+               **(params.get("model_settings") or {}).get(model, {}).get("cross_block", {})}
+    bits = section["bits"] if bits is None else bits
+    bits = [bits] if isinstance(bits, int) else list(bits)
+    variants = section["variants"] if variants is None else variants
+    return [*sweep.configs(tier, model, bits),
+            *(make_config("blockwise", b, tier, options=dict(v), model=model) for b in bits for v in variants)]
+
+
+NOTEBOOKS = (Notebook("04_cross_block", configs, section="cross_block"),)
+
+
+def records(tier: str, model: str, outputs) -> list[dict]:
+    """The cached records notebook 04 reads for ``model`` (its ``configs``), plus the controls run by
+    hand (``CROSS_BLOCK_CONTROLS``), where present."""
+    chosen = configs(tier, model)
+    bits = sorted({c.bits for c in chosen if c.method == "blockwise"})
+    chosen += [make_config("blockwise", b, tier, model=model, options=dict(o))
+               for b in bits for o in CROSS_BLOCK_CONTROLS]
+    return read_records(chosen, outputs)
+
+
+def _with_blockwise(tier: str, outputs, model: str | None) -> dict:
+    """``{model: records}`` of the models (the tier's and its ``cross_block`` section's) with block-wise records."""
+    found = {m: records(tier, m, outputs) for m in tier_models(tier, model, "cross_block")}
+    return {m: rs for m, rs in found.items() if blockwise_bits(rs)}
+
+
+def sections(tier: str, outputs, model: str | None = None, command: str = "") -> dict:
+    """``blockwise-sweep`` (the default model's, where run), ``spectrum-MODEL`` per model and
+    ``cross-block`` (the verdicts, growth law and memory over every model)."""
+    default = tier_models(tier, model)[0]
+    result = {}
+    chosen = read_records([make_config("blockwise", BLOCKWISE_SWEEP_BITS, tier, model=default, options=o)
+                           for o in BLOCKWISE_SWEEP], outputs)
+    if len(chosen) > 1:  # the sweep, not only the tier's default run
+        result["blockwise-sweep"] = f"{blockwise_sweep_table(chosen)}\n\n{provenance(chosen, tier, command)}"
+    cross = _with_blockwise(tier, outputs, model)
+    for m, rs in cross.items():
+        result[f"spectrum-{m}"] = "\n\n".join([f"int{b}:\n\n{spectrum_table(rs, b, m)}" for b in blockwise_bits(rs)]
+                                               + [provenance(rs, tier, command)])
+    if cross:
+        every = [r for rs in cross.values() for r in rs]
+        blockwise = [r for r in every if r["config"]["method"] == "blockwise"]
+        growth = "\n".join(f"- {m}: {growth_summary([r for r in blockwise if r['config']['model'] == m])}"
+                           for m in cross)
+        result["cross-block"] = (f"{cross_block_summary(every)}\n\n{growth}\n\n{memory_table(blockwise)}\n\n"
+                                 f"{provenance(every, tier, command)}")
+    return result
+
+
+def figures(tier: str, outputs, model: str | None = None) -> dict:
+    """Per model with block-wise records: the locality spectrum at each width, window time."""
+    default = tier_models(tier, model)[0]
+    drawn = {}
+    for m, rs in _with_blockwise(tier, outputs, model).items():
+        end = suffix(tier, m, default)
+        drawn.update({f"spectrum_int{b}{end}": (lambda rs=rs, b=b, m=m: plots.spectrum(rs, b, m))
+                      for b in blockwise_bits(rs)})
+        drawn[f"window_time{end}"] = lambda rs=rs: plots.window_time(rs)
+    return drawn
