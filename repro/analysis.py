@@ -159,10 +159,10 @@ def growth_law(records) -> tuple[float, float] | None:
 
 def grid_of(record) -> str:
     """A record's scales: "per tensor" (the paper's), "per channel" or "g<group size>"."""
-    from repro.quant import grid_name
+    from repro.quant import MAX_BITS, Grid
 
-    c = record["config"]  # records from before the option: per tensor
-    return grid_name(c.get("granularity", "tensor"), c.get("group_size"))
+    c = record["config"]  # records from before the option: per tensor; FP: the per-tensor name
+    return Grid(c["bits"] or MAX_BITS, c.get("granularity", "tensor"), c.get("group_size", Grid.group_size)).name
 
 
 def grid_names(records) -> list[str]:

@@ -19,7 +19,7 @@ import yaml
 from repro import data as data_mod
 from repro import models
 from repro.methods import METHODS
-from repro.quant import OBSERVERS, check_bits, check_granularity, grid_name, is_int
+from repro.quant import OBSERVERS, Grid, check_bits, check_granularity, is_int
 
 PARAMS_DIR = Path(__file__).parent / "params"
 TIERS = ("ci", "cpu", "paper")
@@ -63,11 +63,11 @@ class RunConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method == "fp":
             self.bits, self.granularity = None, "tensor"  # nothing is quantized
+            check_granularity(self.granularity, self.group_size)
         else:
-            check_bits(self.bits)
+            Grid(self.bits, self.granularity, self.group_size)  # checked once, here
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
-        check_granularity(self.granularity, self.group_size)
         if self.granularity != "tensor" and self.observer == "histogram":
             raise ValueError(f"observer 'histogram' is per tensor only (torch has no per-channel HistogramObserver); "
                              f"granularity {self.granularity!r} takes observer 'mse' or 'minmax'")
@@ -99,9 +99,10 @@ class RunConfig:
         content.update(SHARED_VERSIONS)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
-    def grid_label(self) -> str:
-        """The grid's scales: "" per tensor (the default), "per channel" or "g128"."""
-        return "" if self.granularity == "tensor" else grid_name(self.granularity, self.group_size)
+    @property
+    def grid(self) -> Grid | None:
+        """The run's integer grid (bits and scale layout); None for the FP reference."""
+        return None if self.bits is None else Grid(self.bits, self.granularity, self.group_size)
 
     def label(self) -> str:
         if self.bits is None:
@@ -111,7 +112,7 @@ class RunConfig:
             from repro.methods.blockwise import variant
 
             name = variant(self.options)
-        return " ".join(filter(None, (name, f"int{self.bits}", self.grid_label())))
+        return " ".join(filter(None, (name, f"int{self.bits}", self.grid.label)))
 
 
 # Tier keys a model may set for itself under ``model_settings`` (the data, the grid and method

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from repro.data import check_seq_len
 from repro.models import blocks, max_length, stack_linears, stack_param_count, weight_matrix, weight_size_gb
-from repro.quant import is_int, is_prepared
+from repro.quant import Grid, is_int, is_prepared
 from repro.progress import progress
 
 
@@ -429,9 +429,9 @@ def weight_distance(model, fp_weights: dict[str, torch.Tensor]) -> float:
 
 
 # ----------------------------------------------------------------------------- a record's metrics
-def record_metrics(model, data, fp_weights: dict, batch_size: int, bits: int | None,
+def record_metrics(model, data, fp_weights: dict, batch_size: int, grid: Grid | None,
                    fp_grams: dict | None = None, fp_hidden: list | None = None,
-                   nll_validation: float | None = None, granularity: str = "tensor", group_size: int = 128) -> dict:
+                   nll_validation: float | None = None) -> dict:
     """The metrics every record carries (definitions above).
 
     Validation NLL is for selection (QAFT's lr0 and epoch); every comparison across methods
@@ -441,12 +441,12 @@ def record_metrics(model, data, fp_weights: dict, batch_size: int, bits: int | N
     (``block_outputs`` of the FP model on test) the same test pass also measures every
     block's output MSE against the FP residual stream (``block_output_mse``; else ``None``).
     ``nll_validation``, when the method already measured it on these weights, is not measured again.
-    ``data``: a ``repro.data.Data``. ``granularity``/``group_size``: the grid's, for the weight
-    size (its scales count).
+    ``data``: a ``repro.data.Data``; ``grid``: the quantized model's (None: the FP model), for the
+    weight size (its scales count).
     """
     nll_val = nll_validation if nll_validation is not None else \
         nll(model, data.validation, batch_size, desc="NLL validation")
-    if bits is None:
+    if grid is None:
         nll_test = nll(model, data.test, batch_size, desc="NLL test")
         zeros = dict.fromkeys(stack_linears(model), 0.0)
         mse = {"layer_mse": zeros, "layer_mse_fp_inputs": zeros}
@@ -467,7 +467,6 @@ def record_metrics(model, data, fp_weights: dict, batch_size: int, bits: int | N
         "weight_mse": sum(weight_mse(model, fp_weights).values()) / n_layers,
         "weight_distance": weight_distance(model, fp_weights),
         # FP: float16, as the paper
-        "weight_size_gb": weight_size_gb(model, 16) if bits is None else
-        weight_size_gb(model, bits, granularity, group_size),
+        "weight_size_gb": weight_size_gb(model, 16 if grid is None else grid),
         "stack_params": stack_param_count(model),
     }

@@ -7,7 +7,6 @@ the stack and are never quantized.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repro.quant import fp_weight, is_conv1d
+from repro.quant import Grid, fp_weight, is_conv1d
 from repro.store import file_lock
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -333,16 +332,16 @@ def stack_param_count(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in stack_linears(model).values())
 
 
-def weight_size_gb(model: nn.Module, bits: int | float, granularity: str = "tensor", group_size: int = 128) -> float:
-    """Size of the stack's linear weights in GB (1e9 bytes) at ``bits`` bits per weight, plus
-    one float16 scale per output channel (``channel``) or per channel and group of ``group_size``
-    input columns (``group``). Per tensor, the one scale per linear is left out, as the paper does
-    (a few hundred bytes)."""
-    total = stack_param_count(model) * bits
-    if granularity != "tensor":
-        for m in stack_linears(model).values():
-            out, columns = weight_matrix(m).shape
-            total += 16 * out * (math.ceil(columns / group_size) if granularity == "group" else 1)
+def weight_size_gb(model: nn.Module, grid: "Grid | float") -> float:
+    """Size of the stack's linear weights in GB (1e9 bytes): on a ``repro.quant.Grid``, its bits per
+    weight plus one float16 scale per output channel or per channel and group (per tensor, the one
+    scale per linear is left out, as the paper does: a few hundred bytes); a number: that many bits
+    per weight (the FP reference: 16)."""
+    if not isinstance(grid, Grid):
+        return stack_param_count(model) * grid / 8 / 1e9
+    total = stack_param_count(model) * grid.bits
+    if not grid.per_tensor:
+        total += 16 * sum(grid.n_scales(*weight_matrix(m).shape) for m in stack_linears(model).values())
     return total / 8 / 1e9
 
 

@@ -24,7 +24,8 @@ GPT-2's Conv1D stores the transpose) and broadcast after ``expand_scale``. The s
 
 torch has no per-channel ``HistogramObserver``, so ``histogram`` is per tensor only.
 
-``prepare(linears, bits, observer)`` puts a set of linears (the stack's, or one window's) into fake-quant mode (a
+A grid is one value, ``Grid(bits, granularity, group_size)``, checked when it is made; a run's is
+``RunConfig.grid``. ``prepare(linears, grid, observer)`` puts a set of linears (the stack's, or one window's) into fake-quant mode (a
 ``torch.nn.utils.parametrize`` parametrization on ``weight``, so the same module object keeps
 working for GPT-2's Conv1D and for ``nn.Linear``, and gradients reach the FP "latent" weight
 through the straight-through estimator). ``bake(linears)`` writes the quantized values into the
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -85,8 +87,9 @@ def check_bits(bits: int) -> int:
 
 
 def qmax(bits: int) -> int:
-    """Largest integer code at ``bits`` bits: 2**(bits-1) - 1 (the range is symmetric)."""
-    return 2 ** (check_bits(bits) - 1) - 1
+    """Largest integer code at ``bits`` bits: 2**(bits-1) - 1 (the range is symmetric). Not checked
+    here (a hot path): ``Grid`` and ``RunConfig`` check ``bits`` once, at construction."""
+    return 2 ** (bits - 1) - 1
 
 
 def check_granularity(granularity: str, group_size: int) -> None:
@@ -97,9 +100,66 @@ def check_granularity(granularity: str, group_size: int) -> None:
         raise ValueError(f"group_size={group_size!r}: an integer >= 1 (input columns per scale; common: 128)")
 
 
-def grid_name(granularity: str, group_size: int | None) -> str:
-    """How a grid's scales are laid out, in words: "per tensor", "per channel" or "g<group size>"."""
-    return {"tensor": "per tensor", "channel": "per channel"}.get(granularity, f"g{group_size}")
+@dataclass(frozen=True)
+class Grid:
+    """An integer grid: ``bits`` (2..8, symmetric codes -q..q) and how a weight matrix [out, in]
+    shares its scales: one per ``tensor`` (the paper's), per output ``channel``, or per channel and
+    ``group`` of ``group_size`` consecutive input columns. Checked once, here.
+
+    The structural API takes a ``Grid`` (``compute_scale``, ``prepare``, ``FakeQuant``, GPTQ, kept
+    weights, ``repro.models.weight_size_gb``; a run's is ``RunConfig.grid``); the elementwise
+    kernels (``quantize``, ``codes``, ``fake_quant``) take its ``bits`` and ``groups``."""
+
+    bits: int
+    granularity: str = "tensor"
+    group_size: int = 128  # input columns per scale; used by granularity "group" only
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        check_granularity(self.granularity, self.group_size)
+        if self.granularity != "group":  # a group size means nothing here: equal grids compare equal
+            object.__setattr__(self, "group_size", Grid.group_size)
+
+    @property
+    def q(self) -> int:
+        """Largest code: 2**(bits-1) - 1."""
+        return qmax(self.bits)
+
+    @property
+    def per_tensor(self) -> bool:
+        """One scale per weight matrix (the paper's grid)."""
+        return self.granularity == "tensor"
+
+    @property
+    def groups(self) -> int | None:
+        """The group size the kernels take: ``group_size`` for groups, else None."""
+        return self.group_size if self.granularity == "group" else None
+
+    @property
+    def name(self) -> str:
+        """How the scales are laid out, in words: "per tensor", "per channel" or "g<group size>"."""
+        return {"tensor": "per tensor", "channel": "per channel"}.get(self.granularity, f"g{self.group_size}")
+
+    @property
+    def label(self) -> str:
+        """``name``, but "" per tensor (the default, left out of run labels)."""
+        return "" if self.per_tensor else self.name
+
+    def scale_shape(self, out: int, columns: int) -> tuple[int, ...]:
+        """Shape of a [out, columns] matrix's scale: () per tensor, (out, 1) per channel,
+        (out, ceil(columns / group_size)) per group."""
+        if self.per_tensor:
+            return ()
+        return (out, math.ceil(columns / self.group_size) if self.granularity == "group" else 1)
+
+    def n_scales(self, out: int, columns: int) -> int:
+        """Number of scales of a [out, columns] matrix."""
+        return math.prod(self.scale_shape(out, columns))
+
+
+def as_grid(grid: Grid | int) -> Grid:
+    """``grid`` itself, or ``Grid(bits)`` (per tensor) for an int ``bits``."""
+    return grid if isinstance(grid, Grid) else Grid(grid)
 
 
 def expand_scale(scale: torch.Tensor | float, in_features: int, group_size: int | None = None):
@@ -240,18 +300,18 @@ def _histogram_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     return scale.reshape(()).to(torch.float32)
 
 
-def compute_scale(w: torch.Tensor, bits: int, observer: str = "histogram", granularity: str = "tensor",
-                  group_size: int = 128) -> torch.Tensor:
-    """Scale(s) for ``w`` at ``bits`` bits, float32 on ``w``'s device: 0-d per tensor; per
-    ``channel`` [out, 1] and per ``group`` [out, ceil(in / group_size)] of the [out, in] matrix ``w``."""
-    check_bits(bits)
-    check_granularity(granularity, group_size)
+def compute_scale(w: torch.Tensor, grid: Grid | int, observer: str = "histogram") -> torch.Tensor:
+    """Scale(s) for ``w`` on ``grid`` (a ``Grid``, or bits per tensor), float32 on ``w``'s device:
+    0-d per tensor; per ``channel`` [out, 1] and per ``group`` [out, ceil(in / group_size)] of the
+    [out, in] matrix ``w``."""
+    grid = as_grid(grid)
+    bits = grid.bits
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"the weight to quantize holds {bad} NaN/inf value(s) of {w.numel()}: the model is broken "
                          f"before quantization (check its loading and dtype); no scale can be computed")
-    if granularity != "tensor":
-        width = group_size if granularity == "group" else w.shape[-1]
+    if not grid.per_tensor:
+        width = grid.groups or w.shape[-1]
         return torch.stack([row_scales(part, bits, observer) for part in w.split(width, dim=-1)], -1)
     if observer == "minmax":
         scale = w.detach().abs().max().float().clamp_min(1e-12) / qmax(bits)
@@ -268,12 +328,12 @@ class FakeQuant(nn.Module):
     """Parametrization ``weight -> fake_quant(weight, scale, bits)`` with a fixed scale buffer.
 
     ``scale``: 0-d, or per channel / group against the [out, in] matrix (``transposed``: the
-    weight is stored [in, out], GPT-2's Conv1D); ``group_size`` for group scales."""
+    weight is stored [in, out], GPT-2's Conv1D), as ``grid`` lays it out."""
 
-    def __init__(self, scale: torch.Tensor, bits: int, group_size: int | None = None, transposed: bool = False):
+    def __init__(self, scale: torch.Tensor, grid: Grid, transposed: bool = False):
         super().__init__()
-        self.bits = check_bits(bits)
-        self.group_size, self.transposed = group_size, transposed
+        self.grid, self.transposed = grid, transposed
+        self.bits, self.group_size = grid.bits, grid.groups  # what the kernels take
         scale = scale.detach().clone()
         self.register_buffer("scale", scale.reshape(()) if scale.numel() == 1 else scale)
 
@@ -310,8 +370,8 @@ def fp_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def grid(module: nn.Module) -> FakeQuant:
-    """The fake-quant parametrization (scale, bits, grouping) of a prepared linear."""
+def quantizer(module: nn.Module) -> FakeQuant:
+    """The fake-quant parametrization (scale and grid) of a prepared linear."""
     return module.parametrizations.weight[0]
 
 
@@ -326,44 +386,40 @@ def check_linears(linears, caller: str) -> None:
                             f"GPT-2's Conv1D weights are quantized")
 
 
-def prepare(linears: dict[str, nn.Module], bits: int, observer: str = "histogram",
-            scales: dict[str, torch.Tensor] | None = None, granularity: str = "tensor",
-            group_size: int = 128) -> dict[str, torch.Tensor]:
-    """Put the given linears into fake-quant mode, in place: the whole stack
-    (``prepare(repro.models.stack_linears(model), ...)``) or any subset, e.g. one window of blocks.
+def prepare(linears: dict[str, nn.Module], grid: Grid | int, observer: str = "histogram",
+            scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Put the given linears into fake-quant mode on ``grid`` (a ``Grid``, or bits per tensor), in
+    place: the whole stack (``prepare(repro.models.stack_linears(model), ...)``) or any subset,
+    e.g. one window of blocks.
 
     ``linears`` maps names to ``nn.Linear``/``Conv1D`` modules. Scales are computed by
-    ``observer`` at ``granularity`` (``compute_scale``) on the current (FP) weights unless given
-    in ``scales`` (name -> tensor of that granularity). Returns the scales used. Idempotent at
-    the same ``bits``: an already prepared layer keeps its scale; one prepared at another
-    bit-width raises (bake it or restore the model first).
+    ``observer`` (``compute_scale``) on the current (FP) weights unless given in ``scales`` (name
+    -> tensor laid out as ``grid`` says). Returns the scales used. Idempotent on the same grid: an
+    already prepared layer keeps its scale; one prepared on another grid raises (bake it or restore
+    the model first).
     """
-    check_bits(bits)
-    check_granularity(granularity, group_size)
+    grid = as_grid(grid)
     check_linears(linears, "prepare")
-    wanted = grid_name(granularity, group_size)
-    group = group_size if granularity == "group" else None
     used = {}
     for name, module in linears.items():
         if is_prepared(module):
-            fq = grid(module)
-            has = grid_name("group" if fq.group_size else "channel" if fq.scale.dim() else "tensor", fq.group_size)
-            if (fq.bits, has) != (bits, wanted):
-                raise ValueError(f"{name} is already in fake-quant mode at int{fq.bits} {has}, not int{bits} {wanted}: "
-                                 f"call repro.quant.bake(...) or repro.models.restore(...) before preparing it again")
+            fq = quantizer(module)
+            if fq.grid != grid:
+                raise ValueError(f"{name} is already in fake-quant mode at int{fq.grid.bits} {fq.grid.name}, not "
+                                 f"int{grid.bits} {grid.name}: call repro.quant.bake(...) or repro.models.restore(...) "
+                                 f"before preparing it again")
             used[name] = fq.scale
             continue
         transposed = is_conv1d(module)
         matrix = module.weight.t() if transposed else module.weight
         if scales is None:
-            scale = compute_scale(matrix, bits, observer, granularity, group_size)
+            scale = compute_scale(matrix, grid, observer)
         elif name not in scales:
             raise ValueError(f"scales has no entry for {name}: give one per linear, or none (the observer computes them)")
         else:
             scale = torch.as_tensor(scales[name], dtype=torch.float32)
-            check_scale_fits(expand_scale(scale, matrix.shape[-1], group), matrix.shape)
-        fq = FakeQuant(scale.to(module.weight.device), bits, group, transposed)
-        parametrize.register_parametrization(module, "weight", fq)
+            check_scale_fits(expand_scale(scale, matrix.shape[-1], grid.groups), matrix.shape)
+        parametrize.register_parametrization(module, "weight", FakeQuant(scale.to(module.weight.device), grid, transposed))
         used[name] = scale
     return used
 
@@ -379,7 +435,7 @@ def bake(linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     scales = {}
     for name, module in linears.items():
         if is_prepared(module):
-            fq = grid(module)
+            fq = quantizer(module)
             with torch.no_grad():
                 baked = fq(module.parametrizations.weight.original)
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

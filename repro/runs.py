@@ -177,10 +177,9 @@ def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
     method_s = time.perf_counter() - start
     # QAFT measured the validation NLL of exactly these (baked) weights when it picked them
     known = info["nll_validation"] if config.method == "qaft" else None
-    metrics = evaluate.record_metrics(bench.model, bench.data, bench.fp_weights, config.batch_size, config.bits,
+    metrics = evaluate.record_metrics(bench.model, bench.data, bench.fp_weights, config.batch_size, config.grid,
                                       bench.fp_test_grams, bench.fp_test_hidden[1] if bench.fp_test_hidden else None,
-                                      nll_validation=known, granularity=config.granularity,
-                                      group_size=config.group_size)
+                                      nll_validation=known)
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,

@@ -171,19 +171,19 @@ def save_weights(model, config, info: dict, path: Path, fp_weights: dict | None 
     from repro.quant import codes, compute_scale
 
     known = {}
-    if config.granularity == "tensor":
+    if config.grid.per_tensor:
         known = {name: torch.tensor(s) for name, s in (info.get("scales") or {}).items()}
         known.update({name: torch.tensor(layer["scale"]) for name, layer in (info.get("layers") or {}).items()
                       if "scale" in layer})
     known.update(grid_scales or {})
-    group_size = config.group_size if config.granularity == "group" else None
+    grid = config.grid
+    group_size = grid.groups
     tensors, transposed = {}, []
     for name, m in models.stack_linears(model).items():
         w = models.weight_matrix(m).detach().cpu()
-        scale = known[name] if name in known else compute_scale(
-            models.weight_matrix(m, fp_weights[name]), config.bits, config.observer, config.granularity,
-            config.group_size).cpu()
-        c = codes(w.float(), scale, config.bits, group_size)
+        scale = known[name] if name in known else \
+            compute_scale(models.weight_matrix(m, fp_weights[name]), grid, config.observer).cpu()
+        c = codes(w.float(), scale, grid.bits, group_size)
         if not torch.equal((c.float() * expand_scale(scale, w.shape[-1], group_size)).to(w.dtype), w):
             raise RuntimeError(f"{config.label()}: {name} is not on its int{config.bits} grid; weights not saved")
         if models.is_conv1d(m):

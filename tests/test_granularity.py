@@ -11,9 +11,9 @@ from test_gptq import correlated_problem, rel
 from tiny_models import FAMILIES, tiny_model
 
 from repro import models, quant, runs, store
-from repro.methods.gptq import damping_search, gptq_quantize, hessian_factor
-from repro.quant import codes, compute_scale, expand_scale, quantize, row_scales
 from repro.config import RunConfig, make_config
+from repro.methods.gptq import damping_search, gptq_quantize, hessian_factor
+from repro.quant import Grid, codes, compute_scale, expand_scale, quantize, row_scales
 
 
 def weight(out=12, inp=40, seed=0):
@@ -26,7 +26,7 @@ def weight(out=12, inp=40, seed=0):
                                                             ("group", 8, (12, 5)), ("group", 64, (12, 1))])
 def test_codes_are_integers_in_range_per_group(granularity, group_size, shape, bits, observer):
     W = weight()
-    scale = compute_scale(W, bits, observer, granularity, group_size)
+    scale = compute_scale(W, Grid(bits, granularity, group_size), observer)
     assert scale.shape == shape and bool((scale > 0).all())
     Q = quantize(W, scale, bits, group_size)
     c = codes(Q, scale, bits, group_size)
@@ -46,17 +46,17 @@ def test_codes_are_integers_in_range_per_group(granularity, group_size, shape, b
 def test_finer_scales_lower_the_weight_error():
     W = weight(out=64, inp=256, seed=1)
     W[3, 7] = 12.0  # one outlier: per tensor, it stretches every weight's grid
-    errs = {g: quant.quant_error(W, compute_scale(W, 3, "mse", g, 32), 3) if g == "tensor" else
-            float((quantize(W, compute_scale(W, 3, "mse", g, 32), 3, 32) - W).pow(2).mean())
+    errs = {g: quant.quant_error(W, compute_scale(W, Grid(3, g, 32), "mse"), 3) if g == "tensor" else
+            float((quantize(W, compute_scale(W, Grid(3, g, 32), "mse"), 3, 32) - W).pow(2).mean())
             for g in quant.GRANULARITIES}
     assert errs["group"] < errs["channel"] < errs["tensor"]
 
 
 def test_bad_grids_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="granularity 'row'.*tensor, channel, group"):
-        compute_scale(weight(), 4, "minmax", "row")
+        compute_scale(weight(), Grid(4, "row"), "minmax")
     with pytest.raises(ValueError, match="histogram observer is per tensor only.*mse.*minmax"):
-        compute_scale(weight(), 4, "histogram", "channel")
+        compute_scale(weight(), Grid(4, "channel"), "histogram")
     with pytest.raises(ValueError, match="group_size=0"):
         RunConfig(method="rtn", bits=4, granularity="group", group_size=0, observer="minmax")
     with pytest.raises(ValueError, match="histogram.*per tensor only"):
@@ -64,7 +64,7 @@ def test_bad_grids_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="act_order=False"):
         make_config("gptq", 4, "ci", granularity="group", observer="minmax", options={"act_order": True})
     with pytest.raises(ValueError, match="pass the group_size"):
-        quantize(weight(), compute_scale(weight(), 4, "minmax", "group", 16), 4)
+        quantize(weight(), compute_scale(weight(), Grid(4, "group", 16), "minmax"), 4)
 
 
 def test_per_tensor_keys_and_grid_are_unchanged():
@@ -114,12 +114,12 @@ def test_gptq_per_group_equals_the_unbatched_oracle(group_size, block_size, obse
     assert rel(Q, Q_ref) <= 1e-5
     assert torch.equal(Q, quantize(Q, scale, 4, group_size))  # on the grid of the scales it returns
     if group_size < W.shape[1]:  # later groups' scales follow the updated weights, not the FP ones
-        assert not torch.equal(scale, compute_scale(W, 4, observer, "group", group_size))
+        assert not torch.equal(scale, compute_scale(W, Grid(4, "group", group_size), observer))
 
 
 def test_gptq_per_channel_equals_the_oracle_at_fixed_channel_scales():
     W, _, H = correlated_problem(seed=3)
-    scale = compute_scale(W, 3, "minmax", "channel")
+    scale = compute_scale(W, Grid(3, "channel"), "minmax")
     Q = gptq_quantize(W, H, scale, 3, damping=0.01, block_size=32)
     Q_ref, _ = reference_group_gptq(W, H, 3, 0.01, W.shape[1])  # one group = the channel, set at column 0
     assert rel(Q, Q_ref) <= 1e-5
@@ -147,11 +147,11 @@ def test_prepare_and_bake_per_group_on_every_family(family, granularity):
     model = tiny_model(family)
     linears = models.stack_linears(model)
     fp = {name: models.weight_matrix(m).detach().clone() for name, m in linears.items()}
-    scales = quant.prepare(linears, 3, "minmax", granularity=granularity, group_size=16)
+    scales = quant.prepare(linears, Grid(3, granularity, 16), "minmax")
     for name, m in linears.items():
         out, inp = fp[name].shape
         assert scales[name].shape == ((out, math.ceil(inp / 16)) if granularity == "group" else (out, 1))
-        fq = quant.grid(m)
+        fq = quant.quantizer(m)
         expected = quantize(fp[name], scales[name], 3, fq.group_size)
         torch.testing.assert_close(models.weight_matrix(m, m.weight).detach(), expected, rtol=0, atol=0)
         c = fq.codes(quant.fp_weight(m).detach())
@@ -175,8 +175,8 @@ def test_weight_size_counts_the_scales():
     groups = sum(m_out * math.ceil(m_in / 16) for m_out, m_in in
                  (models.weight_matrix(m).shape for m in models.stack_linears(model).values()))
     assert models.weight_size_gb(model, 4) == n * 4 / 8 / 1e9  # per tensor: the paper's count
-    assert models.weight_size_gb(model, 4, "channel") == pytest.approx((n * 4 + 16 * rows) / 8 / 1e9)
-    assert models.weight_size_gb(model, 4, "group", 16) == pytest.approx((n * 4 + 16 * groups) / 8 / 1e9)
+    assert models.weight_size_gb(model, Grid(4, "channel")) == pytest.approx((n * 4 + 16 * rows) / 8 / 1e9)
+    assert models.weight_size_gb(model, Grid(4, "group", 16)) == pytest.approx((n * 4 + 16 * groups) / 8 / 1e9)
 
 
 def test_kept_weights_round_trip_group_scales(tmp_path):
@@ -190,7 +190,7 @@ def test_kept_weights_round_trip_group_scales(tmp_path):
     with torch.no_grad():
         for name, m in linears.items():
             W = models.weight_matrix(m)
-            scale = 1.1 * compute_scale(W, 3, "minmax", "group", 16)  # not what the observer gives
+            scale = 1.1 * compute_scale(W, Grid(3, "group", 16), "minmax")  # not what the observer gives
             W.copy_(quantize(W, scale, 3, 16))
             grid_scales[name] = scale
     path = store.weights_path(config, tmp_path)

@@ -119,7 +119,7 @@ def test_prepare_refuses_another_bit_width_and_a_window_prepares_only_its_linear
     with pytest.raises(ValueError, match="already in fake-quant mode at int8 per tensor, not int4 per tensor"):
         quant.prepare(window, 4, "minmax")
     with pytest.raises(ValueError, match="at int8 per tensor, not int8 per channel"):
-        quant.prepare(window, 8, "minmax", granularity="channel")
+        quant.prepare(window, quant.Grid(8, "channel"), "minmax")
     assert quant.bake(linears).keys() == window.keys()
 
 
@@ -139,8 +139,8 @@ def test_prepare_and_bake_refuse_what_is_not_a_dict_of_linears_and_ill_fitting_s
     with pytest.raises(ValueError, match=r"scale of shape \[3, 1\] does not fit a weight of shape"):
         quant.prepare({name: layer}, 4, scales={name: torch.ones(3, 1)})
     assert not quant.is_prepared(layer)  # refused before anything changed
-    quant.prepare({name: layer}, 4, scales={name: torch.full((out, 1), 0.01)}, granularity="channel")
-    assert quant.grid(layer).scale.shape == (out, 1)
+    quant.prepare({name: layer}, quant.Grid(4, "channel"), scales={name: torch.full((out, 1), 0.01)})
+    assert quant.quantizer(layer).scale.shape == (out, 1)
     with pytest.raises(ValueError, match="does not fit"):
         quant.quantize(torch.randn(8, 16), torch.ones(16, 1), 4)
 

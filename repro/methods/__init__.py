@@ -16,7 +16,7 @@ A method is a plain function ``method(model, data, config) -> dict`` and must ke
   Evaluation is separate (``repro.evaluate``), so methods compose with user code.
 * With ``keeps_weights``, its quantized weights sit on the ``repro.quant`` grid when it returns,
   with the scales ``repro.quant.prepare`` gave each linear (``[out, 1]`` per channel, ``[out, in /
-  group_size]`` per group, a scalar per tensor), which ``repro.runs.save_weights`` stores as
+  group_size]`` per group, a scalar per tensor), which ``repro.store.save_weights`` stores as
   integer codes.
 
 To add a method: write its module here and add one ``Method`` to ``METHODS`` (``docs/ARCHITECTURE.md``).

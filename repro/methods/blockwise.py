@@ -211,8 +211,7 @@ def blockwise(model, data, config) -> dict:
                         for i in range(start, stop)}
             linears = {name: mod for layer in by_block.values() for name, mod in layer.items()}
             # blocks kept latent by an overlap keep their scales
-            prepare(linears, config.bits, config.observer, granularity=config.granularity,
-                    group_size=config.group_size)
+            prepare(linears, config.grid, config.observer)
             latent = [fp_weight(mod) for mod in linears.values()]
             for p in latent:
                 p.requires_grad_(True)

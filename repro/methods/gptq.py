@@ -37,7 +37,6 @@ and four ``[k, in, out]`` sweep buffers (``4 k in out x 4 B``).
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 
@@ -46,7 +45,7 @@ import torch
 from repro.evaluate import SharedInputs, check_sequences, forward_hooks
 from repro.models import block_linears, block_path, blocks, weight_matrix
 from repro.progress import progress
-from repro.quant import compute_scale, is_int, is_real, positive_list, qmax, quantize, row_scales
+from repro.quant import Grid, compute_scale, is_int, is_real, positive_list, qmax, quantize, row_scales
 from repro.stack import advance, capture, run_block
 
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -279,7 +278,7 @@ def damping_search(W: torch.Tensor, H: torch.Tensor, scale, bits: int, grid=DAMP
         failures.append(f"fallback: Cholesky failed at all {len(grid)} damping values; "
                         f"the layer is quantized by RTN")
         if group_size:
-            scale.copy_(compute_scale(W, bits, observer, "group", group_size))
+            scale.copy_(compute_scale(W, Grid(bits, "group", group_size), observer))
         return quantize(W, scale, bits, group_size), None, losses, held_losses, failures
     if group_size:
         scale.copy_(best_scale)
@@ -355,8 +354,8 @@ def gptq_options(config) -> dict:
         raise ValueError(f"GPTQ option block_size={opts['block_size']!r}: an integer >= 1 (the paper: 128)")
     if not isinstance(opts["act_order"], bool):
         raise ValueError(f"GPTQ option act_order={opts['act_order']!r}: true or false")
-    if opts["act_order"] and getattr(config, "granularity", "tensor") == "group":
-        _check_grouping(config.group_size, True)
+    if opts["act_order"] and config.grid is not None:
+        _check_grouping(config.grid.groups, True)
     if opts["search_batch"] is not None and not is_int(opts["search_batch"], 1):
         raise ValueError(f"GPTQ option search_batch={opts['search_batch']!r}: an integer >= 1, or None (all at once)")
     opts["damping_grid"] = positive_list(opts["damping_grid"], "GPTQ option damping_grid", list(DAMPING_GRID))
@@ -370,23 +369,23 @@ def gptq(model, data, config) -> dict:
     Options (``config.options``, defaults in ``DEFAULTS``): ``damping_grid`` (one value = plain
     GPTQ), ``holdout`` (fraction of calibration sequences that score the candidates; 0 = score
     in sample, as the paper), ``block_size`` (lazy-update width), ``act_order``,
-    ``search_batch``. Returns, per layer, the scale, chosen damping, layer MSE per grid point
+    ``search_batch``. Returns, per layer, the scale, chosen damping, layer MSE per damping value
     in sample and held out, failures and solve time; per block and in total, the wall time of
     the Hessian pass, the solves and the propagation.
     """
     opts = gptq_options(config)
     check_sequences(model, data.calibration, "calibration")
-    grid = opts["damping_grid"]
+    dampings = opts["damping_grid"]
     prefix = block_path(model)
     was_training = model.training
     model.eval()
     layers, block_times, fallbacks, grid_scales = {}, [], [], {}
-    group_size = config.group_size if config.granularity == "group" else None
-    grouping = {"group_size": group_size, "observer": config.observer}
+    grid = config.grid
+    grouping = {"group_size": grid.groups, "observer": config.observer}
     start = time.perf_counter()
     try:
         # nothing to choose with one damping value: every sequence fits
-        holdout = opts["holdout"] if len(grid) > 1 else 0
+        holdout = opts["holdout"] if len(dampings) > 1 else 0
         parts = dict(zip(("fit", "held"), split_calibration(data.calibration, holdout)))
         # the calibration activations wait on CPU (see the memory note above; on CPU nothing moves)
         inputs = {part: capture(model, seqs, config.batch_size, store="cpu") for part, seqs in parts.items()}
@@ -425,22 +424,21 @@ def gptq(model, data, config) -> dict:
             for name, m in linears.items():
                 s = time.perf_counter()
                 W = weight_matrix(m)  # a view: writing into it writes the weight (Conv1D too)
-                if config.granularity == "group":  # found by the sweep (an output, see gptq_solve)
-                    scale = W.new_zeros(W.shape[0], math.ceil(W.shape[1] / group_size), dtype=torch.float32)
+                if grid.groups:  # found by the sweep (an output, see gptq_solve)
+                    scale = W.new_zeros(grid.scale_shape(*W.shape), dtype=torch.float32)
                 else:  # (the stored weight: per tensor, the layout does not matter)
-                    scale = compute_scale(W if config.granularity == "channel" else m.weight, config.bits,
-                                          config.observer, config.granularity)
+                    scale = compute_scale(W if grid.granularity == "channel" else m.weight, grid, config.observer)
                 first = leader.get(name, name)
                 (H, n), (H_held, n_held) = hessians["fit"][first], hessians["held"][first]
                 if H is None:  # no calibration input reached this layer
-                    if group_size:
-                        scale = compute_scale(W, config.bits, config.observer, "group", group_size)
-                    Q, chosen = quantize(W.detach(), scale, config.bits, group_size), None
-                    losses = held_losses = dict.fromkeys(grid)
+                    if grid.groups:
+                        scale = compute_scale(W, grid, config.observer)
+                    Q, chosen = quantize(W.detach(), scale, grid.bits, grid.groups), None
+                    losses = held_losses = dict.fromkeys(dampings)
                     failures = ["fallback: the layer received no calibration inputs; quantized by RTN"]
                 else:
                     Q, chosen, losses, held_losses, failures = damping_search(
-                        W.detach(), H, scale, config.bits, grid, opts["block_size"], opts["act_order"],
+                        W.detach(), H, scale, config.bits, dampings, opts["block_size"], opts["act_order"],
                         opts["search_batch"], H_held=H_held, factors=factors.setdefault((first, "fit"), {}),
                         **grouping)
                     if H_held is not None and chosen is not None:  # the chosen damping, all tokens
@@ -463,7 +461,7 @@ def gptq(model, data, config) -> dict:
                                 "failures": failures, "scale": float(scale.mean()), "tokens": n,
                                 "hessian_from": f"{prefix}.{b}.{first}",
                                 "held_out_tokens": n_held, "solve_s": time.perf_counter() - s}
-                if config.granularity != "tensor":
+                if scale.dim():  # per channel / group
                     grid_scales[full] = scale.detach().cpu()
             del hessians
             t2 = time.perf_counter()

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 from repro.evaluate import check_sequences, model_device, nll, sequence_nll
 from repro.models import cache_dir, stack_linears
 from repro.progress import progress
-from repro.quant import bake, fp_weight, grid, positive_list, prepare
+from repro.quant import bake, fp_weight, positive_list, prepare, quantizer
 from repro.store import atomic_path
 
 DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
@@ -187,9 +187,9 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     try:
         # Fake-quant mode with fixed scales; only the latent stack weights train.
         linears = stack_linears(model)
-        prepare(linears, config.bits, config.observer, granularity=config.granularity, group_size=config.group_size)
+        prepare(linears, config.grid, config.observer)
         latent = {name: fp_weight(m) for name, m in linears.items()}
-        grids = {name: grid(m) for name, m in linears.items()}
+        grids = {name: quantizer(m) for name, m in linears.items()}
         fp = {name: w.detach().to("cpu", copy=True) for name, w in latent.items()}  # every lr0 starts here
         for p in model.parameters():
             p.requires_grad_(False)
@@ -346,7 +346,7 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
         # per channel or group: each layer's mean scale here, the scales themselves in grid_scales
         "scales": {name: float(g.scale.mean()) for name, g in grids.items()},
         **({"grid_scales": {name: g.scale.detach().cpu() for name, g in grids.items()}}
-           if config.granularity != "tensor" else {}),
+           if not config.grid.per_tensor else {}),
         "rtn": state["rtn"],
         "runs": [{k: r[k] for k in ("lr", "history", "stop_reason", "best_epoch", "best_nll_validation",
                                     "steps", "step_s")} for r in state["runs"]],

@@ -1,7 +1,7 @@
 """Round-to-nearest: every stack weight onto its grid (per tensor, channel or group), scales from the observer."""
 from repro import models
 from repro.models import stack_linears
-from repro.quant import bake, clipped_fraction, expand_scale, fp_weight, grid, prepare, qmax
+from repro.quant import bake, clipped_fraction, expand_scale, fp_weight, prepare, quantizer
 
 
 def rtn(model, data, config) -> dict:
@@ -12,15 +12,14 @@ def rtn(model, data, config) -> dict:
     largest weight lies (1 = no clip; per channel or group, the largest over them).
     """
     linears = stack_linears(model)
-    scales = prepare(linears, config.bits, config.observer, granularity=config.granularity,
-                     group_size=config.group_size)
-    q = qmax(config.bits)
+    scales = prepare(linears, config.grid, config.observer)
+    q = config.grid.q
     # per channel or group, the record gets each layer's scales' mean (thousands per layer);
     # the scales themselves follow from the FP weights and the observer (`compute_scale`)
     info = {"scales": {name: float(s.mean()) for name, s in scales.items()},
             "clipped": {}, "clip_ratio": {}}
     for name, m in linears.items():
-        w, fq = models.weight_matrix(m, fp_weight(m)).detach(), grid(m)
+        w, fq = models.weight_matrix(m, fp_weight(m)).detach(), quantizer(m)
         scale = expand_scale(fq.scale, w.shape[-1], fq.group_size)
         info["clipped"][name] = clipped_fraction(w, scale, config.bits)
         info["clip_ratio"][name] = float((w.abs() / (q * scale)).max())  # per channel / group: the largest

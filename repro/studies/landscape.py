@@ -190,7 +190,7 @@ def _labels(spec: dict) -> list[str]:
 def _stamp(config: RunConfig, outputs: Path | None) -> str | None:
     """Which computation of a run a point used: the ``created`` stamp of the RTN record (its weights
     follow from the record's scales) or of the computation that kept the weights."""
-    if config.method == "rtn" and config.granularity == "tensor":
+    if config.method == "rtn" and config.grid.per_tensor:
         record = store.read_record(config, outputs)
         return record.get("created") if record else None
     return store.weights_stamp(config, outputs)
@@ -210,7 +210,7 @@ def _identity(spec: dict, run_configs: dict) -> dict:
 def run_weights(config: RunConfig, fp: dict, outputs: Path | None) -> dict[str, torch.Tensor]:
     """A run's quantized stack weights: per-tensor RTN's from its record's scales (``quantize`` of
     the FP weights: nothing kept on disk), the others' from the codes kept beside their record."""
-    if config.method == "rtn" and config.granularity == "tensor":
+    if config.method == "rtn" and config.grid.per_tensor:
         scales = runs.run(config, outputs)["info"]["scales"]
         return {name: quantize(w, torch.tensor(scales[name]), config.bits) for name, w in fp.items()}
     return runs.load_weights(config, outputs)
