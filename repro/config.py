@@ -29,7 +29,8 @@ TIERS = ("ci", "cpu", "paper")
 HASH_EXCLUDE = ("device", "tier", "save_weights", "threads")
 # Versions of the code every record shares, part of every record's key: bump one when what it
 # computes changes, so stale records are recomputed rather than re-read. (Methods carry their own.)
-SHARED_VERSIONS = {"evaluation": 3,  # 2: layer MSE on test, both input readings; 3: FP size at 16 bits
+SHARED_VERSIONS = {"evaluation": 4,  # 2: layer MSE on test, both input readings; 3: FP size at 16 bits;
+                   # 4: per-window NLL and the windows' id
                    "data": 2}  # 2: windows start with BOS where the tokenizer adds one
 
 
@@ -48,6 +49,7 @@ class RunConfig:
     seq_len: int | None = 512  # None: the model's maximum length (paper protocol)
     n_calibration: int = 128
     n_eval: int | None = None  # validation/test sequences (None: whole split)
+    eval_windows: str = "consecutive"  # which n_eval windows: the split's first (paper) or spread over it
     batch_size: int = 4
     seed: int = 0
     options: dict = field(default_factory=dict)
@@ -71,6 +73,8 @@ class RunConfig:
         if self.granularity != "tensor" and self.observer == "histogram":
             raise ValueError(f"observer 'histogram' is per tensor only (torch has no per-channel HistogramObserver); "
                              f"granularity {self.granularity!r} takes observer 'mse' or 'minmax'")
+        if self.eval_windows not in data_mod.EVAL_WINDOWS:
+            raise ValueError(f"eval_windows={self.eval_windows!r}: choose one of {', '.join(data_mod.EVAL_WINDOWS)}")
         if self.corpus not in data_mod.CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {', '.join(data_mod.CORPORA)}")
         for name, low, optional in (("n_calibration", 1, False), ("n_eval", 1, True), ("seq_len", 2, True),
@@ -95,6 +99,8 @@ class RunConfig:
             del content["granularity"]
         if self.granularity != "group":
             del content["group_size"]
+        if self.eval_windows == "consecutive":  # records from before the option keep their keys
+            del content["eval_windows"]
         content["method_version"] = METHODS[self.method].version
         content.update(SHARED_VERSIONS)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -170,8 +170,9 @@ def corpus_available(name: str) -> bool:
     return True
 
 
-def load_corpus(name: str = DEFAULT_CORPUS) -> dict[str, str]:
-    """Text of each split (``train``, ``validation``, ``test``) of a corpus."""
+def load_documents(name: str = DEFAULT_CORPUS) -> dict[str, list[str]]:
+    """The documents of each split (``train``, ``validation``, ``test``) of a corpus: the offline
+    corpora's articles or works; a hub corpus's split is one document."""
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)} "
                          f"({', '.join(OFFLINE_CORPORA)} work offline)")
@@ -181,8 +182,14 @@ def load_corpus(name: str = DEFAULT_CORPUS) -> dict[str, str]:
         assignment = title_splits([title for title, _ in documents])
         for title, text in documents:
             parts[assignment[title]].append(text)
-        return {s: "\n\n".join(p) for s, p in parts.items()}
-    return _hub_corpus(name)
+        return parts
+    return {s: [text] for s, text in _hub_corpus(name).items()}
+
+
+def load_corpus(name: str = DEFAULT_CORPUS) -> dict[str, str]:
+    """Text of each split (``train``, ``validation``, ``test``) of a corpus: its documents joined
+    with a blank line."""
+    return {s: "\n\n".join(docs) for s, docs in load_documents(name).items()}
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -222,6 +229,48 @@ def random_windows(ids: torch.Tensor, seq_len: int, n: int, seed: int) -> torch.
     return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
 
 
+def spread_windows(documents: list[torch.Tensor], seq_len: int, n: int | None, seed: int) -> torch.Tensor:
+    """``n`` non-overlapping windows ``[n, seq_len]`` spread over a split's ``documents`` (token ids
+    of each), none crossing a document's end: each document's slots are its consecutive windows;
+    with ``n`` at least the number of documents that hold a window, each contributes one and the
+    rest go by largest remainder in proportion to its slots; with fewer, the windows are drawn
+    systematically over all slots in order (every ``len / n``-th). Inside a document, slots are
+    taken evenly spaced from a random offset (``seed``). ``n=None`` (or more than there are): every
+    slot. Windows come in document order."""
+    slots = [doc.numel() // seq_len for doc in documents]
+    total = sum(slots)
+    if total == 0:
+        raise ValueError(f"no document of the split holds {seq_len} tokens; use a shorter seq_len or a larger corpus")
+    g = torch.Generator().manual_seed(seed)
+    if n is None or n >= total:
+        counts = slots
+    elif n < sum(1 for m in slots if m):
+        offset = float(torch.rand((), generator=g))
+        picks = [int((i + offset) * total / n) for i in range(n)]
+        counts, edges = [], 0
+        for m in slots:
+            counts.append(sum(edges <= p < edges + m for p in picks))
+            edges += m
+    else:
+        counts = [min(1, m) for m in slots]
+        rest = n - sum(counts)
+        share = [(m - c) * rest / (total - sum(counts)) for m, c in zip(slots, counts)]
+        extra = [int(x) for x in share]
+        for i in sorted(range(len(slots)), key=lambda i: extra[i] - share[i])[: rest - sum(extra)]:
+            extra[i] += 1
+        counts = [min(m, c + e) for m, c, e in zip(slots, counts, extra)]
+        for i in sorted(range(len(slots)), key=lambda i: counts[i] - slots[i]):  # what a full document could not take
+            add = min(n - sum(counts), slots[i] - counts[i])
+            counts[i] += max(0, add)
+    windows = []
+    for doc, m, c in zip(documents, slots, counts):
+        if c:
+            offset = float(torch.rand((), generator=g))
+            starts = sorted({int((i + offset) * m / c) for i in range(c)})
+            windows += [doc[k * seq_len: (k + 1) * seq_len] for k in starts]
+    return torch.stack(windows)
+
+
 @dataclass
 class Data:
     """Token sequences for one (model tokenizer, corpus): each a LongTensor [n, seq_len]."""
@@ -250,12 +299,18 @@ def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
     return windows if bos is None else torch.cat([torch.full((len(windows), 1), bos), windows], dim=1)
 
 
+EVAL_WINDOWS = ("consecutive", "stratified")
+
+
 def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_calibration: int = 128,
-              n_eval: int | None = None, seed: int = 0, model_max: int | None = None) -> Data:
+              n_eval: int | None = None, seed: int = 0, model_max: int | None = None,
+              eval_windows: str = "consecutive") -> Data:
     """Tokenise ``corpus`` and cut it into a ``Data`` record.
 
     ``n_calibration`` windows of ``seq_len`` tokens are drawn from train with ``seed``;
-    validation and test are consecutive windows, at most ``n_eval`` each (None: whole split).
+    validation and test are at most ``n_eval`` windows each (None: the whole split): with
+    ``eval_windows`` "consecutive" the first ones of the split joined (the paper's protocol), with
+    "stratified" windows spread over every document of the split (``spread_windows``, by ``seed``).
     Each window starts with the tokenizer's BOS token when it adds one (``bos_token_id``).
     ``model_max`` (the model's maximum length) is checked against ``seq_len`` before any work.
     """
@@ -265,12 +320,20 @@ def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_cal
             raise ValueError(f"{name}={value!r}: an integer >= {low}" + (" or None (the whole split)" if optional else ""))
     if model_max is not None:
         check_seq_len(seq_len, model_max)
-    text = load_corpus(corpus)
+    if eval_windows not in EVAL_WINDOWS:
+        raise ValueError(f"eval_windows={eval_windows!r}: choose one of {', '.join(EVAL_WINDOWS)}")
+    documents = load_documents(corpus)
     bos = bos_token_id(tokenizer)
     span = seq_len - (bos is not None)  # text tokens per window
+
+    def held_out(split):
+        if eval_windows == "stratified":
+            return spread_windows([tokenize(tokenizer, d) for d in documents[split] if d.strip()], span, n_eval, seed)
+        return consecutive(tokenize(tokenizer, "\n\n".join(documents[split])), span, n_eval)
+
     return Data(
-        calibration=with_bos(random_windows(tokenize(tokenizer, text["train"]), span, n_calibration, seed), bos),
-        validation=with_bos(consecutive(tokenize(tokenizer, text["validation"]), span, n_eval), bos),
-        test=with_bos(consecutive(tokenize(tokenizer, text["test"]), span, n_eval), bos),
+        calibration=with_bos(random_windows(tokenize(tokenizer, "\n\n".join(documents["train"])), span, n_calibration,
+                                            seed), bos),
+        validation=with_bos(held_out("validation"), bos), test=with_bos(held_out("test"), bos),
         corpus=corpus, seq_len=seq_len,
     )

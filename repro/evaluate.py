@@ -1,6 +1,7 @@
 """Metrics: global NLL / perplexity, layer-wise output MSE, weight distance to FP."""
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import contextmanager, nullcontext
 
@@ -89,9 +90,10 @@ def sequence_nll(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
 LOGIT_CHUNK_BYTES = 1 << 28  # fp32 logits held at once by ``nll``: 256 MiB (256 tokens of Gemma 3's 262k vocab)
 
 
-def chunked_nll_sum(model, batch: torch.Tensor, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> tuple[float, int]:
-    """Summed next-token NLL (nats) of ``batch`` ``[b, seq_len]`` and the number of predicted
-    tokens, computing the LM head on at most ``chunk_bytes`` of fp32 logits at a time.
+def chunked_nll_sum(model, batch: torch.Tensor, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL (nats) of each window of ``batch`` ``[b, seq_len]`` (float64 ``[b]``)
+    and the number of tokens predicted per window (``seq_len - 1``), computing the LM head on at
+    most ``chunk_bytes`` of fp32 logits at a time.
 
     The decoder runs once (``model.base_model``, hidden states ``[b, seq_len, d]``); the head
     (``get_output_embeddings``, plus Gemma's final logit soft-capping where the config sets it)
@@ -102,33 +104,40 @@ def chunked_nll_sum(model, batch: torch.Tensor, chunk_bytes: int = LOGIT_CHUNK_B
     hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     target = batch[:, 1:].reshape(-1)
+    per_window = batch.shape[1] - 1
+    window = torch.arange(target.numel(), device=target.device) // per_window  # the window of each position
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     chunk = max(1, chunk_bytes // (4 * head.weight.shape[0]))
-    total = 0.0
+    sums = torch.zeros(len(batch), dtype=torch.float64, device=target.device)
     for s in range(0, target.numel(), chunk):
         logits = head(hidden[s: s + chunk]).float()
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        total += float(F.cross_entropy(logits, target[s: s + chunk], reduction="sum"))
-    return total, target.numel()
+        losses = F.cross_entropy(logits, target[s: s + chunk], reduction="none")
+        sums.index_add_(0, window[s: s + chunk], losses.double())
+    return sums.cpu(), per_window
 
 
 @torch.no_grad()
-def nll(model, sequences: torch.Tensor, batch_size: int = 4, desc: str | None = "NLL") -> float:
-    """Token-weighted mean next-token NLL (nats/token) over ``sequences`` ``[n, seq_len]``.
+def nll(model, sequences: torch.Tensor, batch_size: int = 4, desc: str | None = "NLL",
+        per_window: bool = False) -> float | tuple[float, list[float]]:
+    """Token-weighted mean next-token NLL (nats/token) over ``sequences`` ``[n, seq_len]``; with
+    ``per_window``, also each window's own mean (a list of ``n``: what paired comparisons between
+    two models on the same windows resample, ``repro.uncertainty``).
 
     Every token after the first of each sequence is predicted from the tokens before it in
     the same sequence; perplexity = exp(nll). The logits are computed in chunks
     (``chunked_nll_sum``).
     """
     check_sequences(model, sequences)
-    total, count = 0.0, 0
+    sums = []
     for batch in batches(sequences, batch_size, desc):
-        loss, n = chunked_nll_sum(model, batch)
-        total += loss
-        count += n
-    return total / count
+        window_sums, tokens = chunked_nll_sum(model, batch)
+        sums.append(window_sums)
+    sums = torch.cat(sums)
+    mean = float(sums.sum()) / (sums.numel() * tokens)
+    return (mean, (sums / tokens).tolist()) if per_window else mean
 
 
 def perplexity(nll_value: float) -> float:
@@ -429,6 +438,12 @@ def weight_distance(model, fp_weights: dict[str, torch.Tensor]) -> float:
 
 
 # ----------------------------------------------------------------------------- a record's metrics
+def windows_id(sequences: torch.Tensor) -> str:
+    """sha256 (12 hex) of the token windows ``[n, seq_len]``: two records whose per-window NLLs were
+    measured on the same windows, in the same order, carry the same id (``repro.uncertainty``)."""
+    return hashlib.sha256(sequences.cpu().numpy().tobytes()).hexdigest()[:12]
+
+
 def record_metrics(model, data, fp_weights: dict, batch_size: int, grid: Grid | None,
                    fp_grams: dict | None = None, fp_hidden: list | None = None,
                    nll_validation: float | None = None) -> dict:
@@ -444,23 +459,26 @@ def record_metrics(model, data, fp_weights: dict, batch_size: int, grid: Grid | 
     ``data``: a ``repro.data.Data``; ``grid``: the quantized model's (None: the FP model), for the
     weight size (its scales count).
     """
-    nll_val = nll_validation if nll_validation is not None else \
-        nll(model, data.validation, batch_size, desc="NLL validation")
+    # per-window NLL of validation (where measured here) and test: what paired comparisons resample
+    nll_val, val_windows = (nll_validation, None) if nll_validation is not None else \
+        nll(model, data.validation, batch_size, desc="NLL validation", per_window=True)
     if grid is None:
-        nll_test = nll(model, data.test, batch_size, desc="NLL test")
+        nll_test, test_windows = nll(model, data.test, batch_size, desc="NLL test", per_window=True)
         zeros = dict.fromkeys(stack_linears(model), 0.0)
         mse = {"layer_mse": zeros, "layer_mse_fp_inputs": zeros}
         block_mse = [0.0] * len(blocks(model))
     else:  # the test NLL pass also records the own-input layer MSE and the block outputs (one forward)
         blocks_ctx = recording_block_mse(model, fp_hidden) if fp_hidden is not None else nullcontext()
         with recording_layer_mse(model, fp_weights) as own, blocks_ctx as block_mse:
-            nll_test = nll(model, data.test, batch_size, desc="NLL test + layer MSE")
+            nll_test, test_windows = nll(model, data.test, batch_size, desc="NLL test + layer MSE", per_window=True)
         fp_inputs = (layer_mse_from_grams(model, fp_weights, fp_grams) if fp_grams is not None else
                      layer_mse(model, fp_weights, data.test, batch_size, inputs="fp", desc="layer MSE (FP inputs)"))
         mse = {"layer_mse": own, "layer_mse_fp_inputs": fp_inputs}
     n_layers = len(mse["layer_mse"])
     return {
         "nll_validation": nll_val, "nll_test": nll_test,
+        "nll_validation_windows": val_windows, "nll_test_windows": test_windows,
+        "windows": {"validation": windows_id(data.validation), "test": windows_id(data.test)},
         "ppl_validation": perplexity(nll_val), "ppl_test": perplexity(nll_test),
         **mse, **{f"mean_{key}": sum(values.values()) / n_layers for key, values in mse.items()},
         "block_output_mse": block_mse, "mean_block_output_mse": sum(block_mse) / len(block_mse) if block_mse else None,

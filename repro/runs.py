@@ -64,7 +64,8 @@ _WORKBENCH: list[Workbench] = []  # the one most recently used (models are large
 def workbench(config: RunConfig) -> Workbench:
     """Load (or reuse) the model and data a config needs; the model is reset to FP."""
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    key = (config.model, config.corpus, config.seq_len, config.n_calibration, config.n_eval, config.seed, device)
+    key = (config.model, config.corpus, config.seq_len, config.n_calibration, config.n_eval, config.eval_windows,
+           config.seed, device)
     if _WORKBENCH and _WORKBENCH[0].key == key:
         bench = _WORKBENCH[0]
         models.restore(bench.model, bench.fp_weights)
@@ -73,7 +74,7 @@ def workbench(config: RunConfig) -> Workbench:
     model, tokenizer = models.load_model(config.model, device=device)
     model_max = models.max_length(model)
     data = data_mod.make_data(tokenizer, config.corpus, config.seq_len or model_max, config.n_calibration,
-                              config.n_eval, config.seed, model_max=model_max)
+                              config.n_eval, config.seed, model_max=model_max, eval_windows=config.eval_windows)
     bench = Workbench(model, tokenizer, data, models.fp_snapshot(model), key)
     _WORKBENCH.append(bench)
     return bench

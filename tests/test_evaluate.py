@@ -122,14 +122,17 @@ def test_layer_mse_refuses_a_model_in_fake_quant_mode():
 
 
 def test_chunked_nll_equals_unchunked(family_model):
-    """Logits computed a few tokens at a time (7 here) give the full-logits cross-entropy."""
+    """Logits computed a few tokens at a time (7 here, across window boundaries) give the full-logits
+    cross-entropy, window by window."""
     _, model = family_model
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full, n_full = evaluate.sequence_nll(model, ids)
         chunked, n = evaluate.chunked_nll_sum(model, ids, chunk_bytes=4 * 128 * 7)
-    assert n == n_full == 2 * 23
-    assert chunked == pytest.approx(float(full), rel=1e-5)
+        second, _ = evaluate.sequence_nll(model, ids[1:])
+    assert n * len(ids) == n_full == 2 * 23
+    assert float(chunked.sum()) == pytest.approx(float(full), rel=1e-5)
+    assert float(chunked[1]) == pytest.approx(float(second), rel=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "gemma3"])

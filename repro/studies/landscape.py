@@ -112,7 +112,8 @@ def weights_set(model, fp_weights: dict[str, torch.Tensor]):
 def _point_key(base: RunConfig, spec: dict, opts: dict) -> str:
     content = {"model": base.model, "corpus": base.corpus, "seq_len": base.seq_len, "n_calibration": base.n_calibration,
                "n_eval": base.n_eval, "seed": base.seed, "n_train": opts["n_train"],
-               "n_validation": opts["n_validation"], "spec": spec, "version": VERSION, **SHARED_VERSIONS}
+               "n_validation": opts["n_validation"], "spec": spec, "version": VERSION, **SHARED_VERSIONS,
+               **({} if base.eval_windows == "consecutive" else {"eval_windows": base.eval_windows})}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -16,6 +16,7 @@ from repro.methods import MAIN, QUANTIZERS
 from repro.quant import OBSERVERS
 from repro.report import DASH, MSE_READINGS, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
 from repro.studies import Notebook, NoRecordsError, read_records, suffix, tier_models
+from repro.uncertainty import compare, compare_layers, interval_cell, verdict
 
 
 def configs(tier: str, model: str | None = None, bits=None, methods=MAIN, **overrides) -> list:
@@ -56,17 +57,19 @@ def fig1_table(records, seconds: bool = True) -> str:
     """Paper Fig. 1, one row per bit-width (high to low), FP first: test NLL (nats/token) of RTN,
     GPTQ and QAFT; their mean layer MSE on test (squared activation units) with FP inputs (eq. 2)
     and with their own inputs; QAFT's lr0 and epoch (chosen on validation); with ``seconds``,
-    GPTQ's and QAFT's method time (s; wall clock, so leave it out where output is compared)."""
+    GPTQ's and QAFT's method time (s; wall clock, so leave it out where output is compared); QAFT
+    − GPTQ test NLL paired over the test windows with its bootstrap 95% interval (bold: excludes 0)."""
     t = by_method_bits(records)
     names = [m.upper() for m in QUANTIZERS]
     header = ["bits", *(f"{n} test NLL" for n in names),
               *(f"{n} MSE, {reading}" for reading, _ in MSE_READINGS for n in names),
-              "QAFT lr0", "QAFT epoch", *(["GPTQ s", "QAFT s"] if seconds else [])]
+              "QAFT lr0", "QAFT epoch", *(["GPTQ s", "QAFT s"] if seconds else []),
+              "QAFT − GPTQ test NLL [95% CI]"]
     rows = []
     fp = t.get("fp", {}).get(None)
     if fp is not None:
         rows.append(["FP", *[nll_cell(fp["nll_test"])] * len(QUANTIZERS),
-                     *(g_cell(fp.get(key)) for _, key in MSE_READINGS for _ in QUANTIZERS), *[DASH] * (4 if seconds else 2)])
+                     *(g_cell(fp.get(key)) for _, key in MSE_READINGS for _ in QUANTIZERS), *[DASH] * (5 if seconds else 3)])
     for b in widths(t):
         recs = [t.get(m, {}).get(b) for m in QUANTIZERS]
         info = (recs[2] or {}).get("info") or {}
@@ -74,7 +77,8 @@ def fig1_table(records, seconds: bool = True) -> str:
         rows.append([f"int{b}", *(nll_cell(r and r["nll_test"]) for r in recs),
                      *(g_cell(r and r.get(key)) for _, key in MSE_READINGS for r in recs),
                      f"{info['lr']:g}" if "lr" in info else DASH, DASH if epoch is None else epoch,
-                     *([seconds_cell(recs[1]), seconds_cell(recs[2])] if seconds else [])])
+                     *([seconds_cell(recs[1]), seconds_cell(recs[2])] if seconds else []),
+                     interval_cell(compare(recs[2], recs[1]) if recs[1] and recs[2] else None)])
     return markdown_table(header, rows) if rows else "No records yet."
 
 
@@ -268,26 +272,42 @@ def damping_scoring_table(records) -> str:
     return markdown_table(header, rows)
 
 
+def _winner(interval, a: str, b: str, a_lower: bool) -> str | None:
+    """``a`` or ``b``, whichever is lower: by the interval of A − B when there is one (None when it
+    holds 0), else by the plain values (``a_lower``; records without per-window or per-layer data)."""
+    if interval is None:
+        return a if a_lower else b
+    return (a if interval.high < 0 else b) if interval.excludes_zero() else None
+
+
 def misalignment_summary(records, local: str = "gptq", global_: str = "qaft") -> str:
-    """Markdown: per bit-width, which method has the lower test NLL (nats/token) and which the
-    lower mean layer MSE (test split; with FP inputs, eq. 2, when recorded, and with own inputs),
-    and whether the two winners are aligned."""
+    """Markdown: per bit-width, which method has the lower test NLL (nats/token) and which the lower
+    layer MSE (test split; with FP inputs, eq. 2, when recorded, and with own inputs), and whether
+    the two winners are aligned. A winner needs a paired 95% interval that excludes 0
+    (``repro.uncertainty``: over test windows for the NLL, over layers for the layer MSE); without
+    one on either side the call is "undecided". Records without per-window NLL get the plain
+    comparison, marked as having no interval."""
     table = by_method_bits(records)
     lines = []
     for b in sorted(set(table.get(local, {})) & set(table.get(global_, {})) - {None}, reverse=True):
         lo, gl = table[local][b], table[global_][b]
-        nll_winner = global_ if gl["nll_test"] < lo["nll_test"] else local
+        nll_ci = compare(gl, lo)
+        nll_winner = _winner(nll_ci, global_, local, gl["nll_test"] < lo["nll_test"])
         readings = []
         for reading, key in MSE_READINGS:
             if lo.get(key) is None or gl.get(key) is None:
                 continue
-            mse_winner = local if lo[key] < gl[key] else global_
-            aligned = "aligned" if nll_winner == mse_winner else "**misaligned**"
-            readings.append(f"{reading}: {mse_winner.upper()} lower ({lo[key]:.4g} {local.upper()} vs "
-                            f"{gl[key]:.4g} {global_.upper()}), {aligned}")
+            mse_ci = compare_layers(lo, gl, key.removeprefix("mean_"))
+            mse_winner = _winner(mse_ci, local, global_, lo[key] < gl[key])
+            call = "undecided" if not (mse_winner and nll_winner) else \
+                "aligned" if mse_winner == nll_winner else "**misaligned**"
+            per_layer = "" if mse_ci is None else f"; {local.upper()} − {global_.upper()} per layer {mse_ci}"
+            readings.append(f"{reading}: {f'{mse_winner.upper()} lower' if mse_winner else 'not distinguishable'} "
+                            f"({lo[key]:.4g} {local.upper()} vs {gl[key]:.4g} {global_.upper()}{per_layer}), {call}")
+        winner = f"{nll_winner.upper()} has the lower test NLL" if nll_winner else "Test NLL not distinguishable"
         lines.append(
-            f"- int{b}: {nll_winner.upper()} has the lower test NLL ({lo['nll_test']:.3f} {local.upper()} vs "
-            f"{gl['nll_test']:.3f} {global_.upper()}, Δ {gl['nll_test'] - lo['nll_test']:+.3f}). "
+            f"- int{b}: {winner} ({lo['nll_test']:.3f} {local.upper()} vs {gl['nll_test']:.3f} {global_.upper()}, "
+            f"Δ {gl['nll_test'] - lo['nll_test']:+.3f}; {verdict(nll_ci, global_.upper(), local.upper())}). "
             f"Mean layer MSE (test) — {'; '.join(readings) or 'not recorded'}.")
     if not lines:
         return f"No bit-width has both {local} and {global_} records yet."

@@ -1,0 +1,91 @@
+"""How sure a comparison is: method differences paired over the same evaluation windows, with a
+bootstrap 95% interval, and the verdict the interval allows.
+
+Two records measured on the same windows (``record["windows"]``, ``repro.evaluate.windows_id``)
+carry one NLL per window (``nll_test_windows``: nats/token, one per window of the split). Their
+difference is paired window by window, so what both models find hard cancels out, and resampled
+(windows drawn with replacement, ``n_boot`` times, fixed ``seed``): the 2.5% and 97.5% quantiles of
+the resampled mean differences bound the interval. A verdict says "A < B" only when the whole
+interval lies below 0 (and "A > B" above it), otherwise "not distinguishable at this sample size".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+N_BOOT = 10_000
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean difference (A − B) and its bootstrap interval, over ``n`` paired windows."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    level: float = LEVEL
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+def paired_bootstrap(a, b, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> Interval:
+    """Mean of ``a - b`` (paired, same length ``n``) and its percentile bootstrap interval at
+    ``level``: windows resampled with replacement ``n_boot`` times with a generator seeded by
+    ``seed`` (the same call gives the same interval). Raises ValueError on unpaired input."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.dim() != 1 or a.shape != b.shape or not len(a):
+        raise ValueError(f"paired_bootstrap takes two equally long 1-d sequences of per-window values, "
+                         f"not shapes {list(a.shape)} and {list(b.shape)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r}: a coverage in (0, 1), e.g. 0.95")
+    diff = a - b
+    g = torch.Generator().manual_seed(seed)
+    means = diff[torch.randint(0, len(diff), (n_boot, len(diff)), generator=g)].mean(1)
+    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return Interval(float(diff.mean()), low, high, len(diff), level)
+
+
+def compare(record_a: dict, record_b: dict, split: str = "test", **kwargs) -> Interval | None:
+    """``paired_bootstrap`` of two records' per-window NLL on ``split`` (A − B, nats/token); None
+    when either record has none (computed before per-window NLL was kept, or a validation NLL
+    measured by the method itself) or they were measured on other windows."""
+    a, b = record_a.get(f"nll_{split}_windows"), record_b.get(f"nll_{split}_windows")
+    same = (record_a.get("windows") or {}).get(split) == (record_b.get("windows") or {}).get(split)
+    if not a or not b or not same:
+        return None
+    return paired_bootstrap(a, b, **kwargs)
+
+
+def verdict(interval: Interval | None, a: str, b: str) -> str:
+    """"A < B", "A > B" or "not distinguishable at this sample size", with the interval; "no
+    interval" when there is none (``compare`` returned None)."""
+    if interval is None:
+        return "no interval (no per-window NLL on the same windows)"
+    ci = f"{a} − {b} = {interval} ({round(100 * interval.level)}% CI, {interval.n} windows)"
+    if not interval.excludes_zero():
+        return f"not distinguishable at this sample size: {ci}"
+    return f"{a} {'<' if interval.high < 0 else '>'} {b}: {ci}"
+
+
+def interval_cell(interval: Interval | None) -> str:
+    """A table cell: ``+0.412 [+0.301, +0.518]``, bold when the interval excludes 0; a dash for none."""
+    if interval is None or not math.isfinite(interval.mean):
+        return "—"
+    return f"**{interval}**" if interval.excludes_zero() else str(interval)
+
+
+def compare_layers(record_a: dict, record_b: dict, key: str = "layer_mse_fp_inputs", **kwargs) -> Interval | None:
+    """``paired_bootstrap`` of two records' per-layer values of ``key`` (a dict layer -> value, e.g.
+    ``layer_mse_fp_inputs``), paired layer by layer over the layers both have (A − B); None when
+    either lacks them."""
+    a, b = record_a.get(key) or {}, record_b.get(key) or {}
+    layers = [name for name in a if name in b]
+    return paired_bootstrap([a[n] for n in layers], [b[n] for n in layers], **kwargs) if layers else None
