@@ -41,7 +41,7 @@ FP_BITS = 16  # the paper's models are float16: the FP reference point sits at 1
 
 
 def pareto_points(records, metric: str = "nll_test") -> list[dict]:
-    """Paper Fig. 2's points, one per record: ``{model, method, bits, size_gb, nll}`` with
+    """Paper Fig. 2's points, one per record: ``{model, method, bits, size_gb, nll, record}`` with
     ``size_gb`` = stack_params x bits / 8 / 1e9 (the transformer stack's linear weights in GB;
     FP at 16 bits, method "fp") and ``nll`` = ``record[metric]``. Records without
     ``stack_params`` or without the metric are left out (they cannot be placed)."""
@@ -54,7 +54,7 @@ def pareto_points(records, metric: str = "nll_test") -> list[dict]:
         tensor = c.get("granularity", "tensor") == "tensor"
         # per channel / group: the format is its own series, and its size counts the scales
         points.append({"model": c["model"] if tensor else f"{c['model']} {grid_of(r)}", "method": c["method"],
-                       "bits": bits, "nll": r[metric],
+                       "bits": bits, "nll": r[metric], "record": r,
                        "size_gb": r["stack_params"] * bits / 8 / 1e9 if tensor else r["weight_size_gb"]})
     return points
 

@@ -33,13 +33,15 @@ def _options(pairs) -> dict:
 def _run(args) -> int:
     from repro import runs
     from repro.config import make_config
+    from repro.methods import METHODS
 
     if args.group_size is not None and args.granularity != "group":
         raise ValueError("--group-size applies to --granularity group only")
-    if args.method == "fp" and (args.bits is not None or args.granularity not in (None, "tensor")):
-        raise ValueError("--method fp quantizes nothing: leave out --bits and --granularity")
+    quantizes = args.method not in METHODS or METHODS[args.method].quantizes
+    if not quantizes and (args.bits is not None or args.granularity not in (None, "tensor")):
+        raise ValueError(f"--method {args.method} quantizes nothing: leave out --bits and --granularity")
 
-    for bits in ([None] if args.method == "fp" else args.bits or [4]):
+    for bits in (args.bits or [4] if quantizes else [None]):
         config = make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
                              corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,
                              granularity=args.granularity, group_size=args.group_size)

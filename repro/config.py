@@ -40,7 +40,7 @@ class RunConfig:
     """Everything that determines one run. ``options`` holds the method's own settings."""
 
     method: str = "rtn"
-    bits: int | None = 4  # None for the "fp" reference
+    bits: int | None = 4  # None for the FP references ("fp", "fpft": methods that quantize nothing)
     model: str = models.DEFAULT_MODEL
     corpus: str = data_mod.DEFAULT_CORPUS
     observer: str = "histogram"
@@ -63,7 +63,7 @@ class RunConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method == "fp":
+        if not METHODS[self.method].quantizes:
             self.bits, self.granularity = None, "tensor"  # nothing is quantized
             check_granularity(self.granularity, self.group_size)
         else:
@@ -111,9 +111,9 @@ class RunConfig:
         return None if self.bits is None else Grid(self.bits, self.granularity, self.group_size)
 
     def label(self) -> str:
-        if self.bits is None:
-            return "fp"
         name = self.method
+        if self.bits is None:
+            return name
         if self.method == "blockwise":
             from repro.methods.blockwise import variant
 
@@ -146,8 +146,8 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
                 **overrides) -> RunConfig:
     """A ``RunConfig`` from a tier's YAML, the method's options there, then ``overrides``
     (any ``RunConfig`` field; ``None`` values are ignored so CLI defaults fall through)."""
-    if method == "fp" and bits is not None:
-        raise ValueError(f"method 'fp' quantizes nothing: pass bits=None, not {bits!r}")
+    if method in METHODS and not METHODS[method].quantizes and bits is not None:
+        raise ValueError(f"method {method!r} quantizes nothing: pass bits=None, not {bits!r}")
     params = load_tier(tier)
     model = overrides.get("model") or params.get("model")
     own = (params.pop("model_settings", None) or {}).get(model, {})  # what this model sets differently
@@ -156,18 +156,21 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
         raise ValueError(f"params/{tier}.yaml: model_settings of {model!r} may set {', '.join(sorted(MODEL_SETTINGS))}, "
                          f"not {', '.join(sorted(misplaced))}")
     params.update({k: v for k, v in own.items() if k != "methods"})
-    method_options = {**(params.pop("methods", {}).get(method) or {}), **(own.get("methods", {}).get(method) or {})}
+    tier_method = (METHODS[method].options_of if method in METHODS else None) or method  # FPFT: QAFT's budget
+    method_options = {**(params.pop("methods", {}).get(tier_method) or {}),
+                      **(own.get("methods", {}).get(tier_method) or {})}
     method_options.update(options or {})
     params.pop("bits", None)
     if isinstance(params.get("observer"), dict):  # chosen per bit-width (fp: the highest width's)
-        if method != "fp":
+        if method not in METHODS or METHODS[method].quantizes:
             check_bits(bits)
         by_bits = params["observer"]
         if bits is not None and bits not in by_bits:
             raise ValueError(f"tier {tier!r} chooses an observer per bit-width for {sorted(by_bits)} only, not "
                              f"int{bits}; pass observer=... (CLI: --observer) or add int{bits} to params/{tier}.yaml")
         params["observer"] = by_bits[bits if bits is not None else max(by_bits)]
-    if (overrides.get("granularity") or "tensor") != "tensor" and not overrides.get("observer") and method != "fp":
+    quantizes = method not in METHODS or METHODS[method].quantizes
+    if (overrides.get("granularity") or "tensor") != "tensor" and not overrides.get("observer") and quantizes:
         # per channel / group: the tier's granularity_study observer for this width (histogram is per
         # tensor only), else minmax in histogram's place
         study = (params.get("granularity_study") or {}).get("observer")
@@ -186,7 +189,7 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
 
 
 def sweep_configs(methods=("fp", "rtn"), bits=None, tier: str = "cpu", **overrides) -> list[RunConfig]:
-    """The configs of every (method, bits) pair (``fp`` once); ``bits=None`` takes the tier's list."""
+    """The configs of every (method, bits) pair (an FP reference once); ``bits=None`` takes the tier's list."""
     bits = load_tier(tier)["bits"] if bits is None else bits
     return [make_config(method, b, tier, **overrides)
-            for method in methods for b in ([None] if method == "fp" else bits)]
+            for method in methods for b in (bits if METHODS[method].quantizes else [None])]

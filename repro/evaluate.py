@@ -446,7 +446,7 @@ def windows_id(sequences: torch.Tensor) -> str:
 
 def record_metrics(model, data, fp_weights: dict, batch_size: int, grid: Grid | None,
                    fp_grams: dict | None = None, fp_hidden: list | None = None,
-                   nll_validation: float | None = None) -> dict:
+                   nll_validation: float | None = None, changed: bool = True) -> dict:
     """The metrics every record carries (definitions above).
 
     Validation NLL is for selection (QAFT's lr0 and epoch); every comparison across methods
@@ -456,13 +456,14 @@ def record_metrics(model, data, fp_weights: dict, batch_size: int, grid: Grid | 
     (``block_outputs`` of the FP model on test) the same test pass also measures every
     block's output MSE against the FP residual stream (``block_output_mse``; else ``None``).
     ``nll_validation``, when the method already measured it on these weights, is not measured again.
-    ``data``: a ``repro.data.Data``; ``grid``: the quantized model's (None: the FP model), for the
-    weight size (its scales count).
+    ``data``: a ``repro.data.Data``; ``grid``: the quantized model's (None: unquantized, 16 bits per
+    weight), for the weight size (its scales count). ``changed=False``: the model holds exactly
+    ``fp_weights`` (the FP reference), so every layer and block MSE is 0 without a pass.
     """
     # per-window NLL of validation (where measured here) and test: what paired comparisons resample
     nll_val, val_windows = (nll_validation, None) if nll_validation is not None else \
         nll(model, data.validation, batch_size, desc="NLL validation", per_window=True)
-    if grid is None:
+    if not changed:
         nll_test, test_windows = nll(model, data.test, batch_size, desc="NLL test", per_window=True)
         zeros = dict.fromkeys(stack_linears(model), 0.0)
         mse = {"layer_mse": zeros, "layer_mse_fp_inputs": zeros}

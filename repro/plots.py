@@ -17,14 +17,33 @@ import matplotlib.pyplot as plt
 
 from repro import analysis
 from repro.methods import METHODS, QUANTIZERS
+from repro.uncertainty import mean_interval
 
 METHOD_COLORS = {name: method.color for name, method in METHODS.items()}
 OBSERVER_COLORS = {"histogram": "tab:red", "mse": "tab:purple", "minmax": "tab:blue"}
 
 
-def _fp_level(records, metric):
-    levels = [r[metric] for r in records if r["config"]["method"] == "fp"]
+def _fp_level(records, metric, method: str = "fp"):
+    levels = [r[metric] for r in records if r["config"]["method"] == method]
     return levels[0] if levels else None
+
+
+def _reference_lines(ax, records, metric) -> None:
+    """Horizontal lines at the FP references' ``metric``: FP dashed, fine-tuned FP (FPFT) dotted."""
+    for method, style in (("fp", "--"), ("fpft", ":")):
+        level = _fp_level(records, metric, method)
+        if level is not None:
+            ax.axhline(level, color=METHOD_COLORS[method], ls=style, lw=1,
+                       label=f"{METHODS[method].label} ({level:.2f})")
+
+
+def _error_bars(records, metric) -> list | None:
+    """``[[below], [above]]`` of each record's bootstrap 95% interval of its mean ``metric`` over
+    windows (matplotlib's ``yerr``), or None when a record has no per-window values."""
+    intervals = [mean_interval(r.get(f"{metric}_windows")) for r in records]
+    if any(i is None for i in intervals):
+        return None
+    return [[i.mean - i.low for i in intervals], [i.high - i.mean for i in intervals]]
 
 
 def _quantized(records):
@@ -32,20 +51,20 @@ def _quantized(records):
 
 
 def nll_vs_bits(records, metric: str = "nll_validation", ax=None):
-    """Grouped bars: ``metric`` per bit-width (x) and method (colour); FP as a dashed line."""
+    """Grouped bars: ``metric`` per bit-width (x) and method (colour), with each record's bootstrap 95%
+    interval over windows where recorded; FP as a dashed line, fine-tuned FP (FPFT) dotted."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
     quant = _quantized(records)
     bits = sorted({r["config"]["bits"] for r in quant}, reverse=True)
     methods = list(dict.fromkeys(r["config"]["method"] for r in quant))
     width = 0.8 / max(len(methods), 1)
     for j, method in enumerate(methods):
-        values = {r["config"]["bits"]: r[metric] for r in quant if r["config"]["method"] == method}
-        xs = [i + j * width for i, b in enumerate(bits) if b in values]
-        ax.bar(xs, [values[b] for b in bits if b in values], width, label=method,
-               color=METHOD_COLORS.get(method))
-    fp = _fp_level(records, metric)
-    if fp is not None:
-        ax.axhline(fp, color="black", ls="--", lw=1, label=f"FP ({fp:.2f})")
+        recs = {r["config"]["bits"]: r for r in quant if r["config"]["method"] == method}
+        xs = [i + j * width for i, b in enumerate(bits) if b in recs]
+        drawn = [recs[b] for b in bits if b in recs]
+        ax.bar(xs, [r[metric] for r in drawn], width, label=method, color=METHOD_COLORS.get(method),
+               yerr=_error_bars(drawn, metric), capsize=2, error_kw={"lw": 0.8})
+    _reference_lines(ax, records, metric)
     ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(bits))], [f"int{b}" for b in bits])
     ax.set_ylabel(metric.replace("_", " ") + (" (nats/token)" if metric.startswith("nll") else ""))
     ax.legend(fontsize=8)
@@ -208,8 +227,9 @@ def misalignment_scatter(records, metric_rows=("nll_test", "layer_mse_fp_inputs"
 
 
 def misalignment(records, methods=QUANTIZERS):
-    """Fig. 1's data as lines over bits, one per method: test NLL (top), mean layer-wise MSE
-    with FP inputs (paper eq. 2, middle) and with the quantized model's own inputs (bottom)."""
+    """Fig. 1's data as lines over bits, one per method: test NLL (top; each point's bootstrap 95%
+    interval over test windows as an error bar where recorded; FP dashed, fine-tuned FP dotted), mean
+    layer-wise MSE with FP inputs (paper eq. 2, middle) and with the quantized model's own inputs (bottom)."""
     rows = (("nll_test", "test NLL (nats/token)"),
             ("mean_layer_mse_fp_inputs", "mean layer MSE,\nFP inputs (eq. 2)"),
             ("mean_layer_mse", "mean layer MSE,\nown inputs"))
@@ -221,11 +241,13 @@ def misalignment(records, methods=QUANTIZERS):
             continue
         bits = [b for b, _ in rs]
         for ax, (key, _) in zip(axes, rows):
-            ax.plot(bits, [r.get(key, float("nan")) for _, r in rs], marker="o",
-                    color=METHOD_COLORS.get(method), label=method)
-    fp = _fp_level(records, "nll_test")
-    if fp is not None:
-        axes[0].axhline(fp, color="black", ls="--", lw=1, label="FP")
+            ys = [r.get(key, float("nan")) for _, r in rs]
+            ax.plot(bits, ys, marker="o", color=METHOD_COLORS.get(method), label=method)
+        yerr = _error_bars([r for _, r in rs], "nll_test")
+        if yerr is not None:
+            axes[0].errorbar(bits, [r["nll_test"] for _, r in rs], yerr=yerr, fmt="none", capsize=3,
+                             color=METHOD_COLORS.get(method), label="_nolegend_")
+    _reference_lines(axes[0], records, "nll_test")
     for ax, (_, ylabel) in zip(axes, rows):
         ax.set_ylabel(ylabel)
     axes[0].set_title("global objective")

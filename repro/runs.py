@@ -157,30 +157,31 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
 def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
     store.weights_path(config, outputs).unlink(missing_ok=True)  # kept by an earlier computation: stale now
     bench = workbench(config)
-    if config.bits is not None and bench.fp_test_grams is None and \
+    changes_weights = config.method != "fp"  # the FP reference's layer MSEs are 0 by definition
+    if changes_weights and bench.fp_test_grams is None and \
             evaluate.gram_bytes(bench.model) <= evaluate.GRAM_LIMIT_BYTES:  # the model is FP here
         bench.fp_test_grams = evaluate.input_grams(bench.model, bench.data.test, config.batch_size,
                                                    desc="FP test inputs (Gram)")
-    if config.bits is not None and (bench.fp_test_hidden or (None,))[0] != config.batch_size and \
+    if changes_weights and (bench.fp_test_hidden or (None,))[0] != config.batch_size and \
             evaluate.hidden_bytes(bench.model, bench.data.test) <= evaluate.HIDDEN_LIMIT_BYTES:
         bench.fp_test_hidden = (config.batch_size, evaluate.block_outputs(
             bench.model, bench.data.test, config.batch_size, desc="FP test block outputs"))
     torch.manual_seed(config.seed)
     method, version = METHODS[config.method].run, METHODS[config.method].version
-    extra = {}
-    if config.method == "qaft":  # its epoch 0 is RTN on the same grid: reuse that record's NLL when there is one
-        rtn = store.read_record(dataclasses.replace(config, method="rtn", options={}), outputs)
-        if rtn is not None:
-            extra["rtn_nll"] = {"nll_validation": rtn["nll_validation"], "nll_test": rtn["nll_test"]}
+    extra, starts_from = {}, METHODS[config.method].starts_from
+    if starts_from:  # a fine-tuning's epoch 0 (QAFT: RTN on the same grid; FPFT: FP): reuse that record's NLL
+        start = store.read_record(dataclasses.replace(config, method=starts_from, options={}), outputs)
+        if start is not None:
+            extra["start_nll"] = {"nll_validation": start["nll_validation"], "nll_test": start["nll_test"]}
     start = time.perf_counter()
     info = method(bench.model, bench.data, config, **extra)
     grid_scales = info.pop("grid_scales", None)  # tensors (per channel / group), for the kept weights only
     method_s = time.perf_counter() - start
-    # QAFT measured the validation NLL of exactly these (baked) weights when it picked them
-    known = info["nll_validation"] if config.method == "qaft" else None
+    # a fine-tuning measured the validation NLL of exactly these (QAFT: baked) weights when it picked them
+    known = info["nll_validation"] if starts_from else None
     metrics = evaluate.record_metrics(bench.model, bench.data, bench.fp_weights, config.batch_size, config.grid,
                                       bench.fp_test_grams, bench.fp_test_hidden[1] if bench.fp_test_hidden else None,
-                                      nll_validation=known)
+                                      nll_validation=known, changed=changes_weights)
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
@@ -227,8 +228,8 @@ def sweep(methods=("fp", "rtn"), bits=None, tier: str = "cpu", outputs: Path | N
 def summary(record: dict) -> str:
     """One line: what ran and its headline numbers."""
     c = record["config"]
-    bits = "fp" if c["bits"] is None else f"int{c['bits']}"
-    return (f"{c['method']} {c['model']} {bits} ({c['observer']}, {c['corpus']}): "
+    bits = "" if c["bits"] is None else f" int{c['bits']}"
+    return (f"{c['method']} {c['model']}{bits} ({c['observer']}, {c['corpus']}): "
             f"NLL val {record['nll_validation']:.3f} (ppl {record['ppl_validation']:.1f}), "
             f"test {record['nll_test']:.3f} | mean layer MSE (test) own inputs {record['mean_layer_mse']:.3g}, "
             f"FP inputs {record.get('mean_layer_mse_fp_inputs', float('nan')):.3g} | "

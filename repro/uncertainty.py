@@ -53,6 +53,14 @@ def paired_bootstrap(a, b, n_boot: int = N_BOOT, seed: int = 0, level: float = L
     return Interval(float(diff.mean()), low, high, len(diff), level)
 
 
+def mean_interval(values, **kwargs) -> Interval | None:
+    """The mean of per-window ``values`` (e.g. a record's ``nll_test_windows``) and its bootstrap
+    interval (unpaired: one record's own sampling spread, for error bars); None without values."""
+    if not values:
+        return None
+    return paired_bootstrap(values, [0.0] * len(values), **kwargs)
+
+
 def compare(record_a: dict, record_b: dict, split: str = "test", **kwargs) -> Interval | None:
     """``paired_bootstrap`` of two records' per-window NLL on ``split`` (A − B, nats/token); None
     when either record has none (computed before per-window NLL was kept, or a validation NLL
@@ -64,6 +72,17 @@ def compare(record_a: dict, record_b: dict, split: str = "test", **kwargs) -> In
     return paired_bootstrap(a, b, **kwargs)
 
 
+def compare_gaps(a: dict, b: dict, c: dict, d: dict, split: str = "test", **kwargs) -> Interval | None:
+    """``paired_bootstrap`` of (A − B) − (C − D), window by window (nats/token): e.g. how much of
+    QAFT's lead over GPTQ is left once each is measured from its own reference,
+    (GPTQ − FP) − (QAFT − FPFT). None unless all four records have per-window NLL on the same windows."""
+    values = [r.get(f"nll_{split}_windows") for r in (a, b, c, d)]
+    if not all(values) or len({(r.get("windows") or {}).get(split) for r in (a, b, c, d)}) != 1:
+        return None
+    wa, wb, wc, wd = (torch.as_tensor(v, dtype=torch.float64) for v in values)
+    return paired_bootstrap(wa - wb, wc - wd, **kwargs)
+
+
 def verdict(interval: Interval | None, a: str, b: str) -> str:
     """"A < B", "A > B" or "not distinguishable at this sample size", with the interval; "no
     interval" when there is none (``compare`` returned None)."""
@@ -73,6 +92,17 @@ def verdict(interval: Interval | None, a: str, b: str) -> str:
     if not interval.excludes_zero():
         return f"not distinguishable at this sample size: {ci}"
     return f"{a} {'<' if interval.high < 0 else '>'} {b}: {ci}"
+
+
+def direction(interval: Interval | None, fallback: float | None = None, margin: float = 0.0) -> int:
+    """+1 when A − B is decided above 0 (the interval lies above it), −1 below, 0 when the interval
+    holds 0. Without an interval (records without per-window NLL) the plain difference ``fallback``
+    decides against ``margin`` (the old rule), or 0 when there is none."""
+    if interval is not None:
+        return 1 if interval.low > 0 else -1 if interval.high < 0 else 0
+    if fallback is None:
+        return 0
+    return 1 if fallback > margin else -1 if fallback < -margin else 0
 
 
 def interval_cell(interval: Interval | None) -> str:

@@ -33,7 +33,7 @@ def test_plan_covers_every_notebook_and_model():
     # `repro batch --bits 2`: every notebook's widths, a section's own included (08's block-wise
     # locality pair keeps its section's width, as the notebook does)
     narrow = batch.plan("ci", ["00_quickstart", "04_cross_block", "05_datasets", "08_granularity"], ["smollm2-135m"], [2])
-    assert {c.bits for j in narrow for c in j.configs if c.method != "fp"
+    assert {c.bits for j in narrow for c in j.configs if c.bits is not None
             and not (j.notebook == "08_granularity" and c.method == "blockwise")} == {2}
     with pytest.raises(ValueError, match="bits=9"):
         batch.plan("ci", ["01_misalignment"], bits=[9])

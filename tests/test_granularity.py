@@ -219,3 +219,30 @@ def test_embedded_g128_int4_rtn_stays_near_fp(ci_outputs):
     assert g128["nll_test"] - fp["nll_test"] < 0.6
     assert g128["config"]["group_size"] == 128
     assert g128["weight_size_gb"] > 4 * g128["stack_params"] / 8 / 1e9  # scales counted
+
+
+def test_granularity_summary_calls_the_misalignment_by_its_interval():
+    """A GPTQ − QAFT gap counts as misalignment only where its paired interval excludes 0; a gap
+    inside the noise is "not distinguishable" and tests no threshold; LA-PTQ − block PTQ carries its
+    interval."""
+    from fake_records import fake_record
+    from repro.studies import granularity
+
+    def rec(method, grid, nll, windows, options=None):
+        r = fake_record(method, 3, nll, nll_test_windows=windows, windows={"test": "w"}, options=options,
+                        weight_distance=2.0)
+        r["config"].update({"granularity": grid, "group_size": 128})
+        return r
+
+    clear = [rec("rtn", "tensor", 9.0, [9.0] * 4), rec("gptq", "tensor", 8.0, [8.0, 8.1, 7.9, 8.0]),
+             rec("qaft", "tensor", 5.0, [5.0, 5.1, 4.9, 5.0])]
+    noisy = [rec("rtn", "group", 4.0, [4.0] * 4), rec("gptq", "group", 3.6, [3.1, 4.1, 3.2, 4.0]),
+             rec("qaft", "group", 3.59, [3.9, 3.3, 4.0, 3.16]),
+             rec("blockwise", "group", 3.7, [3.6, 3.8, 3.7, 3.7], {"window": 1}),
+             rec("blockwise", "group", 3.6, [3.5, 3.7, 3.6, 3.6], {"lookahead": 1})]
+    text = granularity.granularity_summary([fake_record("fp", None, 3.0), *clear, *noisy], radius=1.0)
+    tensor_line, group_line = (ln for ln in text.splitlines() if ln.startswith("- **"))
+    assert "QAFT decidedly below GPTQ (GPTQ − QAFT [95% CI]) at int3 (**+3.000" in tensor_line
+    assert "at no width" in group_line and "not distinguishable at int3 (+0.010" in group_line
+    assert "LA-PTQ l=1 − block PTQ: int3 **-0.100 [-0.100, -0.100]**" in group_line
+    assert "holds at 1 of 1 decided" in text and "1 cell(s) cannot test the threshold" in text

@@ -9,11 +9,12 @@ from test_qaft import tiny_data
 from tiny_models import FAMILIES, tiny_model
 
 from repro import models, store
-from repro.methods import MAIN, METHODS, QUANTIZERS
+from repro.methods import MAIN, METHODS, QUANTIZERS, REFERENCES
 from repro.config import RunConfig
 
 # small options per method, so each finishes in about a second on a 2-layer model
 FAST = {"gptq": {"damping_grid": [0.01, 1.0]}, "qaft": {"epochs": 1, "lr_grid": [1e-3]},
+        "fpft": {"epochs": 1, "lr_grid": [1e-3]},
         "blockwise": {"steps": 2, "eval_every": 1, "window": 2, "lookahead": 1}}
 
 
@@ -32,9 +33,9 @@ def test_a_method_changes_only_the_stack_linear_weights(method, family, tmp_path
     before = everything_but_stack_weights(model)
     stack_before = {n: m.weight.detach().clone() for n, m in models.stack_linears(model).items()}
     options = dict(FAST.get(method, {}))
-    if method == "qaft":
+    if method in ("qaft", "fpft"):
         options["checkpoint_dir"] = str(tmp_path / "ck")
-    config = RunConfig(method=method, bits=None if method == "fp" else 3, model="tiny", observer="minmax",
+    config = RunConfig(method=method, bits=3 if METHODS[method].quantizes else None, model="tiny", observer="minmax",
                        batch_size=2, options=options)
     info = METHODS[method].run(model, tiny_data(seq_len=12), config)
     info.pop("grid_scales", None)  # tensors for save_weights, not part of the record
@@ -49,14 +50,15 @@ def test_a_method_changes_only_the_stack_linear_weights(method, family, tmp_path
     stack_after = {n: m.weight for n, m in models.stack_linears(model).items()}
     assert all(w.shape == stack_before[n].shape and w.dtype == stack_before[n].dtype for n, w in stack_after.items())
     if method != "fp":
-        assert any(not torch.equal(w, stack_before[n]) for n, w in stack_after.items())  # it did quantize
+        assert any(not torch.equal(w, stack_before[n]) for n, w in stack_after.items())  # it did quantize / train
         if METHODS[method].keeps_weights:  # on the grid: save_weights refuses weights that are not
             store.save_weights(model, config, info, tmp_path / "w.safetensors", fp_weights=stack_before)
 
 
 def test_the_main_methods_are_registered_in_spectrum_order():
-    assert set(MAIN) <= set(METHODS) and MAIN[0] == "fp" and QUANTIZERS == MAIN[1:]
-    spectrum = [METHODS[m].describe().spectrum for m in MAIN]
+    assert set(MAIN) <= set(METHODS) and MAIN[0] == "fp" and QUANTIZERS == MAIN[-len(QUANTIZERS):]
+    assert all(METHODS[m].quantizes for m in QUANTIZERS) and not any(METHODS[m].quantizes for m in REFERENCES)
+    spectrum = [METHODS[m].describe().spectrum for m in QUANTIZERS]
     assert spectrum == sorted(spectrum)
     assert len({METHODS[m].color for m in METHODS}) == len(METHODS)  # one colour each in the figures
 

@@ -63,7 +63,7 @@ def test_pareto_points_sizes():
     assert points[("large", "gptq", 3)]["size_gb"] == pytest.approx(STACK["large"] * 3 / 8e9)
     int4 = fake_record("gptq", 4, 4.0, model="small", stack_params=10**9)
     assert analysis.pareto_points([int4]) == [{"model": "small", "method": "gptq", "bits": 4, "size_gb": 0.5,
-                                               "nll": 4.0}]
+                                               "nll": 4.0, "record": int4}]
     assert analysis.pareto_points(records(), "nll_validation")[0]["nll"] == pytest.approx(3.60)
     no_size = {**record("rtn", 8, "small"), "stack_params": None}
     assert analysis.pareto_points([no_size]) == []
@@ -71,14 +71,14 @@ def test_pareto_points_sizes():
 
 def test_pareto_table():
     rows, header = table_dict(pareto.pareto_table(records()), key=2, named=True)
-    assert header[-2:] == ["GPTQ − QAFT", "on Pareto front"]
+    assert header[-2:] == ["GPTQ − QAFT [95% CI]", "on Pareto front"]
     assert list(rows) == [("small", "FP (16)"), ("small", "int8"), ("small", "int3"),
                           ("large", "FP (16)"), ("large", "int8"), ("large", "int3")]  # small stack first
     row = rows[("large", "int3")]
     assert (row["size GB"], row["RTN test NLL"], row["GPTQ test NLL"], row["QAFT test NLL"]) == \
         ("0.15", "5.500", "4.200", "3.900")
     # large int3 QAFT (0.15 GB, 3.90) is dominated by small int8 QAFT (0.08 GB, 3.52)
-    assert row["GPTQ − QAFT"] == "+0.300" and row["on Pareto front"] == "—"
+    assert row["GPTQ − QAFT [95% CI]"] == "+0.300" and row["on Pareto front"] == "—"
     # front: small QAFT int3 (0.03 GB), int8 (0.08), small FP (0.16), large QAFT int8 (0.4), large FP (0.8)
     assert [rows[k]["on Pareto front"] for k in rows] == ["FP", "QAFT", "QAFT", "FP", "QAFT", "—"]
     assert rows[("small", "FP (16)")]["RTN test NLL"] == "3.500" and rows[("small", "FP (16)")]["size GB"] == "0.16"
@@ -90,7 +90,7 @@ def test_pareto_summary():
     assert "small QAFT int3 (0.03 GB, 4.400), small QAFT int8 (0.08 GB, 3.520), small FP (0.16 GB, 3.500)" in text
     assert "- int3: +0.450 over 2 model(s) (small +0.600, large +0.300)" in text
     assert "- int8: +0.025 over 2 model(s) (small +0.030, large +0.020)" in text
-    assert "QAFT is below GPTQ at every (model, bits) pair (4/4)." in text
+    assert "QAFT is decidedly below GPTQ at every (model, bits) pair (4/4)." in text
     assert "The mean gap grows as bits fall" in text and "Missing" not in text
 
 
@@ -100,10 +100,10 @@ def test_pareto_summary_and_table_with_missing_method():
     assert "- int3: +0.600 over 1 model(s) (small +0.600)" in text
     assert "(3/3)" in text and "Missing records: small FP, large int3 QAFT." in text
     rows, _ = table_dict(pareto.pareto_table(recs), key=2, named=True)
-    assert rows[("large", "int3")]["QAFT test NLL"] == "—" and rows[("large", "int3")]["GPTQ − QAFT"] == "—"
+    assert rows[("large", "int3")]["QAFT test NLL"] == "—" and rows[("large", "int3")]["GPTQ − QAFT [95% CI]"] == "—"
     assert ("small", "FP (16)") not in rows
     worse = records() + [{**record("qaft", 8, "large"), "nll_test": 3.10}]  # replaces large int8 QAFT
-    assert "3/4 (model, bits) pairs; not at: large int8 (-0.060)" in pareto.pareto_summary(worse)
+    assert "3/4 (model, bits) pairs; not at: large int8 (GPTQ below, -0.060)" in pareto.pareto_summary(worse)
     only_rtn = [r for r in records() if r["config"]["method"] in ("fp", "rtn")]
     assert "no gap to report" in pareto.pareto_summary(only_rtn)
     assert pareto.pareto_summary([]) == pareto.pareto_table([]) == "No records with a weight size yet."
@@ -161,3 +161,21 @@ def test_pareto_gap_plot_and_save_figures(tmp_path):
     assert {p.name for p in saved} == {"nll_vs_bits_t.png", "pareto_t.png"}
     fp_only = [r for r in records() if r["config"]["method"] == "fp"]
     assert "pareto.png" not in {p.name for p in plots.save_drawn(sweep.record_figures(fp_only), tmp_path / "fp")}
+
+
+def test_pareto_verdicts_use_the_paired_interval_when_records_have_windows():
+    """With per-window test NLL, a gap counts only when its interval excludes 0: a noisy +0.02 is
+    "not distinguishable", not "QAFT below"."""
+    noisy = [0.5, -0.4, 0.45, -0.5]  # mean +0.0125 over the windows GPTQ and QAFT share
+    recs = []
+    for r in records():
+        c = r["config"]
+        base = [r["nll_test"]] * 4
+        if c["method"] == "gptq" and c["bits"] == 8 and c["model"] == "large":
+            r = {**r, "nll_test": r["nll_test"] - 0.02 + 0.0125}
+            base = [x + e - 0.02 for x, e in zip(base, noisy)]
+        recs.append({**r, "nll_test_windows": base, "windows": {"test": "w"}})
+    text = pareto.pareto_summary(recs)
+    assert "3/4 (model, bits) pairs; not at: large int8 (not distinguishable" in text
+    rows, _ = table_dict(pareto.pareto_table(recs), key=2, named=True)
+    assert rows[("small", "int3")]["GPTQ − QAFT [95% CI]"] == "**+0.600 [+0.600, +0.600]**"

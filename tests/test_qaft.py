@@ -1,4 +1,5 @@
-"""QAFT: schedule, grid-exact result, resume, NaN handling, accumulation, and a real run."""
+"""QAFT: schedule, grid-exact result, resume, NaN handling, accumulation, and a real run; FPFT, its
+loop with the quantizer off."""
 import dataclasses
 import importlib
 import json
@@ -10,7 +11,7 @@ import torch
 
 from repro import models, quant, runs, store
 from repro.data import Data
-from repro.methods.qaft import keep_freed_memory, lr_at, make_scheduler, qaft
+from repro.methods.qaft import fpft, keep_freed_memory, lr_at, make_scheduler, qaft
 from repro.config import RunConfig
 from repro.config import make_config
 
@@ -293,7 +294,7 @@ def test_a_known_rtn_nll_replaces_the_epoch_zero_evaluation(tmp_path, monkeypatc
     calls = []
     real_nll = qaft_mod.nll
     monkeypatch.setattr(qaft_mod, "nll", lambda *a, **k: calls.append(1) or real_nll(*a, **k))
-    again = qaft(model, data, tiny_config(tmp_path / "b", lr_grid=[1e-2]), rtn_nll=reference["rtn"])
+    again = qaft(model, data, tiny_config(tmp_path / "b", lr_grid=[1e-2]), start_nll=reference["rtn"])
     assert again["runs"][0]["history"] == reference["runs"][0]["history"]
     assert len(calls) == 2 * 2  # validation + test after each of the two epochs, none at epoch 0
 
@@ -327,3 +328,41 @@ def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
     assert keep_freed_memory() is glibc  # mallopt accepted every setting
     monkeypatch.setenv("REPRO_KEEP_FREED_MEMORY", "0")
     assert keep_freed_memory() is False
+
+
+# --- FPFT: QAFT's loop with the quantizer off -------------------------------------------------
+
+def test_fpft_is_qaft_without_the_quantizer(tmp_path):
+    """FPFT trains the FP weights themselves with QAFT's loop: epoch 0 is the FP model, the result is
+    its best-validation epoch exactly (no grid), and its history differs from QAFT's only through the
+    quantizer."""
+    data = tiny_data()
+    model = tiny_model("llama")
+    fp = models.fp_snapshot(model)
+    config = dataclasses.replace(tiny_config(tmp_path / "ck"), method="fpft", bits=None)
+    fp_val = qaft_mod.nll(model, data.validation, 4)
+    info = fpft(model, data, config)
+    assert info["fp"]["nll_validation"] == pytest.approx(fp_val, abs=1e-6)  # epoch 0 = FP
+    assert "scales" not in info and "rtn" not in info
+    assert info["nll_validation"] <= info["fp"]["nll_validation"]  # the best-validation pick includes epoch 0
+    # the model holds the chosen epoch's weights: measuring them again gives the loop's number
+    assert qaft_mod.nll(model, data.validation, 4) == pytest.approx(info["nll_validation"], abs=1e-5)
+    weights = {n: m.weight for n, m in models.stack_linears(model).items()}
+    if info["best_epoch"] > 0:
+        assert any(not torch.equal(w, fp[n]) for n, w in weights.items())
+        # not on any 3-bit grid: a trained weight takes many more values than 2^3 per tensor
+        assert max(w.unique().numel() for w in weights.values()) > 2 ** BITS
+    assert (tmp_path / "ck" / qaft_mod.STATE_FILE).exists()  # the resume state stays until the record is written
+    qaft_mod.discard_state(config)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_fpft_takes_qaft_tier_options_and_no_bits():
+    """The control runs at QAFT's budget: its options come from the tier's qaft entry (data, steps,
+    lr0 grid), it has no grid, and its key differs from FP's and QAFT's."""
+    fpft_config = make_config("fpft", None, "ci")
+    assert fpft_config.options == make_config("qaft", 4, "ci").options
+    assert fpft_config.grid is None and fpft_config.label() == "fpft"
+    assert fpft_config.key() not in (make_config("fp", None, "ci").key(), make_config("qaft", 4, "ci").key())
+    with pytest.raises(ValueError, match="quantizes nothing"):
+        make_config("fpft", 4, "ci")

@@ -59,6 +59,27 @@ def test_compare_pairs_records_only_on_the_same_windows():
     assert "Test NLL not distinguishable" in sweep.misalignment_summary([a, tied])
 
 
+def test_a_mean_interval_brackets_a_record_and_gaps_pair_four():
+    iv = uncertainty.mean_interval([1.0, 2.0, 3.0, 4.0])
+    assert iv.mean == 2.5 and 1.0 <= iv.low < 2.5 < iv.high <= 4.0
+    assert uncertainty.mean_interval(None) is None
+    same = {"windows": {"test": "w"}}
+    fp = fake_record("fp", None, 3.0, nll_test_windows=[3.0, 3.2, 2.8, 3.0], **same)
+    fpft = fake_record("fpft", None, 2.6, nll_test_windows=[2.6, 2.8, 2.4, 2.6], info={"lr": 1e-3, "best_epoch": 1},
+                       **same)  # fine-tuning alone: 0.4 nats on every window
+    gptq = fake_record("gptq", 4, 5.0, nll_test_windows=[5.0, 5.1, 4.9, 5.0], **same)
+    qaft = fake_record("qaft", 4, 4.0, nll_test_windows=[4.0, 4.2, 3.8, 4.0], **same)
+    net = uncertainty.compare_gaps(gptq, fp, qaft, fpft)  # (GPTQ − FP) − (QAFT − FPFT) = 2.0 − 1.4
+    assert math.isclose(net.mean, 0.6, abs_tol=1e-9) and net.low > 0
+    assert uncertainty.compare_gaps(gptq, fp, qaft, {**fpft, "windows": {"test": "x"}}) is None
+    text = sweep.fine_tuning_summary([fp, fpft, gptq, qaft])
+    assert "FP > FPFT: FP − FPFT = +0.400" in text
+    assert "(GPTQ − FP) − (QAFT − FPFT) **+0.600" in text and "(60% of the lead): QAFT still ahead" in text
+    assert sweep.fine_tuning_summary([fp, gptq, qaft]) == "No FP and FPFT records yet."
+    table = sweep.fig1_table([fp, fpft, gptq, qaft], seconds=False)
+    assert "| FPFT | 2.600 | 2.600 | 2.600 |" in table and "| 0.001 | 1 | — |" in table
+
+
 def test_per_window_nll_averages_to_the_mean():
     model = tiny_model("llama")
     ids = torch.randint(0, model.config.vocab_size, (5, 12))

@@ -28,7 +28,7 @@ from typing import Callable
 
 from repro.methods.blockwise import blockwise, blockwise_options, describe as describe_blockwise
 from repro.methods.gptq import gptq, gptq_options
-from repro.methods.qaft import discard_state, qaft, qaft_options
+from repro.methods.qaft import discard_state, fpft, qaft, qaft_options
 from repro.methods.rtn import fp, rtn
 
 
@@ -62,6 +62,11 @@ class Method:
     after_record: Callable[..., None] | None = None  # clean-up once the record is safely written
     keeps_weights: bool = True  # its quantized weights can be kept (``save_weights``)
     describe_options: Callable[[dict], Description] | None = None  # where options make another method
+    quantizes: bool = True  # False: an FP reference (no bits, no grid; FP and fine-tuned FP)
+    # A fine-tuning method: the method whose record is its epoch 0 (its NLLs are not measured again), and
+    # its info["nll_validation"] is the returned weights' (measured when it chose them)
+    starts_from: str | None = None
+    options_of: str | None = None  # takes this method's options from a tier (a control at the same budget)
 
     def describe(self, options: dict | None = None) -> Description:
         if self.describe_options is not None:
@@ -70,7 +75,10 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "fp": Method(fp, 1, "FP", "black", keeps_weights=False),
+    "fp": Method(fp, 1, "FP", "black", keeps_weights=False, quantizes=False),
+    # QAFT's loop with the quantizer off: the fine-tuned FP control, at QAFT's data, steps and lr0 grid
+    "fpft": Method(fpft, 1, "FPFT", "tab:gray", check_options=qaft_options, after_record=discard_state,
+                   keeps_weights=False, quantizes=False, starts_from="fp", options_of="qaft"),
     "rtn": Method(rtn, 1, "RTN", "tab:blue", "one weight tensor", 0),
     # gptq 2: damping scored on held-out calibration sequences; 3: each block gets its own arguments (Gemma 3's
     # global-attention blocks had block 0's sliding-window rotary); 4: the sweep with the Hessian's Cholesky
@@ -79,11 +87,13 @@ METHODS: dict[str, Method] = {
     # block PTQ / MB-PTQ / LA-PTQ by options window, lookahead (ranks 2 and 3)
     "blockwise": Method(blockwise, 1, "block-wise", "tab:red", check_options=blockwise_options,
                         describe_options=lambda options: Description(*describe_blockwise(options))),
-    "qaft": Method(qaft, 1, "QAFT", "tab:green", "whole network (NLL)", 4, qaft_options, discard_state),
+    "qaft": Method(qaft, 1, "QAFT", "tab:green", "whole network (NLL)", 4, qaft_options, discard_state,
+                   starts_from="rtn"),
 }
 
-MAIN = ("fp", "rtn", "gptq", "qaft")  # the headline sweep (notebooks 00-03, 05, the Pareto front)
-QUANTIZERS = MAIN[1:]  # its quantized methods, most local objective first
+QUANTIZERS = ("rtn", "gptq", "qaft")  # the headline sweep's quantized methods, most local objective first
+REFERENCES = ("fp", "fpft")  # its unquantized references: the model as loaded, and fine-tuned like QAFT
+MAIN = (*REFERENCES, *QUANTIZERS)  # the headline sweep (notebooks 00-03, 05, the Pareto front)
 
 
 def describe(config: dict) -> Description:

@@ -1,4 +1,5 @@
-"""QAFT: quantization-aware fine-tuning of the whole stack on the global NLL (paper §III-D).
+"""QAFT: quantization-aware fine-tuning of the whole stack on the global NLL (paper §III-D), and
+FPFT, the same loop with the quantizer off (the fine-tuned FP control).
 
 The stack's linears go into fake-quant mode (``repro.quant.prepare``: scales per tensor, channel
 or group (``config.granularity``) from ``config.observer`` on the FP weights, then fixed) and their latent FP weights are trained through
@@ -21,6 +22,12 @@ Options (``config.options``, defaults in ``DEFAULTS``):
   activations drops from all blocks' to one block's, for ~one more forward pass per step; the
   result is the same up to float summation order (dropout masks are replayed)
 * ``checkpoint_dir`` - where the resume state lives (default ``checkpoint_dir(config)``)
+
+FPFT (``fpft``) runs this loop on the FP weights themselves: same data, steps, lr0 grid, schedule and
+selection, with no quantizer (epoch 0 = FP). QAFT's lead over GPTQ mixes two things, repairing the
+quantization and adapting the model to the calibration corpus (the FP model is not a minimum of
+that corpus's loss); FPFT measures the second alone, so QAFT − FPFT is the quantization damage
+fine-tuning leaves. Its tier options are QAFT's (``repro.methods.METHODS``), so the budgets match.
 
 The same code runs on CPU, on one GPU, or on several with ``accelerate launch script.py``:
 accelerate places the model, wraps it for DDP and shards the batches over the processes (every
@@ -162,10 +169,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
+def qaft(model, data, config, start_nll: dict | None = None) -> dict:
     """Quantization-aware fine-tuning of ``model``'s stack in place; see the module docstring.
 
-    ``rtn_nll``: ``{"nll_validation", "nll_test"}`` of RTN on the same data and grid, when already
+    ``start_nll``: ``{"nll_validation", "nll_test"}`` of RTN on the same data and grid, when already
     measured (``repro.runs`` passes the RTN record's): epoch 0 is then not evaluated again. Both
     evaluate the same weights (the grid points of the FP weights), so the numbers are the same.
 
@@ -173,7 +180,21 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     learning rate at the end of that epoch), the stop reason (None when it ran to the end),
     the best epoch and the seconds per optimizer step; plus the chosen lr0 and its best epoch.
     """
+    return fine_tune(model, data, config, quantize=True, start_nll=start_nll)
+
+
+def fpft(model, data, config, start_nll: dict | None = None) -> dict:
+    """Fine-tuning of ``model``'s stack in place with QAFT's loop and the quantizer off (the FP
+    fine-tuning control; module docstring). ``start_nll``: the FP record's NLLs (epoch 0), when
+    measured. Returns what ``qaft`` returns, without scales; ``info["fp"]`` is epoch 0."""
+    return fine_tune(model, data, config, quantize=False, start_nll=start_nll)
+
+
+def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None) -> dict:
+    """The loop of ``qaft`` (``quantize``: latent weights through the fake quantizer, the result
+    baked onto the grid) and ``fpft`` (the weights themselves train, the best epoch is kept as is)."""
     opts = qaft_options(config)
+    title = f"QAFT int{config.bits}" if quantize else "FPFT"
     for split in ("calibration", "validation", "test"):  # before any training, not at the first evaluation
         check_sequences(model, getattr(data, split), split)
     path = checkpoint_dir(config) / STATE_FILE
@@ -185,11 +206,12 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     wrapped = model
     try:
-        # Fake-quant mode with fixed scales; only the latent stack weights train.
+        # QAFT: fake-quant mode with fixed scales; only the latent stack weights train (FPFT: the weights).
         linears = stack_linears(model)
-        prepare(linears, config.grid, config.observer)
+        if quantize:
+            prepare(linears, config.grid, config.observer)
         latent = {name: fp_weight(m) for name, m in linears.items()}
-        grids = {name: quantizer(m) for name, m in linears.items()}
+        grids = {name: quantizer(m) for name, m in linears.items()} if quantize else {}
         fp = {name: w.detach().to("cpu", copy=True) for name, w in latent.items()}  # every lr0 starts here
         for p in model.parameters():
             p.requires_grad_(False)
@@ -198,14 +220,15 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
         if opts["gradient_checkpointing"]:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-        def grid_codes() -> dict:  # the current weights on the grid, as int8 codes (CPU)
-            return {name: grids[name].codes(w.detach()).cpu() for name, w in latent.items()}
+        def kept(weights: dict) -> dict:  # what is kept of the best epoch (CPU): int8 codes on the grid, else the weights
+            return {name: grids[name].codes(w.detach()).cpu() if quantize else w.detach().to("cpu", copy=True)
+                    for name, w in weights.items()}
 
         def evaluate() -> tuple[float, float]:
             model.eval()
             with parametrize.cached():  # quantize each weight once, not once per batch
-                result = (nll(model, data.validation, config.batch_size, desc="QAFT NLL validation"),
-                          nll(model, data.test, config.batch_size, desc="QAFT NLL test"))
+                result = (nll(model, data.validation, config.batch_size, desc=f"{title} NLL validation"),
+                          nll(model, data.test, config.batch_size, desc=f"{title} NLL test"))
             model.train()
             return result
 
@@ -224,10 +247,13 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
             raise ValueError(f"{path} holds the QAFT state of another run (key {state['key']}, this run is "
                              f"{config.key()}); remove it or set a different options['checkpoint_dir'].")
         resumed_from = None
+        if state is not None and "rtn" in state:  # written before FPFT shared the loop
+            state["start"] = state.pop("rtn")
         if state is None:
-            nll_val, nll_test = (rtn_nll["nll_validation"], rtn_nll["nll_test"]) if rtn_nll else evaluate()  # epoch 0: RTN
-            state = {"key": config.key(), "rtn": {"nll_validation": nll_val, "nll_test": nll_test},
-                     "runs": [], "best_codes": None, "current": None}
+            # epoch 0: RTN (QAFT) or FP (FPFT)
+            nll_val, nll_test = (start_nll["nll_validation"], start_nll["nll_test"]) if start_nll else evaluate()
+            state = {"key": config.key(), "start": {"nll_validation": nll_val, "nll_test": nll_test},
+                     "runs": [], "best_codes": None, "current": None}  # best_codes: kept(...) of the best epoch
         else:
             resumed_from = {"lr_index": len(state["runs"]),
                             "epoch": state["current"]["run"]["history"][-1]["epoch"] if state["current"] else 0}
@@ -252,13 +278,13 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
                 run, best_codes = current["run"], current["best_codes"]
             else:
                 torch.manual_seed(config.seed)
-                rtn = state["rtn"]
-                run = {"lr": lr0, "history": [{"epoch": 0, **rtn, "lr": lr0}], "stop_reason": None,
-                       "best_epoch": 0, "best_nll_validation": rtn["nll_validation"], "steps": 0, "train_s": 0.0}
-                best_codes = _rtn_codes(fp, grids)
+                start = state["start"]
+                run = {"lr": lr0, "history": [{"epoch": 0, **start, "lr": lr0}], "stop_reason": None,
+                       "best_epoch": 0, "best_nll_validation": start["nll_validation"], "steps": 0, "train_s": 0.0}
+                best_codes = kept(fp)
 
             wrapped.train()
-            bar = progress(total=total_steps, initial=run["steps"], desc=f"QAFT int{config.bits} lr0={lr0:g}",
+            bar = progress(total=total_steps, initial=run["steps"], desc=f"{title} lr0={lr0:g}",
                            enabled=accelerator.is_local_main_process)
             for epoch in range(run["history"][-1]["epoch"] + 1, opts["epochs"] + 1):
                 loader.set_epoch(epoch)  # the batch order depends only on (seed, epoch)
@@ -296,7 +322,7 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
                     break
                 if nll_val < run["best_nll_validation"]:
                     run["best_epoch"], run["best_nll_validation"] = epoch, nll_val
-                    best_codes = grid_codes()
+                    best_codes = kept(latent)
                 if epoch < opts["epochs"]:  # after the last epoch the lr0's summary is saved instead
                     if accelerator.is_main_process:
                         state["current"] = {"run": run, "best_codes": best_codes,
@@ -308,7 +334,7 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
                     accelerator.wait_for_everyone()
             bar.close()
             if run["stop_reason"]:
-                accelerator.print(f"QAFT int{config.bits} lr0={lr0:g} stopped: {run['stop_reason']}")
+                accelerator.print(f"{title} lr0={lr0:g} stopped: {run['stop_reason']}")
 
             run["step_s"] = run["train_s"] / run["steps"] if run["steps"] else None
             best = min(state["runs"], key=lambda r: r["best_nll_validation"], default=None)
@@ -319,12 +345,14 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
                 save_state(path, state)
             accelerator.wait_for_everyone()
 
-        # The best lr0's best epoch, exactly on the grid.
+        # The best lr0's best epoch (QAFT: exactly on the grid).
         best = min(state["runs"], key=lambda r: r["best_nll_validation"])
         with torch.no_grad():
-            for name, w in latent.items():
-                w.copy_(grids[name].dequantize(state["best_codes"][name].to(w.device), w.dtype))
-        bake(linears)
+            for layer, w in latent.items():
+                best_w = state["best_codes"][layer].to(w.device)
+                w.copy_(grids[layer].dequantize(best_w, w.dtype) if quantize else best_w)
+        if quantize:
+            bake(linears)
     finally:
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
         model.__dict__.pop("_is_accelerate_prepared", None)  # so that a later prepare wraps it again
@@ -343,11 +371,12 @@ def qaft(model, data, config, rtn_nll: dict | None = None) -> dict:
     train_s = sum(r["train_s"] for r in state["runs"])
     return {
         "lr": best["lr"], "best_epoch": best["best_epoch"], "nll_validation": best["best_nll_validation"],
-        # per channel or group: each layer's mean scale here, the scales themselves in grid_scales
-        "scales": {name: float(g.scale.mean()) for name, g in grids.items()},
-        **({"grid_scales": {name: g.scale.detach().cpu() for name, g in grids.items()}}
-           if not config.grid.per_tensor else {}),
-        "rtn": state["rtn"],
+        **({} if not quantize else {
+            # per channel or group: each layer's mean scale here, the scales themselves in grid_scales
+            "scales": {layer: float(g.scale.mean()) for layer, g in grids.items()},
+            **({"grid_scales": {layer: g.scale.detach().cpu() for layer, g in grids.items()}}
+               if not config.grid.per_tensor else {})}),
+        "rtn" if quantize else "fp": state["start"],  # epoch 0
         "runs": [{k: r[k] for k in ("lr", "history", "stop_reason", "best_epoch", "best_nll_validation",
                                     "steps", "step_s")} for r in state["runs"]],
         "step_s": train_s / steps if steps else None,
@@ -367,7 +396,3 @@ def discard_state(config) -> None:
     with suppress(OSError):
         path.parent.rmdir()
 
-
-def _rtn_codes(fp: dict, grids: dict) -> dict:
-    """Int8 codes of round-to-nearest of the FP weights (every lr0's epoch 0)."""
-    return {name: grids[name].codes(w) for name, w in fp.items()}

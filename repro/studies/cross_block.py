@@ -11,6 +11,7 @@ from repro import plots
 from repro.analysis import (blockwise_bits, growth_law, locality, median_layer_mse, method_label, sees,
                             spectrum_records, window_times)
 from repro.config import load_tier, make_config
+from repro.methods import QUANTIZERS
 from repro.methods.blockwise import DEFAULTS
 from repro.report import DASH, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
 from repro.studies import Notebook, read_records, suffix, sweep, tier_models
@@ -151,7 +152,7 @@ def configs(tier: str = "cpu", model: str | None = None, bits=None, variants=Non
     bits = section["bits"] if bits is None else bits
     bits = [bits] if isinstance(bits, int) else list(bits)
     variants = section["variants"] if variants is None else variants
-    return [*sweep.configs(tier, model, bits),
+    return [*sweep.configs(tier, model, bits, ("fp", *QUANTIZERS)),
             *(make_config("blockwise", b, tier, options=dict(v), model=model) for b in bits for v in variants)]
 
 

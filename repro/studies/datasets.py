@@ -19,7 +19,8 @@ def corpus_configs(tier: str, model: str | None = None, bits=None, corpora=None)
     widths and corpora): the runs notebook 05's tables read."""
     section = load_tier(tier).get("datasets") or {}
     return [c for corpus in (section.get("corpora", []) if corpora is None else corpora)
-            for c in sweep.configs(tier, model, section.get("bits") if bits is None else bits, corpus=corpus)]
+            for c in sweep.configs(tier, model, section.get("bits") if bits is None else bits, ("fp", *QUANTIZERS),
+                                   corpus=corpus)]
 
 
 def configs(tier: str, model: str | None = None, bits=None) -> list:
@@ -95,7 +96,8 @@ def cached(tier: str, outputs) -> dict:
     corpora = section.get("corpora", [])
     found = {}
     for m in section.get("models") or []:
-        chosen = [c for corpus in [*corpora, None] for c in sweep.configs(tier, m, section.get("bits"), corpus=corpus)]
+        chosen = [c for corpus in [*corpora, None]
+                  for c in sweep.configs(tier, m, section.get("bits"), ("fp", *QUANTIZERS), corpus=corpus)]
         records = read_records(chosen, outputs)
         results = [landscape.landscape(m, section.get("bits"), tier, outputs, cached_only=True, corpus=corpus,
                                        **section.get("landscape", {})) for corpus in corpora]

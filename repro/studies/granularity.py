@@ -12,6 +12,7 @@ from repro.config import load_tier, make_config
 from repro.methods import QUANTIZERS
 from repro.report import DASH, markdown_table, nll_cell, provenance
 from repro.studies import Notebook, landscape, read_records, suffix, tier_models
+from repro.uncertainty import compare, direction, interval_cell
 
 
 def configs(tier: str = "cpu", model: str | None = None, bits=None, granularities=None) -> list:
@@ -62,11 +63,14 @@ def granularity_table(records) -> str:
 
 def granularity_summary(records, radius: float | None = None, gap: float = 0.05, bound: bool = False) -> str:
     """Markdown, computed from the records: per granularity, (1) where the misalignment appears
-    (GPTQ − QAFT test NLL > ``gap`` nats) and how far each method stays from FP; (2) with the FP
+    (GPTQ − QAFT test NLL decidedly above 0: its paired bootstrap 95% interval over test windows
+    excludes 0, ``repro.uncertainty``; records without per-window NLL: above ``gap`` nats) and how
+    far each method stays from FP; (2) with the FP
     basin radius ``radius`` (``landscape.basin_radius``'s R on train, same for every grid: it is a
     property of w), ``rho = ||w_RTN - w|| / R`` per width and whether misalignment appears exactly
     where ``rho > 1`` (the paper's explanation; ``bound``: R is only a lower bound, so each rho is an
-    upper bound and only ``rho <= 1`` is decided); (3) LA-PTQ − block PTQ test NLL where both ran."""
+    upper bound and only ``rho <= 1`` is decided; an undistinguishable GPTQ − QAFT decides nothing);
+    (3) LA-PTQ − block PTQ test NLL with its interval where both ran."""
     grids = grid_names(records)
     by = defaultdict(dict)  # (grid, bits) -> label -> record
     fp = next((r["nll_test"] for r in records if r["config"]["method"] == "fp"), None)
@@ -78,26 +82,33 @@ def granularity_summary(records, radius: float | None = None, gap: float = 0.05,
     lines, agree, total, undecided = [], 0, 0, 0
     for g in grids:
         widths = sorted((b for (gg, b) in by if gg == g), reverse=True)
-        mis, aligned, rhos, local = [], [], [], []
+        mis, aligned, unclear, rhos, local = [], [], [], [], []
         for b in widths:
             cell = by[(g, b)]
             if "GPTQ" in cell and "QAFT" in cell:
                 eta = cell["GPTQ"]["nll_test"] - cell["QAFT"]["nll_test"]
-                (mis if eta > gap else aligned).append(f"int{b} ({eta:+.3f})")
+                interval = compare(cell["GPTQ"], cell["QAFT"])
+                call = direction(interval, eta, gap)
+                text = f"int{b} ({interval_cell(interval) if interval else f'{eta:+.3f}'})"
+                (mis if call > 0 else aligned if call < 0 else unclear).append(text)
                 if radius and "RTN" in cell:
                     rho = cell["RTN"]["weight_distance"] / radius
                     rhos.append(f"int{b} {'≤ ' if bound else ''}{rho:.2f}")
-                    if bound and rho > 1:  # the true rho may lie on either side of 1
+                    if (bound and rho > 1) or call == 0:  # the true rho, or the sign of eta, may lie either side
                         undecided += 1
                     else:
-                        agree += (rho > 1) == (eta > gap)
+                        agree += (rho > 1) == (call > 0)
                         total += 1
             if "block PTQ" in cell and "LA-PTQ l=1" in cell:
-                local.append(f"int{b} {cell['LA-PTQ l=1']['nll_test'] - cell['block PTQ']['nll_test']:+.3f}")
+                la, block = cell["LA-PTQ l=1"], cell["block PTQ"]
+                interval = compare(la, block)
+                delta = la["nll_test"] - block["nll_test"]
+                local.append(f"int{b} {interval_cell(interval) if interval else f'{delta:+.3f}'}")
         near = [f"{m} int{b} {cell[m]['nll_test'] - fp:+.2f}" for b in widths for cell in [by[(g, b)]]
                 for m in ("RTN", "GPTQ", "QAFT") if m in cell] if fp is not None else []
-        text = (f"- **{g}**: QAFT beats GPTQ by more than {gap} nats at {', '.join(mis) or 'no width'}"
-                + (f"; not at {', '.join(aligned)}" if aligned else "") + ".")
+        text = (f"- **{g}**: QAFT decidedly below GPTQ (GPTQ − QAFT [95% CI]) at {', '.join(mis) or 'no width'}"
+                + (f"; GPTQ below at {', '.join(aligned)}" if aligned else "")
+                + (f"; not distinguishable at {', '.join(unclear)}" if unclear else "") + ".")
         if near:
             text += f" Test NLL above FP ({fp:.3f}): {', '.join(near)}."
         if rhos:
@@ -110,8 +121,8 @@ def granularity_summary(records, radius: float | None = None, gap: float = 0.05,
                      f"decided (granularity, width) cells" + (": it predicts the misalignment." if agree == total else
                                                               ": it does not predict where the misalignment appears."))
     if undecided:
-        lines.append(f"\nR(w) is only a lower bound here (no accepted bowl fit), so ρ is an upper bound: "
-                     f"{undecided} cell(s) with a bound above 1 cannot test the threshold.")
+        lines.append(f"\n{undecided} cell(s) cannot test the threshold: GPTQ − QAFT not distinguishable from 0, or "
+                     f"R(w) only a lower bound (no accepted bowl fit, so ρ is an upper bound) with a bound above 1.")
     return "\n".join(lines)
 
 

@@ -10,11 +10,13 @@ from repro.analysis import FP_BITS, by_model_bits, model_order, on_front, pareto
 from repro.methods import MAIN, QUANTIZERS
 from repro.report import DASH, g_cell, markdown_table, nll_cell, provenance
 from repro.studies import Notebook, sweep, tier_models
+from repro.uncertainty import compare, direction, interval_cell
 
 
 def configs(tier: str, model: str | None = None, bits=None) -> list:
-    """The runs of one model on the front: the sweep (FP, RTN, GPTQ, QAFT at every width)."""
-    return sweep.configs(tier, model, bits)
+    """The runs of one model on the front: the sweep (FP, RTN, GPTQ, QAFT at every width; not the
+    fine-tuned FP control, which is no format of the pretrained model)."""
+    return sweep.configs(tier, model, bits, ("fp", *QUANTIZERS))
 
 
 NOTEBOOKS = (Notebook("02_pareto", configs, per_model=False),)
@@ -32,6 +34,15 @@ def _point_label(p) -> str:
 
 def _split_label(metric: str) -> str:
     return f"{metric.removeprefix('nll_')} NLL"
+
+
+def _gap(cell: dict, metric: str):
+    """``(GPTQ − QAFT, its paired interval over windows or None)`` of one (model, bits) cell of
+    points, or None without both."""
+    if "gptq" not in cell or "qaft" not in cell:
+        return None
+    gptq, qaft = cell["gptq"], cell["qaft"]
+    return gptq["nll"] - qaft["nll"], compare(gptq["record"], qaft["record"], metric.removeprefix("nll_"))
 
 
 def pareto_table(records, metric: str = "nll_test") -> str:
@@ -54,20 +65,21 @@ def pareto_table(records, metric: str = "nll_test") -> str:
                 rows.append([model, "FP (16)", g_cell(size), *[nll_cell(cell["fp"]["nll"])] * len(QUANTIZERS), DASH, on])
                 continue
             nll = {m: cell[m]["nll"] if m in cell else None for m in QUANTIZERS}
-            gap = None if None in (nll["gptq"], nll["qaft"]) else nll["gptq"] - nll["qaft"]
+            gap = _gap(cell, metric)
             rows.append([model, f"int{bits}", g_cell(size), *(nll_cell(nll[m]) for m in QUANTIZERS),
-                         DASH if gap is None else f"{gap:+.3f}", on])
-    header = ["model", "bits", "size GB", *(f"{m.upper()} {_split_label(metric)}" for m in QUANTIZERS), "GPTQ − QAFT",
-              "on Pareto front"]
+                         DASH if gap is None else interval_cell(gap[1]) if gap[1] else f"{gap[0]:+.3f}", on])
+    header = ["model", "bits", "size GB", *(f"{m.upper()} {_split_label(metric)}" for m in QUANTIZERS),
+              "GPTQ − QAFT [95% CI]", "on Pareto front"]
     return markdown_table(header, rows)
 
 
 def pareto_summary(records, metric: str = "nll_test") -> str:
     """Markdown conclusion of paper Fig. 2 from the records: which methods' points make up the
     Pareto front (test NLL vs stack weight size) and how many of each; per bit-width the GPTQ −
-    QAFT test-NLL gap (mean over models, and per model); whether QAFT is below GPTQ at every
-    (model, bits) both have, and whether the mean gap grows as bits fall (paper §IV-B); and which
-    (model, bits) lack a method."""
+    QAFT test-NLL gap (mean over models, and per model with its paired bootstrap 95% interval);
+    at how many (model, bits) QAFT is decidedly below GPTQ (the interval excludes 0; records
+    without per-window NLL: the plain sign), and whether the mean gap grows as bits fall (paper
+    §IV-B); and which (model, bits) lack a method."""
     points = pareto_points(records, metric)
     if not points:
         return "No records with a weight size yet."
@@ -80,22 +92,27 @@ def pareto_summary(records, metric: str = "nll_test") -> str:
     lines = [f"**Pareto front** ({_split_label(metric)} vs stack weight size; {len(front)} of {len(points)} points, "
              f"{len(models)} model(s)): {share}. "
              f"From small to large: {listed}."]
-    gaps = defaultdict(dict)  # bits -> model -> GPTQ - QAFT
+    gaps = defaultdict(dict)  # bits -> model -> (GPTQ - QAFT, its interval)
     for (model, bits), cell in cells.items():
-        if "gptq" in cell and "qaft" in cell:
-            gaps[bits][model] = cell["gptq"]["nll"] - cell["qaft"]["nll"]
+        if _gap(cell, metric) is not None:
+            gaps[bits][model] = _gap(cell, metric)
     if gaps:
-        lines.append(f"\n**GPTQ − QAFT {_split_label(metric)}** (positive: QAFT lower), mean over models:")
+        lines.append(f"\n**GPTQ − QAFT {_split_label(metric)}** (positive: QAFT lower), mean over models "
+                     f"(per model: with its paired bootstrap 95% interval over windows):")
         for bits in sorted(gaps, reverse=True):
-            per = ", ".join(f"{m} {gaps[bits][m]:+.3f}" for m in models if m in gaps[bits])
-            mean = sum(gaps[bits].values()) / len(gaps[bits])
+            per = ", ".join(f"{m} {interval_cell(iv) if iv else f'{g:+.3f}'}" for m in models if m in gaps[bits]
+                            for g, iv in [gaps[bits][m]])
+            mean = sum(g for g, _ in gaps[bits].values()) / len(gaps[bits])
             lines.append(f"- int{bits}: {mean:+.3f} over {len(gaps[bits])} model(s) ({per})")
-        pairs = [(m, b, g) for b in sorted(gaps, reverse=True) for m in models for g in [gaps[b].get(m)] if g is not None]
-        not_below = [f"{m} int{b} ({g:+.3f})" for m, b, g in pairs if g <= 0]
-        lines.append(f"\nQAFT is below GPTQ at every (model, bits) pair ({len(pairs)}/{len(pairs)})." if not not_below
-                     else f"\nQAFT is below GPTQ at {len(pairs) - len(not_below)}/{len(pairs)} (model, bits) pairs; "
-                          f"not at: {', '.join(not_below)}.")
-        means = [sum(gaps[b].values()) / len(gaps[b]) for b in sorted(gaps, reverse=True)]  # high to low bits
+        pairs = [(m, b, *gaps[b][m]) for b in sorted(gaps, reverse=True) for m in models if m in gaps[b]]
+        calls = {(m, b): direction(iv, g) for m, b, g, iv in pairs}
+        below = sum(d > 0 for d in calls.values())
+        other = [f"{m} int{b} ({'GPTQ below' if calls[(m, b)] < 0 else 'not distinguishable'}, "
+                 f"{interval_cell(iv) if iv else f'{g:+.3f}'})" for m, b, g, iv in pairs if calls[(m, b)] <= 0]
+        lines.append(f"\nQAFT is decidedly below GPTQ at every (model, bits) pair ({len(pairs)}/{len(pairs)})."
+                     if not other else f"\nQAFT is decidedly below GPTQ at {below}/{len(pairs)} (model, bits) "
+                                       f"pairs; not at: {', '.join(other)}.")
+        means = [sum(g for g, _ in gaps[b].values()) / len(gaps[b]) for b in sorted(gaps, reverse=True)]  # high to low
         if len(means) > 1:
             grows = all(a <= b for a, b in zip(means, means[1:]))
             lines.append(f"The mean gap {'grows' if grows else 'does not grow monotonically'} as bits fall "

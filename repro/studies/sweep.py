@@ -16,7 +16,7 @@ from repro.methods import MAIN, QUANTIZERS
 from repro.quant import OBSERVERS
 from repro.report import DASH, MSE_READINGS, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
 from repro.studies import Notebook, NoRecordsError, read_records, suffix, tier_models
-from repro.uncertainty import compare, compare_layers, interval_cell, verdict
+from repro.uncertainty import compare, compare_gaps, compare_layers, interval_cell, verdict
 
 
 def configs(tier: str, model: str | None = None, bits=None, methods=MAIN, **overrides) -> list:
@@ -54,7 +54,7 @@ def observer_records(tier: str, model: str, outputs) -> list[dict]:
 
 
 def fig1_table(records, seconds: bool = True) -> str:
-    """Paper Fig. 1, one row per bit-width (high to low), FP first: test NLL (nats/token) of RTN,
+    """Paper Fig. 1, one row per bit-width (high to low), FP and fine-tuned FP (FPFT) first: test NLL (nats/token) of RTN,
     GPTQ and QAFT; their mean layer MSE on test (squared activation units) with FP inputs (eq. 2)
     and with their own inputs; QAFT's lr0 and epoch (chosen on validation); with ``seconds``,
     GPTQ's and QAFT's method time (s; wall clock, so leave it out where output is compared); QAFT
@@ -70,6 +70,13 @@ def fig1_table(records, seconds: bool = True) -> str:
     if fp is not None:
         rows.append(["FP", *[nll_cell(fp["nll_test"])] * len(QUANTIZERS),
                      *(g_cell(fp.get(key)) for _, key in MSE_READINGS for _ in QUANTIZERS), *[DASH] * (5 if seconds else 3)])
+    fpft = t.get("fpft", {}).get(None)
+    if fpft is not None:  # QAFT's loop without the quantizer: its lr0, epoch and seconds in QAFT's columns
+        epoch = chosen_epoch(fpft["info"])
+        rows.append(["FPFT", *[nll_cell(fpft["nll_test"])] * len(QUANTIZERS),
+                     *(g_cell(fpft.get(key)) for _, key in MSE_READINGS for _ in QUANTIZERS),
+                     f"{fpft['info']['lr']:g}", DASH if epoch is None else epoch,
+                     *([DASH, seconds_cell(fpft)] if seconds else []), DASH])
     for b in widths(t):
         recs = [t.get(m, {}).get(b) for m in QUANTIZERS]
         info = (recs[2] or {}).get("info") or {}
@@ -314,6 +321,33 @@ def misalignment_summary(records, local: str = "gptq", global_: str = "qaft") ->
     return "\n".join(lines)
 
 
+def fine_tuning_summary(records) -> str:
+    """Markdown: how much of QAFT's result is fine-tuning rather than quantization repair. FPFT is
+    QAFT's loop with the quantizer off (same data, steps, lr0 grid, selection): FP − FPFT is what
+    fine-tuning on the calibration corpus does to the FP model; per width, QAFT − FPFT is the
+    quantization damage left after fine-tuning, GPTQ − QAFT QAFT's lead, and (GPTQ − FP) − (QAFT −
+    FPFT) that lead with each method measured from its own reference (GPTQ targets the FP model,
+    QAFT the data): what survives once domain adaptation is accounted for. Test NLL (nats/token),
+    each with its paired bootstrap 95% interval over test windows (``repro.uncertainty``)."""
+    t = by_method_bits(records)
+    fp, fpft = t.get("fp", {}).get(None), t.get("fpft", {}).get(None)
+    if fp is None or fpft is None:
+        return "No FP and FPFT records yet."
+    adapted = compare(fp, fpft)
+    lines = [f"- Fine-tuning the FP model (FPFT, lr0 {fpft['info']['lr']:g}, epoch {chosen_epoch(fpft['info'])}): "
+             f"test NLL {fp['nll_test']:.3f} → {fpft['nll_test']:.3f}; {verdict(adapted, 'FP', 'FPFT')}."]
+    for b in sorted(set(t.get("qaft", {})) & set(t.get("gptq", {})) - {None}, reverse=True):
+        gptq, qaft = t["gptq"][b], t["qaft"][b]
+        lead, net = compare(gptq, qaft), compare_gaps(gptq, fp, qaft, fpft)
+        share = "" if lead is None or net is None or lead.mean <= 0 else \
+            f" ({100 * net.mean / lead.mean:.0f}% of the lead)"
+        lines.append(f"- int{b}: QAFT − FPFT {interval_cell(compare(qaft, fpft))} (damage left after fine-tuning); "
+                     f"GPTQ − QAFT {interval_cell(lead)}; net of domain adaptation, (GPTQ − FP) − (QAFT − FPFT) "
+                     f"{interval_cell(net)}{share}: "
+                     f"{'QAFT still ahead' if net and net.low > 0 else 'GPTQ ahead' if net and net.high < 0 else 'not distinguishable'}.")
+    return "\n".join(lines)
+
+
 def fallback_summary(records) -> str:
     """One line per GPTQ record whose layers fell back to RTN (Cholesky failed at every damping
     value), or one line saying none did: the record's warning, shown where people read results."""
@@ -365,6 +399,7 @@ SECTIONS = {
     "damping-kinds": (damping_by_kind_table, ("gptq",)),
     "damping-scoring": (damping_scoring_table, ("gptq",)),
     "misalignment": (misalignment_summary, ("gptq", "qaft")),
+    "fpft": (fine_tuning_summary, ("fp", "fpft", "gptq", "qaft")),
 }
 
 
