@@ -641,3 +641,29 @@ def save_drawn(figures: dict, directory: Path | str) -> list[Path]:
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
     return paths
+
+
+def seed_spread(records, metric: str = "nll_test"):
+    """The seed study (notebook 07): ``metric`` against width, one colour per method; each seed's run
+    a small dot, the mean over seeds a line with the range of seeds as a band; FP dashed."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    runs = {}
+    for r in _quantized(records):
+        c = r["config"]
+        runs.setdefault(c["method"], {}).setdefault(c["bits"], []).append(r[metric])
+    for method, by_bits in runs.items():
+        bits = sorted(by_bits)
+        means = [sum(by_bits[b]) / len(by_bits[b]) for b in bits]
+        color = METHOD_COLORS.get(method)
+        for b in bits:
+            ax.scatter([b] * len(by_bits[b]), by_bits[b], s=10, color=color, alpha=0.6)
+        ax.plot(bits, means, marker="o", color=color,
+                label=f"{METHODS[method].label} ({max(len(v) for v in by_bits.values())} seed(s))")
+        ax.fill_between(bits, [min(by_bits[b]) for b in bits], [max(by_bits[b]) for b in bits], color=color, alpha=0.15)
+    _reference_lines(ax, records, metric)
+    ax.set_xlabel("bits")
+    ax.set_ylabel(metric.replace("_", " ") + " (nats/token)")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

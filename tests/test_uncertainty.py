@@ -40,9 +40,9 @@ def test_a_constant_shift_is_decided_and_noise_is_not():
 
 
 def test_unpaired_or_empty_input_is_refused():
-    with pytest.raises(ValueError, match="equally long"):
+    with pytest.raises(ValueError, match="equally shaped"):
         uncertainty.paired_bootstrap([1.0, 2.0], [1.0])
-    with pytest.raises(ValueError, match="equally long"):
+    with pytest.raises(ValueError, match="equally shaped"):
         uncertainty.paired_bootstrap([], [])
 
 

@@ -9,7 +9,7 @@ from repro import plots
 from repro.analysis import FP_BITS, by_model_bits, model_order, on_front, pareto_front, pareto_points
 from repro.methods import MAIN, QUANTIZERS
 from repro.report import DASH, g_cell, markdown_table, nll_cell, provenance
-from repro.studies import Notebook, sweep, tier_models
+from repro.studies import Notebook, seeds, sweep, tier_models
 from repro.uncertainty import compare, direction, interval_cell
 
 
@@ -25,7 +25,9 @@ NOTEBOOKS = (Notebook("02_pareto", configs, per_model=False),)
 def _every_model(tier: str, outputs, model: str | None) -> list[dict]:
     """The sweep records of every model of the tier that has some (the default model's required)."""
     models = tier_models(tier, model)
-    return [r for m in models for r in sweep.records(tier, m, outputs, required=m == models[0])]
+    # with their seed replicates where the seed study ran (the gaps' intervals then span seeds too)
+    return seeds.attach([r for m in models for r in sweep.records(tier, m, outputs, required=m == models[0])],
+                        tier, outputs)
 
 
 def _point_label(p) -> str:

@@ -15,7 +15,7 @@ from repro.config import load_tier, make_config, sweep_configs
 from repro.methods import MAIN, QUANTIZERS
 from repro.quant import OBSERVERS
 from repro.report import DASH, MSE_READINGS, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
-from repro.studies import Notebook, NoRecordsError, read_records, suffix, tier_models
+from repro.studies import Notebook, NoRecordsError, read_records, seeds, suffix, tier_models
 from repro.uncertainty import compare, compare_gaps, compare_layers, interval_cell, verdict
 
 
@@ -427,7 +427,8 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
     models that have records, and ``qaft-precision`` (QAFT under bf16 autocast against fp32,
     where both were run)."""
     models = tier_models(tier, model)
-    default, found = models[0], records(tier, models[0], outputs)
+    # seed replicates where the seed study ran: its verdicts' intervals then hold the seed-to-seed spread too
+    default, found = models[0], seeds.attach(records(tier, models[0], outputs), tier, outputs)
     observed = observer_records(tier, default, outputs)
     in_sample = read_records([make_config("gptq", b, tier, model=default, options={"holdout": 0})
                               for b in load_tier(tier)["bits"]], outputs)
@@ -437,7 +438,7 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
         pool = {"observers": [*fp, *observed], "damping-scoring": [*found, *in_sample]}.get(name, found)
         used = [r for r in pool if r["config"]["method"] in methods]
         result[name] = f"{table(used)}\n\n{provenance(used, tier, command)}"
-    others = {m: records(tier, m, outputs, required=False) for m in models[1:]}
+    others = {m: seeds.attach(records(tier, m, outputs, required=False), tier, outputs) for m in models[1:]}
     others = {m: rs for m, rs in others.items() if rs}
     for other, sweep in others.items():
         model_fp = [r for r in sweep if r["config"]["method"] == "fp"]
