@@ -30,8 +30,8 @@ def _options(pairs) -> dict:
     return options
 
 
-def _run(args) -> int:
-    from repro import runs
+def _configs(args) -> list:
+    """The ``RunConfig`` of each of ``--bits`` (one for a method that quantizes nothing), checked."""
     from repro.config import make_config
     from repro.methods import METHODS
 
@@ -40,13 +40,28 @@ def _run(args) -> int:
     quantizes = args.method not in METHODS or METHODS[args.method].quantizes
     if not quantizes and (args.bits is not None or args.granularity not in (None, "tensor")):
         raise ValueError(f"--method {args.method} quantizes nothing: leave out --bits and --granularity")
+    return [make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
+                        corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,
+                        granularity=args.granularity, group_size=args.group_size)
+            for bits in (args.bits or [4] if quantizes else [None])]
 
-    for bits in (args.bits or [4] if quantizes else [None]):
-        config = make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
-                             corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,
-                             granularity=args.granularity, group_size=args.group_size)
+
+def _run(args) -> int:
+    from repro import runs
+
+    for config in _configs(args):
         record = runs.run(config, args.outputs, force=args.force)
         print(runs.summary(record), flush=True)
+    return 0
+
+
+def _export(args) -> int:
+    from repro.export import export_run
+
+    if args.bits and len(args.bits) > 1:
+        raise ValueError(f"--bits {' '.join(map(str, args.bits))}: export one width at a time")
+    (config,) = _configs(args)
+    print(f"written to {export_run(config, args.directory, args.format, args.outputs)}", flush=True)
     return 0
 
 
@@ -163,29 +178,40 @@ def main(argv=None) -> int:
     from repro.methods import METHODS
     from repro.quant import GRANULARITIES, OBSERVERS
     from repro.config import TIERS
+    from repro.export import FORMATS
 
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run a method at one or more bit-widths, print one line each",
+    choice = argparse.ArgumentParser(add_help=False)  # which run: `repro run` and `repro export` choose alike
+    choice.add_argument("--method", choices=sorted(METHODS), default="rtn")
+    choice.add_argument("--bits", type=int, nargs="+", help="bit-widths in 2..8 (default 4)")
+    choice.add_argument("--tier", choices=TIERS, default="cpu", help="parameter set from params/ (default cpu)")
+    choice.add_argument("--model", help="embedded name (smollm2-135m) or hub id; default: the tier's")
+    choice.add_argument("--corpus", choices=CORPORA, help="default: the tier's")
+    choice.add_argument("--observer", choices=OBSERVERS, help="scale observer; default: the tier's")
+    choice.add_argument("--granularity", choices=GRANULARITIES,
+                        help="scales per tensor (default, the paper's), output channel or group of --group-size columns")
+    choice.add_argument("--group-size", type=int, help="input columns per scale with --granularity group (default 128)")
+    choice.add_argument("--seed", type=int)
+    choice.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    choice.add_argument("--outputs", help=OUTPUTS_HELP)
+    choice.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="a method option over the tier's (repeatable), e.g. --option window=2 --option lr=1e-3")
+
+    p = sub.add_parser("run", parents=[choice], help="run a method at one or more bit-widths, print one line each",
                        description="Run a quantization method and write a cached JSON record under "
                                    "OUTPUTS/records (a rerun with the same config reads it).")
-    p.add_argument("--method", choices=sorted(METHODS), default="rtn")
-    p.add_argument("--bits", type=int, nargs="+", help="bit-widths in 2..8 (default 4)")
-    p.add_argument("--tier", choices=TIERS, default="cpu", help="parameter set from params/ (default cpu)")
-    p.add_argument("--model", help="embedded name (smollm2-135m) or hub id; default: the tier's")
-    p.add_argument("--corpus", choices=CORPORA, help="default: the tier's")
-    p.add_argument("--observer", choices=OBSERVERS, help="scale observer; default: the tier's")
-    p.add_argument("--granularity", choices=GRANULARITIES,
-                   help="scales per tensor (default, the paper's), output channel or group of --group-size columns")
-    p.add_argument("--group-size", type=int, help="input columns per scale with --granularity group (default 128)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.add_argument("--force", action="store_true", help="recompute even if a record exists")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="a method option over the tier's (repeatable), e.g. --option window=2 --option lr=1e-3")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("export", parents=[choice], help="write a run's quantized model where from_pretrained loads it",
+                       description="The run's integer codes and scales (computed first when not kept) in a "
+                                   "copy of the model, written as a dense transformers checkpoint (--format hf) "
+                                   "or packed with its quantization_config (--format compressed-tensors).")
+    p.add_argument("directory", help="where to write the checkpoint")
+    p.add_argument("--format", choices=FORMATS, default="hf")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("batch", help="the main job: compute every notebook's runs, then execute the notebooks",
                        description="For each notebook (each of the tier's models where it shows one model): "

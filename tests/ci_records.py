@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 # seconds per run at one thread on the 2-core machine (SmolLM2; Gemma 3's vocabulary costs ~1.8x)
-COST = {"fp": 5, "rtn": 15, "gptq": 55, "qaft": 85, "blockwise": 45}
+COST = {"fp": 5, "rtn": 15, "gptq": 55, "qaft": 85, "fpft": 50, "blockwise": 45}
 MODEL_FACTOR = {"gemma3-270m": 1.8}
 
 

@@ -423,7 +423,7 @@ def precision_table(pairs) -> str:
 def sections(tier: str, outputs, model: str | None = None, command: str = "") -> dict:
     """``{marker name: markdown}``, each table followed by its provenance line: the ``SECTIONS`` of
     the default model (``observers`` with RTN at every observer; ``damping-scoring`` with GPTQ's
-    in-sample damping A/B, where run), ``fig1-MODEL`` and ``observers-MODEL`` of the tier's other
+    in-sample damping A/B, where run), ``fig1-MODEL``, ``fpft-MODEL`` and ``observers-MODEL`` of the tier's other
     models that have records, and ``qaft-precision`` (QAFT under bf16 autocast against fp32,
     where both were run)."""
     models = tier_models(tier, model)
@@ -442,7 +442,8 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
     others = {m: rs for m, rs in others.items() if rs}
     for other, sweep in others.items():
         model_fp = [r for r in sweep if r["config"]["method"] == "fp"]
-        for name, used in (("fig1", sweep), ("observers", [*model_fp, *observer_records(tier, other, outputs)])):
+        for name, used in (("fig1", sweep), ("fpft", sweep),
+                           ("observers", [*model_fp, *observer_records(tier, other, outputs)])):
             result[f"{name}-{other}"] = f"{SECTIONS[name][0](used)}\n\n{provenance(used, tier, command)}"
     pairs = []  # QAFT trained under bf16 autocast vs fp32, everything else equal (the A/B, where run)
     for m in [default, *others]:
