@@ -179,6 +179,7 @@ def test_cli_exports_an_embedded_run_that_loads_back_with_its_test_nll(tmp_path,
     assert record is not None and store.weights_path(config, ci_outputs).exists()
     test_windows = runs.workbench(config).data.test  # the ci tier's tokenised windows
     assert record["windows"]["test"] == windows_id(test_windows)  # the ones the record measured
-    for fmt in ("hf", "compressed-tensors"):
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / fmt, local_files_only=True)
+    for fmt, options in (("hf", {}), ("compressed-tensors", {"quantization_config": CompressedTensorsConfig(dequantize=True)})):
+        # packed linears unpack to dense nn.Linear weights at load: repro.evaluate reads module.weight
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / fmt, local_files_only=True, **options)
         assert nll(loaded, test_windows, config.batch_size) == pytest.approx(record["nll_test"], abs=1e-6)
