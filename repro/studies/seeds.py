@@ -49,14 +49,17 @@ def records(tier: str, model: str, outputs) -> list[dict]:
     return read_records(configs(tier, model), outputs)
 
 
+def _run_key(c: dict) -> tuple:
+    """What a record's ``config`` ran, its seed left out: (model, corpus, method, bits, grid, options)."""
+    return (c["model"], c["corpus"], c["method"], c["bits"], c.get("granularity"), c.get("group_size"),
+            repr(sorted((c.get("options") or {}).items())))
+
+
 def _replicates(found) -> dict:
-    """``{(model, corpus, method, bits, grid, options): {seed: record}}``: the same run at each seed."""
+    """``{_run_key: {seed: record}}``: the same run at each seed."""
     groups = defaultdict(dict)
     for r in found:
-        c = r["config"]
-        key = (c["model"], c["corpus"], c["method"], c["bits"], c.get("granularity"), c.get("group_size"),
-               repr(sorted((c.get("options") or {}).items())))
-        groups[key][c.get("seed", 0)] = r
+        groups[_run_key(r["config"])][r["config"].get("seed", 0)] = r
     return groups
 
 
@@ -74,7 +77,7 @@ def attach(found: list[dict], tier: str, outputs) -> list[dict]:
     out = []
     for r in found:
         c = r["config"]
-        group = groups.get(next(iter(_replicates([r]))), {})
+        group = groups.get(_run_key(c), {})
         if c["method"] in ("fp", "rtn") and r.get("nll_test_windows"):
             r = {**r, "seed_windows": {s: r["nll_test_windows"] for s in seeds}}
         elif set(group) == set(seeds) and all(g.get("nll_test_windows") for g in group.values()) \
