@@ -193,3 +193,53 @@ def sweep_configs(methods=("fp", "rtn"), bits=None, tier: str = "cpu", **overrid
     bits = load_tier(tier)["bits"] if bits is None else bits
     return [make_config(method, b, tier, **overrides)
             for method in methods for b in (bits if METHODS[method].quantizes else [None])]
+
+
+# Tier sections that are the paper's protocol (compared by ``deviations``); the rest (block-wise
+# options, granularity and seed studies) are the package's own studies, not the paper's.
+PROTOCOL_SECTIONS = ("models", "corpus", "observer", "seq_len", "n_calibration", "n_eval", "eval_windows",
+                     "batch_size", "threads", "bits", "methods.gptq", "methods.qaft", "cross_block", "landscape",
+                     "datasets")
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and not all(isinstance(k, int) for k in value):  # (per-width maps stay values)
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def effective_settings(tier: str) -> dict:
+    """A tier's settings flattened (``methods.qaft.epochs``), method options with the method's defaults
+    filled in (what a run of that tier uses)."""
+    settings = load_tier(tier)
+    for method in settings.get("methods", {}):
+        settings["methods"][method] = METHODS[method].check_options(make_config(method, max(settings["bits"]), tier))
+    return _flatten(settings)
+
+
+def deviations(tier: str, reference: str = "paper") -> dict[str, tuple]:
+    """``{setting: (reference value, tier value)}`` for every setting of ``PROTOCOL_SECTIONS`` where
+    ``tier`` differs from ``reference`` (the paper's protocol); a value one tier does not set is None.
+    The reasons live in the tier's YAML (``paper_deviations``: setting -> why)."""
+    ours, theirs = effective_settings(tier), effective_settings(reference)
+    wanted = lambda key: any(key == s or key.startswith(s + ".") for s in PROTOCOL_SECTIONS)  # noqa: E731
+    return {key: (theirs.get(key), ours.get(key)) for key in sorted({*ours, *theirs}, key=str)
+            if wanted(key) and theirs.get(key) != ours.get(key)}
+
+
+def deviation_reasons(tier: str) -> dict[str, str]:
+    """The tier's ``paper_deviations``, checked against ``deviations``: every differing setting has a
+    reason (its own or its section's) and every reason names a setting that differs."""
+    reasons = load_tier(tier).get("paper_deviations") or {}
+    found = deviations(tier)
+    missing = [k for k in found if not any(k == r or k.startswith(r + ".") for r in reasons)]
+    stale = [r for r in reasons if not any(k == r or k.startswith(r + ".") for k in found)]
+    if missing or stale:
+        raise ValueError(f"params/{tier}.yaml paper_deviations: " + "; ".join(
+            filter(None, [missing and f"no reason for {', '.join(missing)}",
+                          stale and f"{', '.join(stale)} no longer differ from the paper tier"])))
+    return reasons

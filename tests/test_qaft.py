@@ -243,6 +243,27 @@ def test_nan_loss_stops_that_lr_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert all(torch.isfinite(m.weight).all() for m in models.stack_linears(model).values())
 
 
+def test_select_final_keeps_the_last_epoch_of_the_lr_with_the_best_final_validation(tmp_path):
+    """The paper's protocol (``select: final``): the learning rate is selected, not an epoch."""
+    model = tiny_model("llama")
+    fp = models.fp_snapshot(model)
+    by_epoch = qaft(model, tiny_data(), tiny_config(tmp_path / "epoch", epochs=3, lr_grid=[1e-1, 1e-2]))
+    models.restore(model, fp)
+    config = tiny_config(tmp_path / "final", epochs=3, lr_grid=[1e-1, 1e-2], select="final")
+    info = qaft(model, tiny_data(), config)
+
+    assert info["select"] == "final" and by_epoch["select"] == "epoch"
+    for run, same in zip(info["runs"], by_epoch["runs"]):  # the same training, another pick
+        assert run["history"] == same["history"]
+        assert run["best_epoch"] == 3 and run["best_nll_validation"] == run["history"][-1]["nll_validation"]
+    finals = [run["history"][-1]["nll_validation"] for run in info["runs"]]
+    assert info["lr"] == info["runs"][finals.index(min(finals))]["lr"] and info["best_epoch"] == 3
+    assert info["nll_validation"] == min(finals)
+    assert by_epoch["nll_validation"] <= info["nll_validation"]  # the best epoch is never worse on validation
+    with pytest.raises(ValueError, match="select='best'.*'epoch'.*'final'"):
+        qaft(model, tiny_data(), tiny_config(tmp_path / "bad", select="best"))
+
+
 def test_unknown_option_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown QAFT option"):
         qaft(tiny_model("llama"), tiny_data(), tiny_config(tmp_path, learning_rate=1e-3))

@@ -253,3 +253,27 @@ def test_portable_table_prints_fp_and_rtn_numbers_and_checks_the_rest():
     assert sum(line.endswith("finite, val ABOVE epoch 0 |") for line in qaft) == 1  # worse than its RTN start
     assert sum("NOT FINITE" in line for line in lines) == 1
     assert all("(CPU-dependent)" in line for line in lines if "| GPTQ |" in line or "| QAFT |" in line)
+
+
+def test_every_deviation_of_the_cpu_tier_from_the_paper_has_one_reason(monkeypatch):
+    from repro import config
+
+    found = config.deviations("cpu")
+    # the paper tier's protocol choices (issue 26): in-sample damping scoring, the lr0 selected after its epochs
+    assert found["methods.gptq.holdout"] == (0, 0.25) and found["methods.qaft.select"] == ("final", "epoch")
+    assert "methods.qaft.mixed_precision" not in found  # equal settings are not deviations
+    table = sweep.deviations_table("cpu")
+    assert len(table.splitlines()) == 2 + len(config.deviation_reasons("cpu"))
+    assert "| `methods.gptq.holdout` | 0 | 0.25 |" in table
+    real = config.load_tier
+
+    def edited(reasons):
+        monkeypatch.setattr(config, "load_tier", lambda t: {**real(t), "paper_deviations": reasons} if t == "cpu" else real(t))
+
+    reasons = real("cpu")["paper_deviations"]
+    edited({k: v for k, v in reasons.items() if k != "seq_len"})
+    with pytest.raises(ValueError, match="no reason for seq_len"):
+        config.deviation_reasons("cpu")
+    edited({**reasons, "methods.qaft.mixed_precision": "stale"})
+    with pytest.raises(ValueError, match="methods.qaft.mixed_precision no longer differ"):
+        config.deviation_reasons("cpu")

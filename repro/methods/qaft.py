@@ -7,7 +7,9 @@ the straight-through estimator on the calibration sequences; everything else is 
 (weight decay 0); the learning rate decays linearly from lr0 at the first step to lr0/10 at the
 last (``lr_at``); ``epochs`` passes over the same sequences; validation and test NLL after every
 epoch (epoch 0 = RTN, before training). Every lr0 of the grid starts again from the FP weights;
-the result is the best-validation epoch of the best-validation lr0, baked onto the grid.
+the result is the best-validation epoch of the best-validation lr0 (``select: epoch``), or the
+paper's protocol, the last epoch of the lr0 whose last epoch has the lowest validation NLL
+(``select: final``), baked onto the grid.
 
 Options (``config.options``, defaults in ``DEFAULTS``):
 
@@ -21,6 +23,10 @@ Options (``config.options``, defaults in ``DEFAULTS``):
   them (transformers' ``activation_checkpointing_enable``, non-reentrant): training memory for
   activations drops from all blocks' to one block's, for ~one more forward pass per step; the
   result is the same up to float summation order (dropout masks are replayed)
+* ``select`` - ``"epoch"``: the best-validation epoch of every lr0 competes (the package's default,
+  and epoch 0 = RTN can win); ``"final"``: each lr0 is scored after its last epoch and its final
+  weights are kept (the paper selects the learning rate, not an epoch; the paper tier's setting).
+  A stopped (non-finite) lr0 cannot be chosen under ``"final"`` unless every lr0 stopped.
 * ``checkpoint_dir`` - where the resume state lives (default ``checkpoint_dir(config)``)
 
 FPFT (``fpft``) runs this loop on the FP weights themselves: same data, steps, lr0 grid, schedule and
@@ -63,7 +69,7 @@ from repro.quant import bake, fp_weight, positive_list, prepare, quantizer
 from repro.store import atomic_path
 
 DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
-            "mixed_precision": "no", "gradient_checkpointing": False}
+            "mixed_precision": "no", "gradient_checkpointing": False, "select": "epoch"}
 END_FACTOR = 0.1  # the learning rate decays by one order of magnitude over the run
 STATE_FILE = "state.pt"
 
@@ -104,6 +110,9 @@ def qaft_options(config) -> dict:
     opts["lr_grid"] = positive_list(opts["lr_grid"], "QAFT option lr_grid", DEFAULTS["lr_grid"])
     if opts["mixed_precision"] not in ("no", "bf16"):
         raise ValueError(f"QAFT option mixed_precision={opts['mixed_precision']!r}: use 'no' or 'bf16'")
+    if opts["select"] not in ("epoch", "final"):
+        raise ValueError(f"QAFT option select={opts['select']!r}: 'epoch' (best validation epoch) or 'final' "
+                         "(the last epoch, the paper's protocol)")
     if not isinstance(opts["gradient_checkpointing"], bool):
         raise ValueError(f"QAFT option gradient_checkpointing={opts['gradient_checkpointing']!r}: true or false")
     return opts
@@ -320,7 +329,7 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                 if not math.isfinite(nll_val):
                     run["stop_reason"] = f"non-finite validation NLL ({nll_val}) after epoch {epoch}"
                     break
-                if nll_val < run["best_nll_validation"]:
+                if nll_val < run["best_nll_validation"] or opts["select"] == "final":
                     run["best_epoch"], run["best_nll_validation"] = epoch, nll_val
                     best_codes = kept(latent)
                 if epoch < opts["epochs"]:  # after the last epoch the lr0's summary is saved instead
@@ -335,6 +344,8 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
             bar.close()
             if run["stop_reason"]:
                 accelerator.print(f"{title} lr0={lr0:g} stopped: {run['stop_reason']}")
+                if opts["select"] == "final":  # it has no final epoch to be scored by
+                    run["best_nll_validation"] = math.inf
 
             run["step_s"] = run["train_s"] / run["steps"] if run["steps"] else None
             best = min(state["runs"], key=lambda r: r["best_nll_validation"], default=None)
@@ -382,7 +393,7 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
         "step_s": train_s / steps if steps else None,
         "epochs": opts["epochs"], "steps_per_epoch": steps_per_epoch, "batch_size": opts["batch_size"],
         "grad_accum": opts["grad_accum"], "mixed_precision": opts["mixed_precision"],
-        "gradient_checkpointing": opts["gradient_checkpointing"], "processes": accelerator.num_processes, "resumed_from": resumed_from,
+        "gradient_checkpointing": opts["gradient_checkpointing"], "select": opts["select"], "processes": accelerator.num_processes, "resumed_from": resumed_from,
     }
 
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from repro import plots
 from repro.analysis import by_method_bits, chosen_epoch, chosen_run, fp_record, pareto_points, widths
-from repro.config import load_tier, make_config, sweep_configs
+from repro.config import deviation_reasons, deviations, load_tier, make_config, sweep_configs
 from repro.methods import MAIN, QUANTIZERS
 from repro.quant import OBSERVERS
 from repro.report import DASH, MSE_READINGS, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
@@ -403,6 +403,34 @@ SECTIONS = {
 }
 
 
+def _setting_cell(value) -> str:
+    """A tier setting, short: None -> dash, long lists -> first, …, last (n)."""
+    if value is None:
+        return DASH
+    if isinstance(value, list) and len(value) > 4:
+        return f"{_setting_cell(value[0])}, …, {_setting_cell(value[-1])} ({len(value)})"
+    if isinstance(value, list):
+        return ", ".join(map(_setting_cell, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_setting_cell(v)}" for k, v in value.items())
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def deviations_table(tier: str) -> str:
+    """Every setting of the paper's protocol where ``tier`` differs from the paper tier, with the
+    paper's value, the tier's and why (``repro.config.deviations``; reasons from the tier's YAML,
+    one per setting or section)."""
+    found, reasons = deviations(tier), deviation_reasons(tier)
+    rows = []
+    for reason_key, why in reasons.items():
+        keys = [k for k in found if k == reason_key or k.startswith(reason_key + ".")]
+        name = lambda k: k[len(reason_key) + 1:] if k != reason_key else ""  # noqa: E731 (within a section)
+        paper, ours = ("; ".join(filter(None, (f"{name(k)} {_setting_cell(found[k][i])}".strip() for k in keys)))
+                       for i in (0, 1))
+        rows.append([f"`{reason_key}`", paper, ours, why])
+    return markdown_table(["setting", "paper", tier, "why"], rows)
+
+
 def precision_table(pairs) -> str:
     """QAFT trained under bf16 autocast against fp32, everything else equal: ``pairs`` is a list of
     ``(bf16 record, fp32 record)``. The choice is made on validation: validation NLL of each, the
@@ -455,6 +483,10 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
     if pairs:
         result["qaft-precision"] = (f"{precision_table(pairs)}\n\n"
                                     f"{provenance([r for p in pairs for r in p], tier, command)}")
+    if tier != "paper" and load_tier(tier).get("paper_deviations"):
+        result["paper-deviations"] = (f"{deviations_table(tier)}\n\n*Generated from `repro/params/{tier}.yaml` and "
+                                      f"`repro/params/paper.yaml` by `repro report --tier {tier}`; {DASH}: not set (`seq_len`: the "
+                                      f"model's maximum length, `n_eval`: the whole split, `threads`: torch's default).*")
     return result
 
 
