@@ -6,7 +6,7 @@ TIER ?= cpu
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/install.sh
 	bash scripts/install.sh
 
 # Main job: every notebook on both embedded models: runs first (progress bar, resumable), then

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from repro import runs, store
-from repro.config import load_tier
+from repro.config import load_tier, tier_name
 from repro.progress import progress
 from repro.studies import NOTEBOOKS
 
@@ -75,9 +75,10 @@ def plan(tier: str, notebooks=None, models=None, bits=None) -> list[Job]:
 
 def _execute(job: Job, tier: str, outputs: Path, models: list[str], bits=None) -> None:
     """papermill ``job``'s notebook into ``outputs/<tier>/notebooks`` (complete file or none)."""
-    import papermill as pm
+    from repro import require
 
-    directory = outputs / tier / "notebooks"
+    pm = require("papermill", "notebooks")
+    directory = outputs / tier_name(tier) / "notebooks"
     directory.mkdir(parents=True, exist_ok=True)
     job.output = directory / f"{job.name()}.ipynb"
     partial = directory / f".{job.name()}.partial.ipynb"
@@ -234,7 +235,7 @@ def summary_table(jobs: list[Job], cached: int) -> str:
 def write_summary(jobs: list[Job], tier: str, outputs: Path, cached: int, name: str = "batch") -> Path:
     """``OUTPUTS/<tier>/<name>.json`` (``batch.json`` for the main job, ``batch-<notebooks>.json`` for
     a batch of some notebooks): per notebook the status, runs computed and wall times."""
-    path = outputs / tier / f"{name}.json"
+    path = outputs / tier_name(tier) / f"{name}.json"
     store.write_json_atomic(path, {
         "tier": tier, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": runs.code_hash(), "cached": cached,
         "jobs": [{"notebook": j.notebook, "model": j.model, "status": j.status, "error": j.error,

@@ -7,32 +7,14 @@ import sys
 from pathlib import Path
 
 OUTPUTS_HELP = "results directory (default: $REPRO_OUTPUTS, else the checkout's outputs/)"
-
-
-def _options(pairs) -> dict:
-    """``["window=2", "lr=1e-3"]`` -> ``{"window": 2, "lr": 0.001}`` (values read as YAML)."""
-    import yaml
-
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option {pair!r}: write KEY=VALUE, e.g. --option window=2")
-        raw, value = value, yaml.safe_load(value)
-        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
-            value = raw  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no means "no"
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        options[key] = value
-    return options
+TIER_HELP = "ci, cpu, paper (repro/params/) or a YAML file of settings (`base: cpu` starts from a tier); default cpu"
+SET_HELP = ("override a tier setting (repeatable; enters the record keys), e.g. --set seq_len=128 --set "
+            "n_calibration=16 --set methods.qaft.epochs=2: runs use a derived tier file OUTPUTS/tiers/NAME-HASH.yaml")
 
 
 def _configs(args) -> list:
     """The ``RunConfig`` of each of ``--bits`` (one for a method that quantizes nothing), checked."""
-    from repro.config import make_config
+    from repro.config import make_config, parse_values
     from repro.methods import METHODS
 
     if args.group_size is not None and args.granularity != "group":
@@ -40,7 +22,7 @@ def _configs(args) -> list:
     quantizes = args.method not in METHODS or METHODS[args.method].quantizes
     if not quantizes and (args.bits is not None or args.granularity not in (None, "tensor")):
         raise ValueError(f"--method {args.method} quantizes nothing: leave out --bits and --granularity")
-    return [make_config(args.method, bits, args.tier, options=_options(args.option), model=args.model,
+    return [make_config(args.method, bits, args.tier, options=parse_values(args.option), model=args.model,
                         corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,
                         granularity=args.granularity, group_size=args.group_size)
             for bits in (args.bits or [4] if quantizes else [None])]
@@ -62,6 +44,21 @@ def _export(args) -> int:
         raise ValueError(f"--bits {' '.join(map(str, args.bits))}: export one width at a time")
     (config,) = _configs(args)
     print(f"written to {export_run(config, args.directory, args.format, args.outputs)}", flush=True)
+    return 0
+
+
+def _eval(args) -> int:
+    from repro.harness import eval_run, results_path
+
+    if args.bits and len(args.bits) > 1:
+        raise ValueError(f"--bits {' '.join(map(str, args.bits))}: evaluate one width at a time")
+    (config,) = _configs(args)
+    kept = eval_run(config, args.tasks, args.outputs, args.batch_size, args.max_length, args.limit)
+    for task in args.tasks:
+        metrics = ", ".join(f"{k.split(',')[0]} {v:.4g}" for k, v in kept[task]["metrics"].items()
+                            if "," in k and "_stderr" not in k and isinstance(v, (int, float)))  # (metric,filter)
+        print(f"{config.model} {config.label()} {task}: {metrics}", flush=True)
+    print(f"written to {results_path(config, args.outputs)}", flush=True)
     return 0
 
 
@@ -177,7 +174,6 @@ def main(argv=None) -> int:
     from repro.data import CORPORA
     from repro.methods import METHODS
     from repro.quant import GRANULARITIES, OBSERVERS
-    from repro.config import TIERS
     from repro.export import FORMATS
 
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
@@ -186,9 +182,10 @@ def main(argv=None) -> int:
     choice = argparse.ArgumentParser(add_help=False)  # which run: `repro run` and `repro export` choose alike
     choice.add_argument("--method", choices=sorted(METHODS), default="rtn")
     choice.add_argument("--bits", type=int, nargs="+", help="bit-widths in 2..8 (default 4)")
-    choice.add_argument("--tier", choices=TIERS, default="cpu", help="parameter set from params/ (default cpu)")
+    choice.add_argument("--tier", default="cpu", help=TIER_HELP)
     choice.add_argument("--model", help="embedded name (smollm2-135m) or hub id; default: the tier's")
-    choice.add_argument("--corpus", choices=CORPORA, help="default: the tier's")
+    choice.add_argument("--corpus", help=f"{', '.join(CORPORA)}, a text file, a directory of text files or "
+                        "hf:NAME[:CONFIG] (default: the tier's)")
     choice.add_argument("--observer", choices=OBSERVERS, help="scale observer; default: the tier's")
     choice.add_argument("--granularity", choices=GRANULARITIES,
                         help="scales per tensor (default, the paper's), output channel or group of --group-size columns")
@@ -198,6 +195,7 @@ def main(argv=None) -> int:
     choice.add_argument("--outputs", help=OUTPUTS_HELP)
     choice.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="a method option over the tier's (repeatable), e.g. --option window=2 --option lr=1e-3")
+    choice.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
 
     p = sub.add_parser("run", parents=[choice], help="run a method at one or more bit-widths, print one line each",
                        description="Run a quantization method and write a cached JSON record under "
@@ -213,13 +211,27 @@ def main(argv=None) -> int:
     p.add_argument("--format", choices=FORMATS, default="hf")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("eval", parents=[choice], help="lm-evaluation-harness tasks on a run's quantized model",
+                       description="lm_eval.simple_evaluate on the run's quantized model (computed first when its "
+                                   "weights are not kept); results beside the record, <record>.lm_eval.json. "
+                                   "corpus_perplexity (word/byte perplexity, bits per byte of the run's corpus's test "
+                                   "documents) works offline; standard tasks (wikitext, lambada_openai, hellaswag, "
+                                   "arc_easy, piqa, winogrande) need the hub. Needs pip install 'repro-lowbit-quant[eval]'.")
+    p.add_argument("--tasks", nargs="+", default=["corpus_perplexity"], help="harness task names (default "
+                   "corpus_perplexity)")
+    p.add_argument("--limit", type=int, help="documents / examples per task (default: all)")
+    p.add_argument("--max-length", type=int, help="tokens per window (default: the run's seq_len)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=_eval)
+
     p = sub.add_parser("batch", help="the main job: compute every notebook's runs, then execute the notebooks",
                        description="For each notebook (each of the tier's models where it shows one model): "
                                    "compute the runs it reads (cached ones are read), then execute it with "
                                    "papermill into OUTPUTS/<tier>/notebooks. Interrupted, it resumes; exit "
                                    "status 0 only when every run and notebook passed.")
     p.add_argument("notebooks", nargs="*", help="notebook names (default: all, in order)")
-    p.add_argument("--tier", choices=TIERS, default="cpu")
+    p.add_argument("--tier", default="cpu", help=TIER_HELP)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--models", nargs="+", help="models (default: the tier's `models`)")
     p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.add_argument("--bits", type=int, nargs="+", help="bit-widths in 2..8 every notebook sweeps instead of the "
@@ -229,7 +241,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=_batch)
 
     p = sub.add_parser("figures", help="save the figures of the cached records as PNG under OUTPUTS/figures")
-    p.add_argument("--tier", choices=TIERS, default="cpu")
+    p.add_argument("--tier", default="cpu", help=TIER_HELP)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--model", help="embedded name or hub id; default: the tier's")
     p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.set_defaults(func=_figures)
@@ -238,7 +251,8 @@ def main(argv=None) -> int:
                        description="Tables of the tier's records (and RTN at every observer), each with a "
                                    "provenance line; --readme rewrites the sections between "
                                    "<!-- report:NAME --> and <!-- /report:NAME --> markers of that file.")
-    p.add_argument("--tier", choices=TIERS, default="cpu")
+    p.add_argument("--tier", default="cpu", help=TIER_HELP)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--model", help="embedded name or hub id; default: the tier's")
     p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.add_argument("--readme", help="markdown file whose marker sections to rewrite (e.g. README.md)")
@@ -259,6 +273,10 @@ def main(argv=None) -> int:
 
         args.outputs = outputs_dir()
     try:
+        if getattr(args, "set", None):
+            from repro.config import derive_tier, parse_settings
+
+            args.tier = derive_tier(args.tier, parse_settings(args.set), Path(args.outputs) / "tiers")
         return args.func(args)
     except (ValueError, RuntimeError) as err:  # our own clear messages, without a traceback
         print(f"repro: error: {err}", file=sys.stderr)

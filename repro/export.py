@@ -10,7 +10,7 @@ weights on a symmetric integer grid, ``w = scale * code`` with code in -q..q (``
   format llm-compressor writes for integer weight-only schemes), one scale per tensor, output channel
   or group (its "tensor" / "channel" / "group" strategies, symmetric, no zero point) and a
   ``quantization_config`` in config.json. With the ``compressed-tensors`` package installed
-  (``pip install 'repro[export]'``), ``AutoModelForCausalLM.from_pretrained(directory)`` loads it: the
+  (``pip install 'repro-lowbit-quant[export]'``), ``AutoModelForCausalLM.from_pretrained(directory)`` loads it: the
   linears are created packed and decompressed to dense weights (``code * scale`` in the scale's
   dtype) on the first forward pass, or at load time with
   ``quantization_config=CompressedTensorsConfig(dequantize=True)``; both run on CPU.
@@ -84,28 +84,17 @@ def export_run(config, directory, format: str = "hf", outputs=None) -> Path:
     first when missing (``repro.runs.load_weights``: the record itself is reused, or computed like any
     run), then written into a freshly loaded copy of the model, so ``export`` stores the codes and
     scales the run produced."""
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from repro import runs, store
+    from repro import runs
 
     if format not in FORMATS:  # before any computation
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if config.grid is None:
         raise ValueError(f"method {config.method!r} quantizes nothing: export the model itself with "
                          f"save_pretrained, or choose a quantizing method")
-    config = dataclasses.replace(config, save_weights=True)
-    weights = runs.load_weights(config, outputs)  # name -> the weight (stored layout), code * scale
-    stored = load_file(str(store.weights_path(config, outputs)))
-    model, tokenizer = models.load_model(config.model, device="cpu")
+    model, tokenizer, scales = runs.quantized_model(config, outputs)
     if format == "compressed-tensors":
         check_compressed_tensors(model, config.grid)
-    with torch.no_grad():
-        for name, module in models.stack_linears(model).items():
-            module.weight.copy_(weights[name].to(module.weight.dtype))
-    return export(model, directory, format, grid=config.grid,
-                  scales={name: stored[f"{name}.scale"] for name in weights}, tokenizer=tokenizer)
+    return export(model, directory, format, grid=config.grid, scales=scales, tokenizer=tokenizer)
 
 
 def check_compressed_tensors(model, grid: Grid | int) -> None:
@@ -154,7 +143,7 @@ def _packed_copy(model, grid: Grid | int | None, scales: dict | None):
         from compressed_tensors.utils import get_direct_state_dict
     except ImportError as err:
         raise ImportError("format 'compressed-tensors' needs the compressed-tensors package: "
-                          "pip install 'repro[export]'") from err
+                          "pip install 'repro-lowbit-quant[export]'") from err
 
     weights = QuantizationArgs(num_bits=grid.bits, type="int", symmetric=True, strategy=grid.granularity,
                                group_size=grid.groups)

@@ -73,15 +73,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     ),
 }
 
-# Where each family keeps its decoder blocks (attribute path from the CausalLM object).
-BLOCK_PATHS = {
-    "gpt2": "transformer.h",
-    "opt": "model.decoder.layers",
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "gemma3_text": "model.layers",  # Gemma3ForCausalLM; its four norms per block are not linears
-}
-
 
 def cache_dir() -> Path:
     """Root of repro's download/conversion cache: ``$REPRO_CACHE`` or ``~/.cache/repro``."""
@@ -290,18 +281,35 @@ def _get_attr_path(obj, path: str):
     return obj
 
 
+def _layer_count(config) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
 def block_path(model: nn.Module) -> str:
-    """Attribute path of the decoder block list (``model.layers`` ...); a clear error for a family
-    this package does not know."""
-    family = getattr(model.config, "model_type", None)
-    if family not in BLOCK_PATHS:
-        raise ValueError(f"model family {family!r} is not supported; known families: "
-                         f"{', '.join(BLOCK_PATHS)} (add its block path to repro.models.BLOCK_PATHS)")
-    return BLOCK_PATHS[family]
+    """Attribute path of the decoder block list (``model.layers``, ``transformer.h`` ...), found in any
+    transformers causal LM: the ``nn.ModuleList`` of ``config.num_hidden_layers`` modules holding
+    linears (the largest, should there be several). A clear error for a model that is not a causal LM
+    or has no such list."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(model).__name__
+    if name not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise ValueError(f"{name} is not a causal LM: repro quantizes the decoder blocks of a decoder-only model "
+                         f"(one that AutoModelForCausalLM loads)")
+    n_layers = _layer_count(model.config)
+    found = [(path, m) for path, m in model.named_modules() if path and isinstance(m, nn.ModuleList)
+             and len(m) == n_layers and any(_is_linear(x) for x in m[0].modules())]
+    if not found:
+        raise ValueError(f"found no decoder block list in {name}: looked for an nn.ModuleList of "
+                         f"config.num_hidden_layers (= {n_layers}) blocks that hold nn.Linear layers")
+    return max(found, key=lambda item: sum(p.numel() for p in item[1].parameters()))[0]
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
-    """The ordered decoder blocks of a GPT-2, OPT, Llama, Mistral or Gemma 3 causal LM."""
+    """The ordered decoder blocks of a causal LM (``block_path``)."""
     return _get_attr_path(model, block_path(model))
 
 
@@ -310,7 +318,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """Quantizable linears of one block, in forward order: name within the block -> module."""
+    """Quantizable linears of one block, in the order the block registers them (forward order in most
+    families; Phi-3 registers ``o_proj`` before ``qkv_proj``): name within the block -> module."""
     return {name: m for name, m in block.named_modules() if name and _is_linear(m)}
 
 

@@ -34,7 +34,6 @@ plain weights and removes the parametrizations.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -290,13 +289,9 @@ def _histogram_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     from torch.ao.quantization.observer import HistogramObserver
 
     q = qmax(bits)
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        obs = HistogramObserver(
-            dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-q, quant_max=q
-        )
-        obs(w.detach().float().cpu())
-        scale, _ = obs.calculate_qparams()
+    obs = HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-q, quant_max=q)
+    obs(w.detach().float().cpu())
+    scale, _ = obs.calculate_qparams()
     return scale.reshape(()).to(torch.float32)
 
 

@@ -7,9 +7,13 @@ Records, landscape points, kept weights and QAFT's resume state all go through t
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import tempfile
+import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,24 +38,135 @@ def outputs_dir() -> Path:
 
 
 
+# flock's errno where the filesystem has no flock (NFS without a lock daemon, some FUSE and SMB mounts)
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+LOCK_NOTICE_S = 60.0  # a wait this long on a pid lock says whose it is and how to clear it (once)
+
+
 @contextmanager
-def file_lock(path: Path):
-    """Hold an exclusive advisory lock on ``path`` (created if missing) for the block: another
-    process (or thread) taking the same lock waits until it is released. POSIX ``flock``; where
-    that is unavailable the block runs unlocked."""
+def file_lock(path: Path, timeout: float | None = None):
+    """Hold an exclusive lock on ``path`` (created if missing) for the block: another process (or
+    thread) taking the same lock waits until it is released. POSIX ``flock`` on ``path``; on a
+    filesystem without ``flock`` (it fails with ENOLCK, EOPNOTSUPP, ENOSYS or EINVAL) a lock file
+    beside it, ``<path>.pid``, created with O_CREAT|O_EXCL and holding its owner's pid, host and boot
+    id: a waiter polls it and takes over a stale one (its process gone) at once. ``timeout``
+    (seconds; None: wait while the owner lives, as ``flock`` does) bounds that wait with a
+    TimeoutError that names the file. Not POSIX: the block runs unlocked."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in _NO_FLOCK:
+                raise
+        else:
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+    with _pid_lock(path.with_name(path.name + ".pid"), timeout):
+        yield
 
+
+def _boot_id() -> str:
+    try:  # Linux: a pid from before a reboot names no process of this boot
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or "-"
+    except OSError:
+        return "-"
+
+
+def _lock_owner(pid: int | None = None) -> str:
+    """What a pid lock file holds: ``"<pid> <host> <boot id>\\n"``."""
+    return f"{os.getpid() if pid is None else pid} {socket.gethostname()} {_boot_id()}\n"
+
+
+def _read_lock(lock: Path) -> str | None:
+    try:
+        return lock.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _owner_alive(lock: Path, owner: str) -> bool | None:
+    """True/False where it can be told, None where not (another host; a file being written)."""
+    fields = owner.split()
+    if len(fields) != 3 or not fields[0].isdigit():  # created, not yet written (or cut by a crash)
+        try:
+            return None if time.time() - lock.stat().st_mtime < 10 else False
+        except FileNotFoundError:
+            return False
+    pid, host, boot = fields
+    if host != socket.gethostname():
+        return None
+    if "-" not in (boot, _boot_id()) and boot != _boot_id():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _break_stale(lock: Path, seen: str) -> None:
+    """Remove a stale lock file, unless another waiter replaced it by its own in the meantime."""
+    grave = lock.with_name(f"{lock.name}.stale.{os.getpid()}.{threading.get_ident()}")
+    try:
+        os.rename(lock, grave)
+    except FileNotFoundError:  # another waiter removed it first
+        return
+    if _read_lock(grave) == seen:
+        grave.unlink(missing_ok=True)
+    else:  # a fresh lock taken between reading and renaming: give it back
+        os.rename(grave, lock)
+
+
+@contextmanager
+def _pid_lock(lock: Path, timeout: float | None):
+    me, start, delay, told = _lock_owner(), time.monotonic(), 0.005, False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.write(fd, me.encode())
+            finally:
+                os.close(fd)
+            break
+        seen = _read_lock(lock)
+        if seen is None:
+            continue
+        alive = _owner_alive(lock, seen)
+        if alive is False:
+            _break_stale(lock, seen)
+            continue
+        waited = time.monotonic() - start
+        fields = seen.split()
+        who = f"pid {fields[0]} on host {fields[1]}" if len(fields) == 3 else "a process that is starting"
+        why = (f"the lock file {lock} is held by {who} (this filesystem has no flock, so repro locks with "
+               f"that file); if no repro process of yours is running there any more, delete {lock} and run again")
+        if timeout is not None and waited >= timeout:
+            raise TimeoutError(f"waited {waited:.1f} s: {why}")
+        if not told and waited >= LOCK_NOTICE_S:
+            warnings.warn(f"still waiting after {waited:.0f} s: {why}", stacklevel=3)
+            told = True
+        time.sleep(delay)
+        delay = min(2 * delay, 0.25)
+    try:
+        yield
+    finally:
+        if _read_lock(lock) == me:  # ours (not broken meanwhile as stale by someone who erred)
+            lock.unlink(missing_ok=True)
 
 
 @contextmanager

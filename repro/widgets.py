@@ -80,7 +80,7 @@ def explorer(outputs: Path | str | None = None, tier: str = "ci"):
 
     style = {"description_width": "initial"}
     controls = {
-        "tier": w.Dropdown(options=list(TIERS), value=tier, description="tier"),
+        "tier": w.Dropdown(options=list(dict.fromkeys([*TIERS, tier])), value=tier, description="tier"),
         "model": w.Dropdown(options=models, value=models[0], description="model"),
         "corpus": w.Dropdown(options=list(CORPORA), value=params.get("corpus", "wiki"), description="corpus"),
         "methods": w.SelectMultiple(options=list(QUANTIZERS), value=["rtn"], description="methods", rows=3),

@@ -81,8 +81,70 @@ def test_split_shorter_than_one_sequence():
 
 
 def test_unknown_corpus():
-    with pytest.raises(ValueError, match="unknown corpus 'homer'.*wiki, news, shakespeare, wikitext2.*wiki, news, shakespeare work offline"):
+    with pytest.raises(ValueError, match="unknown corpus 'homer'.*wiki, news, shakespeare, wikitext2.*wiki, news, "
+                                         "shakespeare work offline.*text file or directory.*hf:NAME"):
         data.load_corpus("homer")
+
+
+PARAGRAPHS = [f"Paragraph {i} of a user's own corpus, in plain English words." for i in range(20)]
+
+
+def test_a_text_file_is_split_by_position(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("\n".join(PARAGRAPHS))
+    docs = data.load_documents(str(path))
+    assert docs == {"train": ["\n".join(PARAGRAPHS[:16])], "validation": ["\n".join(PARAGRAPHS[16:18])],
+                    "test": ["\n".join(PARAGRAPHS[18:])]}
+    # the key holds the text's hash, not the path: a copy elsewhere is the same corpus, an edit is another
+    copy = tmp_path / "elsewhere" / "notes.txt"
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    assert data.corpus_identity(str(copy)) == data.corpus_identity(str(path))
+    assert data.corpus_identity(str(path)).startswith("files:") and data.corpus_identity("wiki") == "wiki"
+    from repro.config import RunConfig
+
+    same = RunConfig(corpus=str(path), observer="minmax").key() == RunConfig(corpus=str(copy), observer="minmax").key()
+    copy.write_text("another text")
+    assert same and RunConfig(corpus=str(path), observer="minmax").key() != RunConfig(corpus=str(copy), observer="minmax").key()
+
+
+def test_a_directory_is_split_by_file_or_by_its_split_files(tmp_path):
+    for i, text in enumerate(PARAGRAPHS):
+        (tmp_path / "docs" / f"{i:02d}.md").parent.mkdir(exist_ok=True)
+        (tmp_path / "docs" / f"{i:02d}.md").write_text(text)
+    docs = data.load_documents(str(tmp_path / "docs"))
+    assert sorted(d for split in docs.values() for d in split) == sorted(PARAGRAPHS)  # every file, whole, once
+    assert [len(docs[s]) for s in data.SPLITS] == [16, 2, 2]
+    named = tmp_path / "named"
+    named.mkdir()
+    for split in ("train", "valid", "test"):  # wikitext's raw layout names validation "valid"
+        (named / f"{split}.txt").write_text(f"the {split} text")
+    assert data.load_documents(str(named)) == {"train": ["the train text"], "validation": ["the valid text"],
+                                               "test": ["the test text"]}
+    few = tmp_path / "few"
+    few.mkdir()
+    (few / "a.txt").write_text("one file")
+    with pytest.raises(ValueError, match="1 text file.*too few to split"):
+        data.load_documents(str(few))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no text file"):
+        data.check_corpus(str(tmp_path / "empty"))
+
+
+def test_an_hf_dataset_by_name_or_local_path(tmp_path):
+    import json
+
+    for split in ("train", "test"):  # no validation split: it is cut from train
+        rows = [{"text": f"{split} row {i}"} for i in range(10)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    docs = data.load_documents(f"hf:{tmp_path}")
+    train = [f"train row {i}" for i in range(10)]
+    assert docs == {"train": ["\n".join(train[:8])], "validation": ["\n".join(train[8:9])],
+                    "test": ["\n\n".join(f"test row {i}" for i in range(10))]}
+    with pytest.raises(data.CorpusUnavailableError, match="hf:/nonexistent-repro-corpus"):
+        data.load_documents("hf:/nonexistent-repro-corpus")
+    with pytest.raises(ValueError, match="needs a dataset name"):
+        data.check_corpus("hf:")
 
 
 def test_hub_corpus_offline_names_the_embedded_corpus(monkeypatch):

@@ -71,7 +71,7 @@ def test_compressed_tensors_round_trip(tmp_path, grid):
     assert_same(model, loaded)
 
 
-@pytest.mark.parametrize("family", ["opt", "mistral", "gemma3"])
+@pytest.mark.parametrize("family", ["opt", "mistral", "gemma3", "qwen2", "phi3"])
 def test_compressed_tensors_other_families(tmp_path, family):
     grid = Grid(4, "group", 16)
     model, scales = baked(family, grid)

@@ -225,8 +225,14 @@ def test_whole_model_gptq_on_tiny_models(family):
     # blocks before it (unaffected by its own block), so its recorded loss at the chosen damping
     # equals the layer MSE measured afterwards on the calibration data through the quantized model.
     mse = evaluate.layer_mse(model, fp, calibration, batch_size=2, desc=None)
+    called = []  # forward order (Phi-3 registers o_proj before qkv_proj)
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: called.append(name)) for name, m in linears.items()]
+    with torch.no_grad():
+        model(calibration[:1])
+    for h in hooks:
+        h.remove()
     for b in range(2):
-        first = [n for n in linears if f".{b}." in n][0]
+        first = [n for n in called if f".{b}." in n][0]
         rec = info["layers"][first]
         assert rec["losses"][f"{rec['damping']:g}"] == pytest.approx(mse[first], rel=1e-3)
 

@@ -13,6 +13,8 @@ EXPECTED_LINEARS = {
 }
 EXPECTED_LINEARS["mistral"] = EXPECTED_LINEARS["llama"]
 EXPECTED_LINEARS["gemma3"] = EXPECTED_LINEARS["llama"]  # its q/k norms and four block norms are not linears
+EXPECTED_LINEARS["qwen2"] = EXPECTED_LINEARS["llama"]
+EXPECTED_LINEARS["phi3"] = ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"]
 
 
 def test_blocks_and_linears(family_model):
@@ -55,12 +57,12 @@ def test_snapshot_restore_roundtrip():
         assert torch.equal(m.weight, snap[name])
 
 
-def test_unsupported_family_is_named():
+def test_a_model_that_is_not_a_causal_lm_is_named():
     from transformers import BertConfig, BertForMaskedLM
 
     model = BertForMaskedLM(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
                                        num_attention_heads=2, intermediate_size=32))
-    with pytest.raises(ValueError, match="'bert' is not supported.*gpt2, opt, llama, mistral"):
+    with pytest.raises(ValueError, match="BertForMaskedLM is not a causal LM.*AutoModelForCausalLM"):
         models.blocks(model)
     import types
 
@@ -68,8 +70,21 @@ def test_unsupported_family_is_named():
     from repro.config import RunConfig
 
     calibration = torch.randint(0, 32, (2, 8))
-    with pytest.raises(ValueError, match="'bert' is not supported"):  # a method says so too, not KeyError
+    with pytest.raises(ValueError, match="not a causal LM"):  # a method says so too, not KeyError
         gptq(model, types.SimpleNamespace(calibration=calibration), RunConfig(method="gptq", bits=4, observer="minmax"))
+
+
+def test_a_causal_lm_without_a_block_list_is_named():
+    model = tiny_model("llama")
+    model.config.num_hidden_layers = 5  # no ModuleList of 5 blocks
+    with pytest.raises(ValueError, match=r"no decoder block list in LlamaForCausalLM.*num_hidden_layers \(= 5\)"):
+        models.blocks(model)
+
+
+def test_block_paths_of_known_families():
+    paths = {family: models.block_path(tiny_model(family)) for family in ("gpt2", "opt", "llama", "phi3")}
+    assert paths == {"gpt2": "transformer.h", "opt": "model.decoder.layers", "llama": "model.layers",
+                     "phi3": "model.layers"}
 
 
 def test_unknown_model_offline_names_the_embedded_default(monkeypatch):

@@ -141,14 +141,14 @@ def test_method_options_are_checked_when_the_config_is_made():
 
 
 def test_cli_options_are_read_as_yaml():
-    from repro.cli import _options
+    from repro.config import parse_values
 
-    assert _options(["window=2", "lr=1e-3", "mixed_precision=bf16"]) == {"window": 2, "lr": 1e-3,
+    assert parse_values(["window=2", "lr=1e-3", "mixed_precision=bf16"]) == {"window": 2, "lr": 1e-3,
                                                                           "mixed_precision": "bf16"}
-    assert _options(["mixed_precision=no", "act_order=true", "stride=null"]) == {
+    assert parse_values(["mixed_precision=no", "act_order=true", "stride=null"]) == {
         "mixed_precision": "no", "act_order": True, "stride": None}  # YAML 1.1's no/yes stay words
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        _options(["window"])
+        parse_values(["window"])
 
 
 def test_a_corrupt_record_is_moved_aside_and_recomputed(tmp_path):
@@ -250,3 +250,43 @@ def test_pinned_threads_set_the_count_inside_and_restore_it():
 def test_cli_bench_refuses_an_unknown_benchmark(capsys):
     assert cli.main(["bench", "gptqq"]) == 2
     assert "unknown benchmark(s) gptqq" in capsys.readouterr().err
+
+
+def test_a_tier_file_with_a_base_and_set_overrides_enter_the_key(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: ci\nseq_len: 64\nmethods:\n  qaft:\n    epochs: 3\n")
+    tier = load_tier(str(mine))
+    ci = load_tier("ci")
+    assert tier["seq_len"] == 64 and tier["methods"]["qaft"]["epochs"] == 3
+    assert tier["methods"]["qaft"]["lr_grid"] == ci["methods"]["qaft"]["lr_grid"]  # merged dict by dict
+    assert config_mod.tier_name(str(mine)) == "mine"
+    own = make_config("qaft", 4, str(mine))
+    assert own.seq_len == 64 and own.options["epochs"] == 3 and own.key() != make_config("qaft", 4, "ci").key()
+
+    derived = config_mod.derive_tier("ci", config_mod.parse_settings(["seq_len=64", "methods.qaft.epochs=3"]), tmp_path)
+    assert derived == config_mod.derive_tier("ci", {"seq_len": 64, "methods": {"qaft": {"epochs": 3}}}, tmp_path)
+    assert make_config("qaft", 4, derived).key() == own.key()  # the same settings, the same record
+    with pytest.raises(ValueError, match="--set seq_lenn: not a setting of tier ci"):
+        config_mod.derive_tier("ci", {"seq_lenn": 64}, tmp_path)
+    with pytest.raises(ValueError, match="unknown tier 'laptop'.*ci, cpu, paper or the path of a YAML file"):
+        load_tier("laptop")
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(ValueError, match="names the file itself"):
+        load_tier(str(loop))
+
+
+def test_cli_set_runs_on_a_derived_tier(tmp_path, capsys):
+    code = cli.main(["run", "--tier", "ci", "--method", "fp", "--set", "seq_lenn=64", "--outputs", str(tmp_path)])
+    assert code == 2 and "--set seq_lenn: not a setting of tier ci" in capsys.readouterr().err
+    code = cli.main(["run", "--tier", "ci", "--method", "fp", "--corpus", str(tmp_path / "missing.txt"),
+                     "--outputs", str(tmp_path)])
+    assert code == 2 and "unknown corpus" in capsys.readouterr().err
+
+
+def test_a_missing_extra_is_named():
+    from repro import require
+
+    with pytest.raises(ImportError, match=r"no_such_module is not installed; .*pip install 'repro-lowbit-quant\[notebooks\]'"):
+        require("no_such_module", "notebooks")
+    assert require("yaml", "core").safe_load("a: 1") == {"a": 1}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from repro import store
-from repro.config import load_tier
+from repro.config import load_tier, tier_name
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def tier_models(tier: str, model: str | None = None, section: str | None = None)
 
 def suffix(tier: str, model: str, default: str) -> str:
     """A figure file's suffix: ``_<tier>`` for the default model, ``_<tier>_<model>`` for the others."""
-    return f"_{tier}" + ("" if model == default else f"_{model.replace('/', '--')}")
+    return f"_{tier_name(tier)}" + ("" if model == default else f"_{model.replace('/', '--')}")
 
 
 from repro.studies import cross_block, datasets, granularity, landscape, pareto, seeds, sweep  # noqa: E402

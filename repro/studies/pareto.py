@@ -7,6 +7,7 @@ from collections import defaultdict
 
 from repro import plots
 from repro.analysis import FP_BITS, by_model_bits, model_order, on_front, pareto_front, pareto_points
+from repro.config import tier_name
 from repro.methods import MAIN, QUANTIZERS
 from repro.report import DASH, g_cell, markdown_table, nll_cell, provenance
 from repro.studies import Notebook, seeds, sweep, tier_models
@@ -147,4 +148,4 @@ def figures(tier: str, outputs, model: str | None = None) -> dict:
     every = _every_model(tier, outputs, model)
     if len({r["config"]["model"] for r in every}) < 2:
         return {}
-    return {f"pareto_{tier}": lambda: plots.pareto(every)}
+    return {f"pareto_{tier_name(tier)}": lambda: plots.pareto(every)}

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from repro import plots
 from repro.analysis import by_method_bits, chosen_epoch, chosen_run, fp_record, pareto_points, widths
-from repro.config import deviation_reasons, deviations, load_tier, make_config, sweep_configs
+from repro.config import deviation_reasons, deviations, load_tier, make_config, sweep_configs, tier_path
 from repro.methods import MAIN, QUANTIZERS
 from repro.quant import OBSERVERS
 from repro.report import DASH, MSE_READINGS, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
@@ -484,8 +484,8 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
         result["qaft-precision"] = (f"{precision_table(pairs)}\n\n"
                                     f"{provenance([r for p in pairs for r in p], tier, command)}")
     if tier != "paper" and load_tier(tier).get("paper_deviations"):
-        result["paper-deviations"] = (f"{deviations_table(tier)}\n\n*Generated from `repro/params/{tier}.yaml` and "
-                                      f"`repro/params/paper.yaml` by `repro report --tier {tier}`; {DASH}: not set (`seq_len`: the "
+        result["paper-deviations"] = (f"{deviations_table(tier)}\n\n*Generated from `{tier_path(tier).name}` and "
+                                      f"`paper.yaml` by `repro report --tier {tier}`; {DASH}: not set (`seq_len`: the "
                                       f"model's maximum length, `n_eval`: the whole split, `threads`: torch's default).*")
     return result
 
