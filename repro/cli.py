@@ -24,7 +24,7 @@ def _configs(args) -> list:
         raise ValueError(f"--method {args.method} quantizes nothing: leave out --bits and --granularity")
     return [make_config(args.method, bits, args.tier, options=parse_values(args.option), model=args.model,
                         corpus=args.corpus, observer=args.observer, seed=args.seed, device=args.device,
-                        granularity=args.granularity, group_size=args.group_size)
+                        granularity=args.granularity, group_size=args.group_size, start=args.start)
             for bits in (args.bits or [4] if quantizes else [None])]
 
 
@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     from repro.data import CORPORA
     from repro.methods import METHODS
     from repro.quant import GRANULARITIES, OBSERVERS
+    from repro.config import STARTS
     from repro.export import FORMATS
 
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
@@ -191,6 +192,8 @@ def main(argv=None) -> int:
                         help="scales per tensor (default, the paper's), output channel or group of --group-size columns")
     choice.add_argument("--group-size", type=int, help="input columns per scale with --granularity group (default 128)")
     choice.add_argument("--seed", type=int)
+    choice.add_argument("--start", choices=STARTS, help="the weights the method starts from: the checkpoint's (fp, "
+                        "default) or those of the FPFT run on the same data and budget (fpft, computed first)")
     choice.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     choice.add_argument("--outputs", help=OUTPUTS_HELP)
     choice.add_argument("--option", action="append", metavar="KEY=VALUE",

@@ -27,6 +27,7 @@ TIERS = ("ci", "cpu", "paper")
 # where a run executes, and whether its weights are kept, do not change what it computes; the
 # thread count changes only float rounding (``pinned_threads``)
 HASH_EXCLUDE = ("device", "tier", "save_weights", "threads")
+STARTS = ("fp", "fpft")  # RunConfig.start
 # Versions of the code every record shares, part of every record's key: bump one when what it
 # computes changes, so stale records are recomputed rather than re-read. (Methods carry their own.)
 SHARED_VERSIONS = {"evaluation": 4,  # 2: layer MSE on test, both input readings; 3: FP size at 16 bits;
@@ -59,6 +60,9 @@ class RunConfig:
     # by thread, so records are bit-identical only at one count: the embedded tiers pin 2.
     threads: int | None = None
     save_weights: bool = False  # keep the quantized weights beside the record (``weights_path``)
+    # the weights the method starts from: "fp" the checkpoint's; "fpft" those of the FPFT run on the same
+    # data and budget (``start_config``), a minimum of the calibration corpus's loss as the paper assumes w is
+    start: str = "fp"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -85,6 +89,14 @@ class RunConfig:
         if self.device is not None:
             models.check_device(self.device)
         METHODS[self.method].check_options(self)  # options are checked now, not after the model has loaded
+        if self.start not in STARTS:
+            raise ValueError(f"start={self.start!r}: choose one of {', '.join(STARTS)}")
+        if self.start != "fp" and not METHODS[self.method].quantizes:
+            raise ValueError(f"start={self.start!r}: {self.method} is a reference; only a quantizing method starts "
+                             f"from another model")
+        if self.start != "fp" and self.tier is None:
+            raise ValueError(f"start={self.start!r} needs a tier config (make_config): the FPFT run it starts "
+                             f"from takes the tier's QAFT budget")
         if self.save_weights and not METHODS[self.method].keeps_weights:
             raise ValueError(f"save_weights: {self.method} runs have no quantized weights to keep "
                              f"(methods that do: {', '.join(n for n, m in METHODS.items() if m.keeps_weights)})")
@@ -101,6 +113,8 @@ class RunConfig:
             del content["group_size"]
         if self.eval_windows == "consecutive":  # records from before the option keep their keys
             del content["eval_windows"]
+        if self.start == "fp":  # (likewise)
+            del content["start"]
         content["method_version"] = METHODS[self.method].version
         content.update(SHARED_VERSIONS)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
@@ -110,6 +124,13 @@ class RunConfig:
         """The run's integer grid (bits and scale layout); None for the FP reference."""
         return None if self.bits is None else Grid(self.bits, self.granularity, self.group_size)
 
+    def start_config(self) -> "RunConfig":
+        """The FPFT run whose weights a ``start="fpft"`` run starts from: the same tier, model and data,
+        the tier's QAFT options, its weights kept."""
+        data = {k: getattr(self, k) for k in ("model", "corpus", "seq_len", "n_calibration", "n_eval",
+                                              "eval_windows", "batch_size", "seed", "device", "threads")}
+        return make_config("fpft", None, self.tier, save_weights=True, **data)
+
     def label(self) -> str:
         name = self.method
         if self.bits is None:
@@ -118,7 +139,8 @@ class RunConfig:
             from repro.methods.blockwise import variant
 
             name = variant(self.options)
-        return " ".join(filter(None, (name, f"int{self.bits}", self.grid.label)))
+        start = "from FPFT" if self.start == "fpft" else ""
+        return " ".join(filter(None, (name, f"int{self.bits}", self.grid.label, start)))
 
 
 # Tier keys a model may set for itself under ``model_settings`` (the data, the grid and method

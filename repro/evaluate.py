@@ -140,6 +140,36 @@ def nll(model, sequences: torch.Tensor, batch_size: int = 4, desc: str | None = 
     return (mean, (sums / tokens).tolist()) if per_window else mean
 
 
+def gradient_norm(model, sequences: torch.Tensor, batch_size: int = 4, desc: str | None = "gradient") -> dict:
+    """The gradient of the token-mean NLL over ``sequences`` with respect to the stack's linear weights
+    at the model's current weights: ``{"norm": ||g|| (nats/token per unit weight), "weight_norm": ||w||,
+    "relative": ||g|| ||w|| (the first-order change of the loss along a step of size ||w|| in the
+    gradient's direction, nats/token)}``. At a minimum of that loss it is 0. The model is left as it
+    was (no gradient kept, requires_grad flags restored)."""
+    check_sequences(model, sequences)
+    linears = stack_linears(model)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = [m.weight for m in linears.values()]
+    for w in weights:
+        w.requires_grad_(True)
+        w.grad = None
+    try:
+        tokens = sequences.shape[0] * (sequences.shape[1] - 1)
+        for batch in batches(sequences, batch_size, desc):
+            loss, _ = sequence_nll(model, batch)
+            (loss / tokens).backward()
+        norm = math.sqrt(sum(float(w.grad.double().pow(2).sum()) for w in weights))
+        weight_norm = math.sqrt(sum(float(w.detach().double().pow(2).sum()) for w in weights))
+    finally:
+        for w in weights:
+            w.grad = None
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+    return {"norm": norm, "weight_norm": weight_norm, "relative": norm * weight_norm}
+
+
 def perplexity(nll_value: float) -> float:
     return math.exp(min(nll_value, 700.0))
 

@@ -156,6 +156,7 @@ def _compute(config: RunConfig, outputs: Path | None) -> dict:
 
 def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
     store.weights_path(config, outputs).unlink(missing_ok=True)  # kept by an earlier computation: stale now
+    start_weights = load_weights(config.start_config(), outputs) if config.start == "fpft" else None
     bench = workbench(config)
     changes_weights = config.method != "fp"  # the FP reference's layer MSEs are 0 by definition
     if changes_weights and bench.fp_test_grams is None and \
@@ -166,11 +167,16 @@ def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
             evaluate.hidden_bytes(bench.model, bench.data.test) <= evaluate.HIDDEN_LIMIT_BYTES:
         bench.fp_test_hidden = (config.batch_size, evaluate.block_outputs(
             bench.model, bench.data.test, config.batch_size, desc="FP test block outputs"))
+    reference, grams, hidden = bench.fp_weights, bench.fp_test_grams, bench.fp_test_hidden
+    if start_weights is not None:  # the method starts from FPFT's weights, and its layer MSEs are against them
+        models.restore(bench.model, start_weights)
+        reference, grams, hidden = start_weights, None, None
     torch.manual_seed(config.seed)
     method, version = METHODS[config.method].run, METHODS[config.method].version
     extra, starts_from = {}, METHODS[config.method].starts_from
     if starts_from:  # a fine-tuning's epoch 0 (QAFT: RTN on the same grid; FPFT: FP): reuse that record's NLL
-        start = store.read_record(dataclasses.replace(config, method=starts_from, options={}), outputs)
+        start = store.read_record(dataclasses.replace(config, method=starts_from, options={}, save_weights=False),
+                                  outputs)
         if start is not None:
             extra["start_nll"] = {"nll_validation": start["nll_validation"], "nll_test": start["nll_test"]}
     start = time.perf_counter()
@@ -179,9 +185,9 @@ def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
     method_s = time.perf_counter() - start
     # a fine-tuning measured the validation NLL of exactly these (QAFT: baked) weights when it picked them
     known = info["nll_validation"] if starts_from else None
-    metrics = evaluate.record_metrics(bench.model, bench.data, bench.fp_weights, config.batch_size, config.grid,
-                                      bench.fp_test_grams, bench.fp_test_hidden[1] if bench.fp_test_hidden else None,
-                                      nll_validation=known, changed=changes_weights)
+    metrics = evaluate.record_metrics(bench.model, bench.data, reference, config.batch_size, config.grid,
+                                      grams, hidden[1] if hidden else None, nll_validation=known,
+                                      changed=changes_weights)
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
@@ -195,8 +201,8 @@ def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
     }
     if config.save_weights:  # before the record, which then has them; a failure costs the weights only
         try:
-            store.save_weights(bench.model, config, info, store.weights_path(config, outputs), bench.fp_weights, created,
-                         grid_scales)
+            store.save_weights(bench.model, config, info, store.weights_path(config, outputs), reference, created,
+                               grid_scales)
         except RuntimeError as err:
             warnings.warn(f"{err}; the record is written without them", stacklevel=2)
     store.write_json_atomic(store.record_path(config, outputs), record)

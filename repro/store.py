@@ -285,6 +285,12 @@ def save_weights(model, config, info: dict, path: Path, fp_weights: dict | None 
     from repro import models
     from repro.quant import codes, compute_scale
 
+    if config.grid is None:  # a method that quantizes nothing (FPFT): the float weights as they are
+        tensors = {name: m.weight.detach().cpu().float().contiguous() for name, m in models.stack_linears(model).items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"key": config.key(), "bits": "", "created": created,
+                                                   "group_size": "", "transposed": ""})
+        return
     known = {}
     if config.grid.per_tensor:
         known = {name: torch.tensor(s) for name, s in (info.get("scales") or {}).items()}
@@ -324,7 +330,8 @@ def weights_stamp(config, outputs: Path | None = None) -> str | None:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Kept weights written by ``save_weights``: name -> float32 tensor (the weight's stored layout)."""
+    """Kept weights written by ``save_weights``: name -> float32 tensor (the weight's stored layout;
+    ``code * scale``, or the float weights of a method that quantizes nothing)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -334,7 +341,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     transposed = set(filter(None, metadata.get("transposed", "").split(",")))
     stored, weights = load_file(str(path)), {}
     for name, c in stored.items():
-        if not name.endswith(".scale"):
+        if f"{name}.scale" not in stored and not name.endswith(".scale"):  # float weights (FPFT)
+            weights[name] = c.float()
+        elif not name.endswith(".scale"):
             matrix = c.t() if name in transposed else c
             weight = matrix.float() * expand_scale(stored[f"{name}.scale"], matrix.shape[-1], group_size)
             weights[name] = weight.t() if name in transposed else weight

@@ -387,3 +387,36 @@ def test_fpft_takes_qaft_tier_options_and_no_bits():
     assert fpft_config.key() not in (make_config("fp", None, "ci").key(), make_config("qaft", 4, "ci").key())
     with pytest.raises(ValueError, match="quantizes nothing"):
         make_config("fpft", 4, "ci")
+
+
+def test_a_method_started_from_fpft_quantizes_the_fine_tuned_weights(tmp_path, monkeypatch):
+    """``start="fpft"``: FPFT runs first with its float weights kept, RTN then rounds those weights (not
+    the checkpoint's), and the layer MSEs are measured against them; the FP start keeps its own key."""
+    from repro.evaluate import gradient_norm
+
+    data, model = tiny_data(), tiny_model("llama")
+    fp = models.fp_snapshot(model)
+    monkeypatch.setattr(runs, "workbench", lambda cfg: runs.Workbench(model, None, data, fp, ()))
+    options = {"epochs": 2, "lr_grid": [1e-2]}
+    config = make_config("rtn", BITS, "ci", model="tiny", observer="minmax", start="fpft")
+    assert config.key() != dataclasses.replace(config, start="fp").key()
+    assert "from FPFT" in config.label()
+    fpft_config = dataclasses.replace(config.start_config(), options=options)
+    monkeypatch.setattr(type(config), "start_config", lambda self: fpft_config)
+    record = runs.run(config, tmp_path)
+
+    tuned = runs.load_weights(fpft_config, tmp_path)  # kept as floats beside the FPFT record
+    assert any(not torch.equal(tuned[n], fp[n]) for n in fp)
+    models.restore(model, tuned)
+    expected = {n: quant.quantize(w, quant.compute_scale(w, BITS, "minmax"), BITS) for n, w in tuned.items()}
+    models.restore(model, expected)
+    assert record["nll_test"] == pytest.approx(qaft_mod.nll(model, data.test, 4), abs=1e-6)
+    # the gradient of the training loss: smaller at the fine-tuned weights than at the checkpoint's
+    models.restore(model, fp)
+    at_fp = gradient_norm(model, data.calibration, 4, desc=None)
+    models.restore(model, tuned)
+    at_tuned = gradient_norm(model, data.calibration, 4, desc=None)
+    assert at_tuned["norm"] < at_fp["norm"] and at_fp["relative"] == pytest.approx(at_fp["norm"] * at_fp["weight_norm"])
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="start='fpft': fp is a reference"):
+        make_config("fp", None, "ci", start="fpft")

@@ -77,8 +77,9 @@ class Method:
 METHODS: dict[str, Method] = {
     "fp": Method(fp, 1, "FP", "black", keeps_weights=False, quantizes=False),
     # QAFT's loop with the quantizer off: the fine-tuned FP control, at QAFT's data, steps and lr0 grid
+    # (its kept weights are float: a start for the other methods, ``RunConfig.start``)
     "fpft": Method(fpft, 1, "FPFT", "tab:gray", check_options=qaft_options, after_record=discard_state,
-                   keeps_weights=False, quantizes=False, starts_from="fp", options_of="qaft"),
+                   quantizes=False, starts_from="fp", options_of="qaft"),
     "rtn": Method(rtn, 1, "RTN", "tab:blue", "one weight tensor", 0),
     # gptq 2: damping scored on held-out calibration sequences; 3: each block gets its own arguments (Gemma 3's
     # global-attention blocks had block 0's sliding-window rotary); 4: the sweep with the Hessian's Cholesky

@@ -59,9 +59,9 @@ def suffix(tier: str, model: str, default: str) -> str:
     return f"_{tier_name(tier)}" + ("" if model == default else f"_{model.replace('/', '--')}")
 
 
-from repro.studies import cross_block, datasets, granularity, landscape, pareto, seeds, sweep  # noqa: E402
+from repro.studies import cross_block, datasets, granularity, landscape, pareto, premise, seeds, sweep  # noqa: E402
 
 STUDIES = {"sweep": sweep, "pareto": pareto, "landscape": landscape, "cross_block": cross_block,
-           "datasets": datasets, "seeds": seeds, "granularity": granularity}
+           "datasets": datasets, "seeds": seeds, "premise": premise, "granularity": granularity}
 NOTEBOOKS = {nb.name: nb for nb in sorted((nb for study in STUDIES.values() for nb in study.NOTEBOOKS),
                                           key=lambda nb: nb.name)}

@@ -19,7 +19,7 @@ from repro import plots
 from repro.config import load_tier, sweep_configs
 from repro.methods import METHODS
 from repro.report import DASH, markdown_table, nll_cell, provenance
-from repro.studies import Notebook, read_records, suffix
+from repro.studies import Notebook, premise, read_records, suffix
 from repro.uncertainty import compare, direction, interval_cell
 
 SECTION = "seeds"
@@ -41,7 +41,10 @@ def configs(tier: str, model: str | None = None, bits=None) -> list:
             *(c for s in section["seeds"] for c in sweep_configs(section["methods"], bits, tier, model=model, seed=s))]
 
 
-NOTEBOOKS = (Notebook("07_uncertainty", configs, section=SECTION),)
+# notebook 07 also runs the premise study (repro.studies.premise: methods started from FPFT's weights)
+NOTEBOOKS = (Notebook("07_uncertainty", lambda tier, model, bits: [*configs(tier, model, bits),
+                                                                   *premise.configs(tier, model, bits)],
+                      section=SECTION),)
 
 
 def records(tier: str, model: str, outputs) -> list[dict]:
