@@ -26,8 +26,10 @@ TIERS = ("ci", "cpu", "paper")
 
 # where a run executes, and whether its weights are kept, do not change what it computes; the
 # thread count changes only float rounding (``pinned_threads``)
-HASH_EXCLUDE = ("device", "tier", "save_weights", "threads")
+HASH_EXCLUDE = ("device", "device_map", "tier", "save_weights", "threads")
 STARTS = ("fp", "fpft")  # RunConfig.start
+# RunConfig.dtype: the dtype weights load in (None: float32); "auto": the checkpoint's own (fp16/bf16 at 7B)
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 # Versions of the code every record shares, part of every record's key: bump one when what it
 # computes changes, so stale records are recomputed rather than re-read. (Methods carry their own.)
 SHARED_VERSIONS = {"evaluation": 4,  # 2: layer MSE on test, both input readings; 3: FP size at 16 bits;
@@ -60,6 +62,11 @@ class RunConfig:
     # by thread, so records are bit-identical only at one count: the embedded tiers pin 2.
     threads: int | None = None
     save_weights: bool = False  # keep the quantized weights beside the record (``weights_path``)
+    # the dtype the model loads in (None: float32; DTYPES). GPTQ's Hessians and solve and the NLL sums are
+    # float32 whatever it is; methods that train (QAFT, FPFT, block-wise) keep float32 latent weights (an lr0 of
+    # 1e-6 moves a weight by less than bf16 resolves), so for them it is always None
+    dtype: str | None = None
+    device_map: str | None = None  # "auto": spread a large model over the visible GPUs (placement only)
     # the weights the method starts from: "fp" the checkpoint's; "fpft" those of the FPFT run on the same
     # data and budget (``start_config``), a minimum of the calibration corpus's loss as the paper assumes w is
     start: str = "fp"
@@ -89,6 +96,10 @@ class RunConfig:
         if self.device is not None:
             models.check_device(self.device)
         METHODS[self.method].check_options(self)  # options are checked now, not after the model has loaded
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)} (or None: float32)")
+        if self.dtype == "float32" or (self.dtype is not None and METHODS[self.method].trains):
+            self.dtype = None  # float32: one key for the default, whether or not it was spelled out
         if self.start not in STARTS:
             raise ValueError(f"start={self.start!r}: choose one of {', '.join(STARTS)}")
         if self.start != "fp" and not METHODS[self.method].quantizes:
@@ -115,6 +126,8 @@ class RunConfig:
             del content["eval_windows"]
         if self.start == "fp":  # (likewise)
             del content["start"]
+        if self.dtype is None:
+            del content["dtype"]
         content["method_version"] = METHODS[self.method].version
         content.update(SHARED_VERSIONS)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

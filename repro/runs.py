@@ -65,13 +65,15 @@ def workbench(config: RunConfig) -> Workbench:
     """Load (or reuse) the model and data a config needs; the model is reset to FP."""
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     key = (config.model, config.corpus, config.seq_len, config.n_calibration, config.n_eval, config.eval_windows,
-           config.seed, device)
+           config.seed, device, config.dtype, config.device_map)
     if _WORKBENCH and _WORKBENCH[0].key == key:
         bench = _WORKBENCH[0]
         models.restore(bench.model, bench.fp_weights)
         return bench
     _WORKBENCH.clear()
-    model, tokenizer = models.load_model(config.model, device=device)
+    dtype = {None: torch.float32, "auto": "auto"}.get(config.dtype) or getattr(torch, config.dtype)
+    model, tokenizer = models.load_model(config.model, dtype=dtype, device=None if config.device_map else device,
+                                         device_map=config.device_map)
     model_max = models.max_length(model)
     data = data_mod.make_data(tokenizer, config.corpus, config.seq_len or model_max, config.n_calibration,
                               config.n_eval, config.seed, model_max=model_max, eval_windows=config.eval_windows)

@@ -379,3 +379,23 @@ def test_embedded_gptq_is_deterministic(tmp_path, ci_outputs):
             layer.pop("solve_s")
         r["info"].pop("blocks"), r["info"].pop("wall_s")
     assert strip(first) == strip(second)
+
+
+def test_gptq_on_a_bfloat16_model_solves_in_float32_and_stays_bfloat16():
+    """Half-precision loading (``RunConfig.dtype``): the Hessians and the solve are float32, the result is
+    written back on the grid in the weights' own dtype."""
+    model = tiny_model("llama", hidden=48).to(torch.bfloat16)
+    calibration = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))
+    config = RunConfig(method="gptq", bits=4, observer="minmax", batch_size=2, dtype="bfloat16",
+                       options={"damping_grid": [1e-2, 1.0], "holdout": 0})
+    info = gptq(model, types.SimpleNamespace(calibration=calibration), config)
+    for name, m in stack_linears(model).items():
+        assert m.weight.dtype == torch.bfloat16
+        scale = torch.tensor(info["layers"][name]["scale"])
+        w = m.weight.detach().float()
+        assert torch.equal(m.weight.detach(), (codes(w, scale, 4).float() * scale).to(torch.bfloat16))
+    assert RunConfig(method="qaft", bits=4, observer="minmax", dtype="bfloat16").dtype is None  # float32 latent
+    assert RunConfig(method="rtn", bits=4, observer="minmax", dtype="float32").key() == \
+        RunConfig(method="rtn", bits=4, observer="minmax").key()
+    with pytest.raises(ValueError, match="dtype='half'"):
+        RunConfig(method="rtn", bits=4, observer="minmax", dtype="half")

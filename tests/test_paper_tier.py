@@ -81,6 +81,8 @@ def test_records_follow_the_paper_protocol(paper_run):
     for r in found:
         config = r["config"]
         assert config["tier"] == "paper" and config["seq_len"] is None and config["n_eval"] is None
+        # the checkpoint's own dtype (fp16 stand-ins) where nothing trains; float32 latent weights where it does
+        assert config["dtype"] == (None if config["method"] in ("qaft", "fpft", "blockwise") else "auto"), config
         # the notebooks read what the batch computed: nothing ran on a ci/cpu corpus
         assert config["corpus"] in {tier["corpus"], *tier["datasets"]["corpora"]}, config
         assert math.isfinite(r["nll_test"]) and math.isfinite(r["nll_validation"]), config

@@ -420,3 +420,27 @@ def test_a_method_started_from_fpft_quantizes_the_fine_tuned_weights(tmp_path, m
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="start='fpft': fp is a reference"):
         make_config("fp", None, "ci", start="fpft")
+
+
+def test_training_memory_counts_what_one_training_step_holds():
+    """``training_memory``'s trained terms equal the bytes of the latent weights, their gradients and
+    AdamW's state after one step on a tiny model; the Llama-2-7B figures of the README follow from it."""
+    from repro.methods.qaft import training_memory
+
+    model = tiny_model("llama")
+    weights = [m.weight for m in models.stack_linears(model).values()]
+    optimizer = torch.optim.AdamW(weights, lr=1e-3)
+    loss = sum(w.square().sum() for w in weights)
+    loss.backward()
+    optimizer.step()
+    held = sum(w.numel() * w.element_size() + w.grad.numel() * w.grad.element_size() for w in weights)
+    held += sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                for name, t in state.items() if name != "step")
+    stack = sum(w.numel() for w in weights)
+    predicted = training_memory(stack, 0)
+    assert predicted["latent"] + predicted["gradients"] + predicted["adam"] == held
+    llama_7b = 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008)
+    one = training_memory(llama_7b, 2 * 32000 * 4096)
+    eight = training_memory(llama_7b, 2 * 32000 * 4096, processes=8, sharded=True)
+    assert one["total"] / 1e9 == pytest.approx(104.1, abs=0.1) and eight["total"] / 1e9 == pytest.approx(13.0, abs=0.1)
+    assert training_memory(llama_7b, 0, processes=8)["total"] == training_memory(llama_7b, 0)["total"]  # DDP replicates

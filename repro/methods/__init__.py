@@ -67,6 +67,7 @@ class Method:
     # its info["nll_validation"] is the returned weights' (measured when it chose them)
     starts_from: str | None = None
     options_of: str | None = None  # takes this method's options from a tier (a control at the same budget)
+    trains: bool = False  # trains latent weights (kept float32 whatever ``RunConfig.dtype``)
 
     def describe(self, options: dict | None = None) -> Description:
         if self.describe_options is not None:
@@ -79,7 +80,7 @@ METHODS: dict[str, Method] = {
     # QAFT's loop with the quantizer off: the fine-tuned FP control, at QAFT's data, steps and lr0 grid
     # (its kept weights are float: a start for the other methods, ``RunConfig.start``)
     "fpft": Method(fpft, 1, "FPFT", "tab:gray", check_options=qaft_options, after_record=discard_state,
-                   quantizes=False, starts_from="fp", options_of="qaft"),
+                   quantizes=False, starts_from="fp", options_of="qaft", trains=True),
     "rtn": Method(rtn, 1, "RTN", "tab:blue", "one weight tensor", 0),
     # gptq 2: damping scored on held-out calibration sequences; 3: each block gets its own arguments (Gemma 3's
     # global-attention blocks had block 0's sliding-window rotary); 4: the sweep with the Hessian's Cholesky
@@ -87,9 +88,9 @@ METHODS: dict[str, Method] = {
     "gptq": Method(gptq, 4, "GPTQ", "tab:orange", "one linear layer", 1, gptq_options),
     # block PTQ / MB-PTQ / LA-PTQ by options window, lookahead (ranks 2 and 3)
     "blockwise": Method(blockwise, 1, "block-wise", "tab:red", check_options=blockwise_options,
-                        describe_options=lambda options: Description(*describe_blockwise(options))),
+                        describe_options=lambda options: Description(*describe_blockwise(options)), trains=True),
     "qaft": Method(qaft, 1, "QAFT", "tab:green", "whole network (NLL)", 4, qaft_options, discard_state,
-                   starts_from="rtn"),
+                   starts_from="rtn", trains=True),
 }
 
 QUANTIZERS = ("rtn", "gptq", "qaft")  # the headline sweep's quantized methods, most local objective first

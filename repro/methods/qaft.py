@@ -118,6 +118,21 @@ def qaft_options(config) -> dict:
     return opts
 
 
+def training_memory(stack_weights: int, other_weights: int, processes: int = 1, sharded: bool = False,
+                    other_bytes: int = 2, activations: int = 0) -> dict:
+    """QAFT's memory per process in bytes (the same for FPFT): the latent float32 stack weights (4 B),
+    their gradients (4 B) and AdamW's two moments (8 B) - 16 B per trained weight - plus the frozen
+    rest (embeddings, norms, head: ``other_weights`` at ``other_bytes`` each) and ``activations``
+    (with gradient checkpointing, about one block's). DDP (accelerate) replicates all of it on every
+    process; ``sharded`` (FSDP) divides weights, gradients and moments over ``processes``. Returns the
+    terms and ``total``; e.g. Llama-2-7B (6.48e9 stack weights) needs 104 GB on one GPU."""
+    share = processes if sharded else 1
+    terms = {"latent": 4 * stack_weights / share, "gradients": 4 * stack_weights / share,
+             "adam": 8 * stack_weights / share, "frozen": other_bytes * other_weights / share,
+             "activations": activations}
+    return {**terms, "total": sum(terms.values())}
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory a CPU training step frees, for the next step.
 
