@@ -181,6 +181,8 @@ def main(argv=None) -> int:
     from repro.export import FORMATS
 
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (DEBUG: every record read)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
 
     choice = argparse.ArgumentParser(add_help=False)  # which run: `repro run` and `repro export` choose alike
@@ -275,6 +277,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
+    from repro.progress import configure_logging
+
+    configure_logging(args.verbose - args.quiet)
     if getattr(args, "outputs", "") is None:
         from repro.store import outputs_dir
 

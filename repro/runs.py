@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import os
 import platform
 import time
@@ -27,6 +28,8 @@ from repro import evaluate, models, store
 from repro.config import SHARED_VERSIONS, RunConfig, sweep_configs
 from repro.methods import METHODS
 from repro.progress import progress
+
+logger = logging.getLogger(__name__)
 
 # The sources that compute a record's numbers (not the plots, tables, widgets or CLI around them).
 COMPUTE_SOURCES = ("models.py", "data.py", "quant.py", "evaluate.py", "config.py", "store.py", "runs.py", "methods/*.py",
@@ -112,7 +115,12 @@ def run(config: RunConfig, outputs: Path | None = None, force: bool = False, nee
             # another process may have just written it
             record = None if force else _reusable(config, outputs, need_weights, warn=False)
             if record is None:
+                logger.info("computing %s %s (key %s)", config.model, config.label(), config.key())
                 record = _compute(config, outputs)
+                logger.info("%s %s: validation NLL %.4f, test %.4f", config.model, config.label(),
+                            record.get("nll_validation", float("nan")), record.get("nll_test", float("nan")))
+    else:
+        logger.debug("read %s %s from %s", config.model, config.label(), path)
     # after the record is on disk (also when a process stopped between writing it and cleaning up)
     if METHODS[config.method].after_record is not None:
         METHODS[config.method].after_record(config)

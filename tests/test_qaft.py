@@ -3,6 +3,7 @@ loop with the quantizer off."""
 import dataclasses
 import importlib
 import json
+import logging
 import math
 import platform
 
@@ -71,16 +72,20 @@ def test_lr_at_is_flat_after_the_run():
 
 # --- the trained model ------------------------------------------------------------------------
 
-def test_result_is_exactly_on_the_grid_and_only_stack_weights_change(tmp_path):
+def test_result_is_exactly_on_the_grid_and_only_stack_weights_change(tmp_path, caplog):
     model = tiny_model("llama")
     fp = models.fp_snapshot(model)
     others = {n: p.detach().clone() for n, p in model.named_parameters() if n.replace(".weight", "") not in
               models.stack_linears(model)}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     config = tiny_config(tmp_path / "ck")
-    info = qaft(model, tiny_data(), config)
+    with caplog.at_level(logging.INFO, logger="repro"):
+        info = qaft(model, tiny_data(), config)
 
     assert info["best_epoch"] > 0  # trained weights were picked, not RTN
+    # every optimizer step's training loss is kept; every epoch is logged with its NLLs
+    assert all(len(r["losses"]) == r["steps"] > 0 and all(math.isfinite(x) for x in r["losses"]) for r in info["runs"])
+    assert sum("QAFT int3 lr0=" in m and "validation NLL" in m for m in caplog.messages) == 2 * 2
     assert info["nll_validation"] < info["rtn"]["nll_validation"]
     q = quant.qmax(BITS)
     moved = 0

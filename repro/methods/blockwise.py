@@ -43,6 +43,7 @@ fake-quantized weight copies); the three activation sets stay on CPU. Each windo
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -56,6 +57,8 @@ from repro.methods.qaft import keep_freed_memory
 from repro.models import block_linears, block_path, blocks
 from repro.progress import progress
 from repro.quant import bake, fp_weight, is_int, is_real, prepare
+
+logger = logging.getLogger(__name__)
 from repro.stack import capture, run_block, run_blocks
 
 DEFAULTS = {"window": 1, "lookahead": 0, "stride": None, "steps": 64, "steps_per": "window", "lr": 1e-4,
@@ -292,7 +295,7 @@ def blockwise(model, data, config) -> dict:
                     "cuda_peak": torch.cuda.max_memory_allocated(device) if cuda else None},
                 "train_s": train_s, "wall_s": time.perf_counter() - t0})
             if stop_reason:
-                print(f"block-wise window {start}-{stop - 1} stopped: {stop_reason}; kept its best state")
+                logger.warning("block-wise window %d-%d stopped: %s; kept its best state", start, stop - 1, stop_reason)
     finally:
         for p in model.parameters():
             p.requires_grad_(requires_grad.get(id(p), False))

@@ -52,6 +52,7 @@ and the stopped lr0 keeps its best epoch before the failure.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
 import time
@@ -68,6 +69,7 @@ from repro.progress import progress
 from repro.quant import bake, fp_weight, positive_list, prepare, quantizer
 from repro.store import atomic_path
 
+logger = logging.getLogger(__name__)
 DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
             "mixed_precision": "no", "gradient_checkpointing": False, "select": "epoch"}
 END_FACTOR = 0.1  # the learning rate decays by one order of magnitude over the run
@@ -304,7 +306,8 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                 torch.manual_seed(config.seed)
                 start = state["start"]
                 run = {"lr": lr0, "history": [{"epoch": 0, **start, "lr": lr0}], "stop_reason": None,
-                       "best_epoch": 0, "best_nll_validation": start["nll_validation"], "steps": 0, "train_s": 0.0}
+                       "best_epoch": 0, "best_nll_validation": start["nll_validation"], "steps": 0, "train_s": 0.0,
+                       "losses": []}
                 best_codes = kept(fp)
 
             wrapped.train()
@@ -332,6 +335,7 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                         run["steps"] += 1
+                        run["losses"].append(float(loss.detach()))  # the step's last micro-batch's mean NLL
                         bar.update(1)
                         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2g}")
                 run["train_s"] += time.perf_counter() - start
@@ -341,6 +345,10 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                 nll_val, nll_test = evaluate()
                 run["history"].append({"epoch": epoch, "nll_validation": nll_val, "nll_test": nll_test,
                                        "lr": scheduler.get_last_lr()[0]})
+                if accelerator.is_main_process:
+                    logger.info("%s lr0=%g epoch %d: validation NLL %.4f, test %.4f, mean training loss %.4f",
+                                title, lr0, epoch, nll_val, nll_test,
+                                sum(run["losses"][-steps_per_epoch:]) / max(1, len(run["losses"][-steps_per_epoch:])))
                 if not math.isfinite(nll_val):
                     run["stop_reason"] = f"non-finite validation NLL ({nll_val}) after epoch {epoch}"
                     break
@@ -358,7 +366,8 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                     accelerator.wait_for_everyone()
             bar.close()
             if run["stop_reason"]:
-                accelerator.print(f"{title} lr0={lr0:g} stopped: {run['stop_reason']}")
+                if accelerator.is_main_process:
+                    logger.warning("%s lr0=%g stopped: %s", title, lr0, run["stop_reason"])
                 if opts["select"] == "final":  # it has no final epoch to be scored by
                     run["best_nll_validation"] = math.inf
 
@@ -403,8 +412,10 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
             **({"grid_scales": {layer: g.scale.detach().cpu() for layer, g in grids.items()}}
                if not config.grid.per_tensor else {})}),
         "rtn" if quantize else "fp": state["start"],  # epoch 0
-        "runs": [{k: r[k] for k in ("lr", "history", "stop_reason", "best_epoch", "best_nll_validation",
-                                    "steps", "step_s")} for r in state["runs"]],
+        # losses: every optimizer step's training loss (a state from before they were kept has none)
+        "runs": [{k: r.get(k, []) if k == "losses" else r[k] for k in ("lr", "history", "stop_reason", "best_epoch",
+                                                                     "best_nll_validation", "steps", "step_s", "losses")}
+                 for r in state["runs"]],
         "step_s": train_s / steps if steps else None,
         "epochs": opts["epochs"], "steps_per_epoch": steps_per_epoch, "batch_size": opts["batch_size"],
         "grad_accum": opts["grad_accum"], "mixed_precision": opts["mixed_precision"],
