@@ -431,6 +431,36 @@ def deviations_table(tier: str) -> str:
     return markdown_table(["setting", "paper", tier, "why"], rows)
 
 
+def paper_memory_table(processes: int = 8) -> str:
+    """Memory per GPU at Llama-2-7B (transformers' ``LlamaConfig()`` defaults are its widths; the paper
+    tier's 4096 tokens x 128 calibration sequences, fp16 weights as loaded): GPTQ (``gptq.solve_memory``
+    of a block beside the model; activations wait on CPU), block PTQ's trained state for one block window
+    (16 B per weight) beside the model, and QAFT (``qaft.training_memory``) on 1 GPU and on ``processes``
+    under DDP (replicated) and sharded. GB = 1e9 bytes; activations of training left out (with gradient
+    checkpointing about one block's: README)."""
+    from transformers import LlamaConfig
+
+    from repro.methods.gptq import DAMPING_GRID, solve_memory
+    from repro.methods.qaft import training_memory
+
+    cfg = LlamaConfig()
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
+              "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
+    readers = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+    block = sum(a * b for a, b in shapes.values())
+    stack = cfg.num_hidden_layers * block
+    other = 2 * cfg.vocab_size * h
+    model_fp16 = 2 * (stack + other)
+    gptq = solve_memory(shapes, readers, 0, h, len(DAMPING_GRID), len(DAMPING_GRID))["total"]
+    rows = [["GPTQ (one block solved at a time)", 1, model_fp16 + gptq],
+            ["block PTQ, one-block window (trained state)", 1, model_fp16 + 16 * block],
+            ["QAFT", 1, training_memory(stack, other)["total"]],
+            ["QAFT, DDP (replicated)", processes, training_memory(stack, other, processes)["total"]],
+            ["QAFT, sharded (FSDP: not provided yet)", processes, training_memory(stack, other, processes, True)["total"]]]
+    return markdown_table(["method", "GPUs", "GB per GPU"], [[a, b, f"{c / 1e9:.1f}"] for a, b, c in rows])
+
+
 def precision_table(pairs) -> str:
     """QAFT trained under bf16 autocast against fp32, everything else equal: ``pairs`` is a list of
     ``(bf16 record, fp32 record)``. The choice is made on validation: validation NLL of each, the
@@ -483,6 +513,8 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
     if pairs:
         result["qaft-precision"] = (f"{precision_table(pairs)}\n\n"
                                     f"{provenance([r for p in pairs for r in p], tier, command)}")
+    result["gpu-memory"] = (f"{paper_memory_table()}\n\n*Computed by `repro.studies.sweep.paper_memory_table` "
+                            f"(`repro report`) from the functions named in its docstring.*")
     if tier != "paper" and load_tier(tier).get("paper_deviations"):
         result["paper-deviations"] = (f"{deviations_table(tier)}\n\n*Generated from `{tier_path(tier).name}` and "
                                       f"`paper.yaml` by `repro report --tier {tier}`; {DASH}: not set (`seq_len`: the "
