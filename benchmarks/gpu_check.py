@@ -42,7 +42,8 @@ from repro.config import RunConfig  # noqa: E402
 from repro.methods.gptq import gptq, gptq_options  # noqa: E402
 from repro.methods.qaft import discard_state, qaft  # noqa: E402
 
-NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
+# dense bf16, data sheets; the first name contained in the device's name counts (PCIe/NVL before SXM)
+NOMINAL_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32000}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 512}
 
@@ -125,6 +126,10 @@ def throughput_section(args, widths, peak_tflops: float) -> list[str]:
                  f"{flops:.1f} model TFLOP/s = {flops / peak_tflops:.0%} of the measured matmul peak")
     del model
     model = llama_stack(widths, args.blocks, args.seq_len, torch.float32, args.device)
+    warm = sequences(1, args.seq_len, widths["vocab_size"], 3).to(args.device)  # kernels and autocast, untimed
+    with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
+        evaluate.sequence_nll(model, warm)[0].backward()
+    model.zero_grad(set_to_none=True)
     data = types.SimpleNamespace(calibration=sequences(args.qaft_steps, args.seq_len, widths["vocab_size"], 2),
                                  validation=seqs[:2], test=seqs[2:4])
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,9 +151,11 @@ def dry_run_section(args) -> list[str]:
     sys.path.insert(0, str(ROOT / "tests"))
     import paper_standins
 
-    methods = ["fp", "rtn"] if args.tiny else ["fp", "rtn", "gptq", "qaft"]
+    methods = ["fp", "rtn", "gptq"] if args.tiny else ["fp", "rtn", "gptq", "qaft"]
     names = ["gpt2"] if args.tiny else ["gpt2", "meta-llama/Llama-2-7b-hf"]
     found = {}
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the subprocesses below share the GPU with this one
     with tempfile.TemporaryDirectory() as tmp:
         home = paper_standins.fill(Path(tmp) / "hf")
         for where in dict.fromkeys([args.device, "cpu"]):
@@ -190,6 +197,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args(argv)
     widths = TINY if args.tiny else LLAMA_7B
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))  # synchronize, memory stats and the name follow it
     if args.tiny:
         args.seq_len, args.n_calibration, args.n_eval, args.qaft_steps = 32, 8, 4, 2
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"

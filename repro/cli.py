@@ -285,6 +285,10 @@ def main(argv=None) -> int:
 
         args.outputs = outputs_dir()
     try:
+        if getattr(args, "tier", None) is not None:  # a YAML path as an absolute one (notebooks run elsewhere)
+            from repro.config import TIERS, tier_path
+
+            args.tier = args.tier if args.tier in TIERS else str(tier_path(args.tier))
         if getattr(args, "set", None):
             from repro.config import derive_tier, parse_settings
 

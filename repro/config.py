@@ -87,6 +87,8 @@ class RunConfig:
         if self.eval_windows not in data_mod.EVAL_WINDOWS:
             raise ValueError(f"eval_windows={self.eval_windows!r}: choose one of {', '.join(data_mod.EVAL_WINDOWS)}")
         data_mod.check_corpus(self.corpus)
+        if data_mod.is_file_corpus(self.corpus):  # notebooks run in notebooks/: a relative path would not hold
+            self.corpus = str(Path(self.corpus).expanduser().resolve())
         for name, low, optional in (("n_calibration", 1, False), ("n_eval", 1, True), ("seq_len", 2, True),
                                     ("batch_size", 1, False), ("seed", 0, False), ("threads", 1, True)):
             value = getattr(self, name)
@@ -98,7 +100,8 @@ class RunConfig:
         METHODS[self.method].check_options(self)  # options are checked now, not after the model has loaded
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)} (or None: float32)")
-        if self.dtype == "float32" or (self.dtype is not None and METHODS[self.method].trains):
+        if self.dtype == "float32" or (self.dtype is not None and (METHODS[self.method].trains or self.start != "fp")):
+            # (a start from FPFT's float32 weights: rounding them to the load dtype would move the start)
             self.dtype = None  # float32: one key for the default, whether or not it was spelled out
         if self.start not in STARTS:
             raise ValueError(f"start={self.start!r}: choose one of {', '.join(STARTS)}")
@@ -126,6 +129,8 @@ class RunConfig:
             del content["eval_windows"]
         if self.start == "fp":  # (likewise)
             del content["start"]
+        else:  # which FPFT run it starts from (the tier's QAFT budget, which this config does not hold)
+            content["start"] = self.start_config().key()
         if self.dtype is None:
             del content["dtype"]
         content["method_version"] = METHODS[self.method].version
@@ -169,7 +174,7 @@ def tier_path(tier: str) -> Path:
         return PARAMS_DIR / f"{tier}.yaml"
     path = Path(str(tier)).expanduser()
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
+        return path.resolve()
     raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)} or the path of a YAML file "
                      f"(`base: cpu` in it starts from that tier's settings)")
 
@@ -187,18 +192,20 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def load_tier(tier: str) -> dict:
+def load_tier(tier: str, _seen: tuple = ()) -> dict:
     """The parameter set of a tier (``params/<tier>.yaml`` or a YAML file, ``tier_path``) as a dict (the
-    caller's own copy). A file's ``base: NAME`` starts from that tier's settings, merged dict by dict."""
-    path = tier_path(tier)
+    caller's own copy). A file's ``base: NAME`` (a tier, or a YAML path relative to the file) starts from
+    that tier's settings, merged dict by dict."""
+    path = tier_path(tier).resolve()
+    if path in _seen:
+        raise ValueError(f"{path}: `base:` comes back to a file it started from ({' -> '.join(map(str, _seen))})")
     params = copy.deepcopy(_parse_tier(path, path.stat().st_mtime_ns))
     if not isinstance(params, dict):
         raise ValueError(f"{path}: a tier file is a YAML mapping of settings, not {type(params).__name__}")
     base = params.pop("base", None)
     if base is not None:
-        if tier_path(base) == path:
-            raise ValueError(f"{path}: `base: {base}` names the file itself")
-        params = _merge(load_tier(base), params)
+        base = base if base in TIERS or Path(str(base)).expanduser().is_absolute() else str(path.parent / str(base))
+        params = _merge(load_tier(base, (*_seen, path)), params)
     return params
 
 
@@ -214,13 +221,22 @@ def parse_values(pairs, flag: str = "--option") -> dict:
         raw, value = value, yaml.safe_load(value)
         if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
             value = raw  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no means "no"
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        options[key] = value
+        options[key] = _numbers(value)
     return options
+
+
+def _numbers(value):
+    """YAML reads 1e-3 (no dot) as a string: such strings as floats, in lists and mappings too."""
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_settings(pairs) -> dict:
@@ -245,7 +261,7 @@ def derive_tier(tier: str, settings: dict, directory) -> str:
         raise ValueError(f"--set {', '.join(unknown)}: not a setting of tier {tier_name(tier)} or a run field "
                          f"({', '.join(f.name for f in dataclasses.fields(RunConfig))})")
     text = yaml.safe_dump(merged, sort_keys=False)
-    path = Path(directory) / f"{tier_name(tier)}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.yaml"
+    path = Path(directory).resolve() / f"{tier_name(tier)}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.yaml"
     if not path.exists():
         from repro.store import write_text_atomic
 
@@ -316,7 +332,7 @@ def sweep_configs(methods=("fp", "rtn"), bits=None, tier: str = "cpu", **overrid
 
 # Tier sections that are the paper's protocol (compared by ``deviations``); the rest (block-wise
 # options, granularity and seed studies) are the package's own studies, not the paper's.
-PROTOCOL_SECTIONS = ("models", "corpus", "observer", "seq_len", "n_calibration", "n_eval", "eval_windows",
+PROTOCOL_SECTIONS = ("models", "corpus", "observer", "dtype", "seq_len", "n_calibration", "n_eval", "eval_windows",
                      "batch_size", "threads", "bits", "methods.gptq", "methods.qaft", "cross_block", "landscape",
                      "datasets")
 

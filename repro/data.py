@@ -192,17 +192,39 @@ def check_corpus(name: str) -> None:
                      f"work offline), not an existing text file or directory, and not hf:NAME[:CONFIG]")
 
 
+def is_file_corpus(name: str) -> bool:
+    """A user's text file or directory (not a named corpus, not ``hf:``)."""
+    return name not in CORPORA and not name.startswith(HF_PREFIX)
+
+
 def corpus_identity(name: str) -> str:
     """What a record's key holds for a corpus: its name, or for a file corpus ``files:`` and the sha256
-    of its files' relative names and bytes (the same text anywhere on disk is the same corpus)."""
-    if name in CORPORA or name.startswith(HF_PREFIX):
+    of its bytes (a directory: each file's relative name and bytes), so the same text anywhere on disk is
+    the same corpus; read once per version of the files."""
+    if not is_file_corpus(name):
         return name
-    path = Path(name).expanduser()
+    path = Path(name).expanduser().resolve()
+    files = [path] if path.is_file() else _text_files(path)
+    return _files_digest(path, tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@lru_cache(maxsize=64)
+def _files_digest(root: Path, versions: tuple) -> str:
     digest = hashlib.sha256()
-    for file in [path] if path.is_file() else _text_files(path):
-        digest.update((file.name if file == path else file.relative_to(path).as_posix()).encode())
+    for file, _, _ in versions:
+        if file != root:
+            digest.update(file.relative_to(root).as_posix().encode())
         digest.update(file.read_bytes())
     return f"files:{digest.hexdigest()[:16]}"
+
+
+def corpus_slug(name: str) -> str:
+    """A corpus as a file-name part: its name, ``hf-NAME--CONFIG`` or ``files-<digest>``."""
+    if name in CORPORA:
+        return name
+    if name.startswith(HF_PREFIX):
+        return "hf-" + re.sub(r"[^A-Za-z0-9._-]+", "--", name[len(HF_PREFIX):])
+    return corpus_identity(name).replace(":", "-")
 
 
 def _by_position(lines: list[str]) -> dict[str, list[str]]:
@@ -259,7 +281,7 @@ def _hf_documents(spec: str) -> dict[str, list[str]]:
 def corpus_available(name: str) -> bool:
     """The corpus loads now: offline and file corpora always; a hub corpus when the hub answers or its
     copy is in the datasets cache (then it is read once here)."""
-    if name in OFFLINE_CORPORA or (name not in CORPORA and not name.startswith(HF_PREFIX)):
+    if name in OFFLINE_CORPORA or is_file_corpus(name):
         return True
     try:
         load_documents(name) if name.startswith(HF_PREFIX) else _hub_corpus(name)
@@ -281,7 +303,7 @@ def load_documents(name: str = DEFAULT_CORPUS) -> dict[str, list[str]]:
         return parts
     if name.startswith(HF_PREFIX):
         return _hf_documents(name)
-    if name not in CORPORA:
+    if is_file_corpus(name):
         return _file_documents(Path(name).expanduser())
     return {s: [text] for s, text in _hub_corpus(name).items()}
 

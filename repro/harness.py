@@ -4,7 +4,8 @@
 the harness's ``HFLM`` wrapper. Tasks are the harness's own by name (``wikitext``, ``lambada_openai``,
 ``hellaswag``, ``arc_easy``, ``piqa``, ``winogrande``: they download their data from the hub) or
 ``corpus_perplexity``, built here from a corpus's test split (``repro.data.load_documents``; works
-offline on the embedded corpora): one document per article, scored with the harness's
+offline on the embedded corpora): one document per article of the offline corpora and per file of a
+directory (a hub corpus or a single text file: one per split), scored with the harness's
 ``loglikelihood_rolling`` and its metrics ``word_perplexity``, ``byte_perplexity`` and
 ``bits_per_byte`` (its ``wikitext`` task's definitions: exp(-sum of log-likelihoods / words or UTF-8
 bytes), and -sum / bytes / ln 2). The harness cuts each document into windows of ``max_length``
@@ -103,7 +104,10 @@ def eval_run(config, tasks=(LOCAL_TASK,), outputs=None, batch_size: int = 4, max
     from repro import runs
     from repro.store import write_json_atomic
 
-    model, tokenizer, _ = runs.quantized_model(config, outputs)
+    import torch
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = runs.quantized_model(config, outputs, device=device)
     found = harness_eval(model, tokenizer, tasks, config.corpus, batch_size, max_length or config.seq_len, limit,
                          name=f"{config.model} {config.label()}")
     path = results_path(config, outputs)

@@ -293,10 +293,11 @@ def block_path(model: nn.Module) -> str:
     transformers causal LM: the ``nn.ModuleList`` of ``config.num_hidden_layers`` modules holding
     linears (the largest, should there be several). A clear error for a model that is not a causal LM
     or has no such list."""
+    from transformers import GenerationMixin
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    name = type(model).__name__
-    if name not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+    name = type(model).__name__  # (a subclass or remote-code model generates: GenerationMixin)
+    if name not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) and not isinstance(model, GenerationMixin):
         raise ValueError(f"{name} is not a causal LM: repro quantizes the decoder blocks of a decoder-only model "
                          f"(one that AutoModelForCausalLM loads)")
     n_layers = _layer_count(model.config)

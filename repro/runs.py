@@ -235,23 +235,21 @@ def load_weights(config: RunConfig, outputs: Path | None = None) -> dict[str, to
 
 def quantized_model(config: RunConfig, outputs: Path | None = None, device: str = "cpu"):
     """``(model, tokenizer, scales)``: a freshly loaded copy of the run's model holding the run's kept
-    quantized weights (``load_weights``: computed first when missing), and their scales (name ->
-    tensor, ``store.save_weights``' layout); the FP reference (``fp``) as loaded, with no scales."""
-    if config.method == "fp":
-        return (*models.load_model(config.model, device=device), None)
-    if config.grid is None:
-        raise ValueError(f"{config.method} runs keep no weights; take the model from the method's own call "
-                         f"(repro.quantize) instead")
-    config = dataclasses.replace(config, save_weights=True)
-    weights = load_weights(config, outputs)  # name -> the weight (stored layout), code * scale
+    weights (``load_weights``: computed first when missing) and their scales (name -> tensor,
+    ``store.save_weights``' layout; None for FPFT, whose kept weights are float); the FP reference
+    (``fp``) as loaded."""
     from safetensors.torch import load_file
 
+    if config.method == "fp":
+        return (*models.load_model(config.model, device=device), None)
+    config = dataclasses.replace(config, save_weights=True)
+    weights = load_weights(config, outputs)  # name -> the weight (stored layout)
     stored = load_file(str(store.weights_path(config, outputs)))
     model, tokenizer = models.load_model(config.model, device=device)
     with torch.no_grad():
         for name, module in models.stack_linears(model).items():
             module.weight.copy_(weights[name].to(module.weight.dtype))
-    return model, tokenizer, {name: stored[f"{name}.scale"] for name in weights}
+    return model, tokenizer, None if config.grid is None else {name: stored[f"{name}.scale"] for name in weights}
 
 
 def sweep(methods=("fp", "rtn"), bits=None, tier: str = "cpu", outputs: Path | None = None,

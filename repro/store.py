@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -117,16 +117,22 @@ def _owner_alive(lock: Path, owner: str) -> bool | None:
 
 
 def _break_stale(lock: Path, seen: str) -> None:
-    """Remove a stale lock file, unless another waiter replaced it by its own in the meantime."""
-    grave = lock.with_name(f"{lock.name}.stale.{os.getpid()}.{threading.get_ident()}")
+    """Remove a stale lock file. Breakers take turns through an O_EXCL ``<lock>.break`` file: while the
+    stale file stands nobody can take the lock, so if it still reads ``seen`` it is the stale one."""
+    breaker = lock.with_name(f"{lock.name}.break")
     try:
-        os.rename(lock, grave)
-    except FileNotFoundError:  # another waiter removed it first
+        fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another waiter is breaking it (one that died doing so leaves an old file)
+        with suppress(FileNotFoundError):
+            if time.time() - breaker.stat().st_mtime > 10:
+                breaker.unlink(missing_ok=True)
         return
-    if _read_lock(grave) == seen:
-        grave.unlink(missing_ok=True)
-    else:  # a fresh lock taken between reading and renaming: give it back
-        os.rename(grave, lock)
+    try:
+        os.close(fd)
+        if _read_lock(lock) == seen:
+            lock.unlink(missing_ok=True)
+    finally:
+        breaker.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -251,7 +257,9 @@ def record_path(config, outputs: Path | None = None) -> Path:
     outputs = Path(outputs) if outputs is not None else outputs_dir()
     bits = "fp" if config.bits is None else f"int{config.bits}"
     model = config.model.replace("/", "--")
-    return outputs / "records" / config.method / f"{model}-{config.corpus}-{bits}-{config.key()}.json"
+    from repro.data import corpus_slug
+
+    return outputs / "records" / config.method / f"{model}-{corpus_slug(config.corpus)}-{bits}-{config.key()}.json"
 
 
 def weights_path(config, outputs: Path | None = None) -> Path:

@@ -26,7 +26,8 @@ FIGURES = ("NLL per width + layer MSE", "Fig. 1: GPTQ vs QAFT", "Fig. 2: Pareto 
 def load_records(outputs: Path | str | None = None) -> list[dict]:
     """Every record under ``outputs/records`` (no computation)."""
     root = Path(outputs) if outputs is not None else store.outputs_dir()
-    return [json.loads(p.read_text()) for p in sorted((root / "records").glob("*/*.json"))]
+    found = (json.loads(p.read_text()) for p in sorted((root / "records").glob("*/*.json")))
+    return [r for r in found if "key" in r and "config" in r]  # (not lm-eval results or gradient norms)
 
 
 def selection_configs(tier: str, model: str, corpus: str, methods, bits, observer: str | None,

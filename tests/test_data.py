@@ -101,6 +101,9 @@ def test_a_text_file_is_split_by_position(tmp_path):
     copy.write_bytes(path.read_bytes())
     assert data.corpus_identity(str(copy)) == data.corpus_identity(str(path))
     assert data.corpus_identity(str(path)).startswith("files:") and data.corpus_identity("wiki") == "wiki"
+    # a file name part without the path's slashes; a relative path is made absolute (notebooks run elsewhere)
+    assert data.corpus_slug(str(path)) == data.corpus_identity(str(path)).replace(":", "-")
+    assert data.corpus_slug("hf:org/name:cfg") == "hf-org--name--cfg" and data.corpus_slug("wiki") == "wiki"
     from repro.config import RunConfig
 
     same = RunConfig(corpus=str(path), observer="minmax").key() == RunConfig(corpus=str(copy), observer="minmax").key()

@@ -409,6 +409,10 @@ def test_a_method_started_from_fpft_quantizes_the_fine_tuned_weights(tmp_path, m
     fpft_config = dataclasses.replace(config.start_config(), options=options)
     monkeypatch.setattr(type(config), "start_config", lambda self: fpft_config)
     record = runs.run(config, tmp_path)
+    longer = dataclasses.replace(fpft_config, options={**options, "epochs": 3})
+    monkeypatch.setattr(type(config), "start_config", lambda self: longer)
+    assert config.key() != record["key"]  # another FPFT budget: another start, another record
+    monkeypatch.setattr(type(config), "start_config", lambda self: fpft_config)
 
     tuned = runs.load_weights(fpft_config, tmp_path)  # kept as floats beside the FPFT record
     assert any(not torch.equal(tuned[n], fp[n]) for n in fp)

@@ -147,6 +147,7 @@ def test_cli_options_are_read_as_yaml():
                                                                           "mixed_precision": "bf16"}
     assert parse_values(["mixed_precision=no", "act_order=true", "stride=null"]) == {
         "mixed_precision": "no", "act_order": True, "stride": None}  # YAML 1.1's no/yes stay words
+    assert parse_values(["lr_grid=[1e-4, 1.0e-3]"]) == {"lr_grid": [1e-4, 1e-3]}  # (1e-4 is a string to YAML)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_values(["window"])
 
@@ -272,8 +273,12 @@ def test_a_tier_file_with_a_base_and_set_overrides_enter_the_key(tmp_path):
         load_tier("laptop")
     loop = tmp_path / "loop.yaml"
     loop.write_text(f"base: {loop}\n")
-    with pytest.raises(ValueError, match="names the file itself"):
+    with pytest.raises(ValueError, match="comes back to a file it started from"):
         load_tier(str(loop))
+    relative = tmp_path / "sub" / "child.yaml"  # base: a path relative to the file that names it
+    relative.parent.mkdir()
+    relative.write_text("base: ../mine.yaml\nseed: 3\n")
+    assert load_tier(str(relative))["seq_len"] == 64 and load_tier(str(relative))["seed"] == 3
 
 
 def test_cli_set_runs_on_a_derived_tier(tmp_path, capsys):

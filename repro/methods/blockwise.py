@@ -57,9 +57,9 @@ from repro.methods.qaft import keep_freed_memory
 from repro.models import block_linears, block_path, blocks
 from repro.progress import progress
 from repro.quant import bake, fp_weight, is_int, is_real, prepare
+from repro.stack import capture, run_block, run_blocks
 
 logger = logging.getLogger(__name__)
-from repro.stack import capture, run_block, run_blocks
 
 DEFAULTS = {"window": 1, "lookahead": 0, "stride": None, "steps": 64, "steps_per": "window", "lr": 1e-4,
             "holdout": 0.125, "eval_every": 8, "mixed_precision": "no"}

@@ -26,7 +26,8 @@ Options (``config.options``, defaults in ``DEFAULTS``):
 * ``select`` - ``"epoch"``: the best-validation epoch of every lr0 competes (the package's default,
   and epoch 0 = RTN can win); ``"final"``: each lr0 is scored after its last epoch and its final
   weights are kept (the paper selects the learning rate, not an epoch; the paper tier's setting).
-  A stopped (non-finite) lr0 cannot be chosen under ``"final"`` unless every lr0 stopped.
+  A stopped (non-finite) lr0 cannot be chosen under ``"final"`` unless every lr0 stopped (then the one
+  with the lowest validation NLL of its last finite epoch).
 * ``checkpoint_dir`` - where the resume state lives (default ``checkpoint_dir(config)``)
 
 FPFT (``fpft``) runs this loop on the FP weights themselves: same data, steps, lr0 grid, schedule and
@@ -246,6 +247,9 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
         if opts["gradient_checkpointing"]:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
+        def rank(run: dict) -> tuple:  # lower is better; "final": an lr0 that stopped has no last epoch to offer
+            return (opts["select"] == "final" and run["stop_reason"] is not None, run["best_nll_validation"])
+
         def kept(weights: dict) -> dict:  # what is kept of the best epoch (CPU): int8 codes on the grid, else the weights
             return {name: grids[name].codes(w.detach()).cpu() if quantize else w.detach().to("cpu", copy=True)
                     for name, w in weights.items()}
@@ -302,6 +306,7 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                 scheduler.load_state_dict(current["scheduler"])
                 _set_rng_state(current["rng"])
                 run, best_codes = current["run"], current["best_codes"]
+                run.setdefault("losses", [])  # a state saved before the losses were kept
             else:
                 torch.manual_seed(config.seed)
                 start = state["start"]
@@ -365,15 +370,12 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                         state["current"] = None
                     accelerator.wait_for_everyone()
             bar.close()
-            if run["stop_reason"]:
-                if accelerator.is_main_process:
-                    logger.warning("%s lr0=%g stopped: %s", title, lr0, run["stop_reason"])
-                if opts["select"] == "final":  # it has no final epoch to be scored by
-                    run["best_nll_validation"] = math.inf
+            if run["stop_reason"] and accelerator.is_main_process:
+                logger.warning("%s lr0=%g stopped: %s", title, lr0, run["stop_reason"])
 
             run["step_s"] = run["train_s"] / run["steps"] if run["steps"] else None
-            best = min(state["runs"], key=lambda r: r["best_nll_validation"], default=None)
-            if best is None or run["best_nll_validation"] < best["best_nll_validation"]:
+            best = min(state["runs"], key=rank, default=None)
+            if best is None or rank(run) < rank(best):
                 state["best_codes"] = best_codes  # the best of the sweep so far
             state["runs"].append(run)
             if accelerator.is_main_process:
@@ -381,7 +383,7 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
             accelerator.wait_for_everyone()
 
         # The best lr0's best epoch (QAFT: exactly on the grid).
-        best = min(state["runs"], key=lambda r: r["best_nll_validation"])
+        best = min(state["runs"], key=rank)
         with torch.no_grad():
             for layer, w in latent.items():
                 best_w = state["best_codes"][layer].to(w.device)

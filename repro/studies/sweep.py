@@ -455,9 +455,11 @@ def paper_memory_table(processes: int = 8) -> str:
     gptq = solve_memory(shapes, readers, 0, h, len(DAMPING_GRID), len(DAMPING_GRID))["total"]
     rows = [["GPTQ (one block solved at a time)", 1, model_fp16 + gptq],
             ["block PTQ, one-block window (trained state)", 1, model_fp16 + 16 * block],
-            ["QAFT", 1, training_memory(stack, other)["total"]],
-            ["QAFT, DDP (replicated)", processes, training_memory(stack, other, processes)["total"]],
-            ["QAFT, sharded (FSDP: not provided yet)", processes, training_memory(stack, other, processes, True)["total"]]]
+            # QAFT loads float32 (its latent weights train), so the frozen rest is float32 too
+            ["QAFT", 1, training_memory(stack, other, other_bytes=4)["total"]],
+            ["QAFT, DDP (replicated)", processes, training_memory(stack, other, processes, other_bytes=4)["total"]],
+            ["QAFT, sharded (FSDP: not provided yet)", processes,
+             training_memory(stack, other, processes, True, other_bytes=4)["total"]]]
     return markdown_table(["method", "GPUs", "GB per GPU"], [[a, b, f"{c / 1e9:.1f}"] for a, b, c in rows])
 
 
@@ -515,7 +517,7 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
                                     f"{provenance([r for p in pairs for r in p], tier, command)}")
     result["gpu-memory"] = (f"{paper_memory_table()}\n\n*Computed by `repro.studies.sweep.paper_memory_table` "
                             f"(`repro report`) from the functions named in its docstring.*")
-    if tier != "paper" and load_tier(tier).get("paper_deviations"):
+    if tier in ("ci", "cpu") and load_tier(tier).get("paper_deviations"):  # (a derived tier inherits them)
         result["paper-deviations"] = (f"{deviations_table(tier)}\n\n*Generated from `{tier_path(tier).name}` and "
                                       f"`paper.yaml` by `repro report --tier {tier}`; {DASH}: not set (`seq_len`: the "
                                       f"model's maximum length, `n_eval`: the whole split, `threads`: torch's default).*")
