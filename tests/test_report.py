@@ -117,8 +117,8 @@ def test_update_markdown():
 
 def test_cli_report_rewrites_readme(tmp_path, capsys):
     outputs, readme = tmp_path / "out", tmp_path / "README.md"
-    readme.write_text("# R\n" + "".join(f"<!-- report:{n} -->\nTODO\n<!-- /report:{n} -->\n" for n in sweep.SECTIONS)
-                      + "tail\n")
+    readme.write_text("# R\n" + "".join(f"<!-- report:{n} -->\nTODO\n<!-- /report:{n} -->\n"
+                                         for n in [*sweep.SECTIONS, "gpu-memory"]) + "tail\n")
     for method, bits, code in [("fp", None, None), ("rtn", 4, "aaaaaaaaaaaa"), ("rtn", 3, "aaaaaaaaaaaa"),
                                ("gptq", 4, "bbbbbbbbbbbb"), ("gptq", 3, "bbbbbbbbbbbb"),
                                ("qaft", 4, "bbbbbbbbbbbb"), ("qaft", 3, "bbbbbbbbbbbb")]:
