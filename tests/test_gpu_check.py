@@ -20,3 +20,4 @@ def test_gpu_check_runs_every_section_at_toy_widths_on_cpu():
         assert heading in out
     assert "predicted (solve_memory, largest block)" in out and "tokens/s" in out
     assert "| gpt2 rtn int4 |" in out and "FAILED" not in out
+    assert "FSDP x 2 vs one process" in out and "held 50% of the stack" in out and "unsharded: True" in out

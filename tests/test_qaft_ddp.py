@@ -1,6 +1,7 @@
 """Multi-process QAFT: `accelerate launch --config_file configs/accelerate/ddp.yaml` with 2 processes
-(on CPU: gloo, DDP) gives the single-process result on the same global batch, and a launch killed
-mid-sweep resumes from its saved state."""
+(on CPU: gloo, DDP) and `torchrun --nproc-per-node 2` with ``sharding: fsdp`` (FSDP2) each give the
+single-process result on the same global batch, and a launch killed mid-sweep resumes from its saved
+state."""
 import json
 import os
 import socket
@@ -19,16 +20,21 @@ from tiny_models import tiny_model
 pytestmark = pytest.mark.subprocess
 HELPER = Path(__file__).resolve().parent / "qaft_launch.py"
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "ddp.yaml"  # the README's
+FSDP_TIER = CONFIG.parent.parent / "qaft_fsdp.yaml"  # the README's torchrun command's tier
 
 
-def launch(out: Path, checkpoint: Path, *extra: str) -> subprocess.CompletedProcess:
-    """2 processes x 1 sequence per step = the single process's 2 sequences per step."""
+def launch(out: Path, checkpoint: Path, sharding: str, *extra: str) -> subprocess.CompletedProcess:
+    """2 processes x 1 sequence per step = the single process's 2 sequences per step; DDP through
+    accelerate's launcher and the README's config, FSDP through torchrun (the README's command)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
-               "--dynamo_backend", "no", "--main_process_port", str(port), str(HELPER), str(out), str(checkpoint), "1",
-               *extra]
+    if sharding == "fsdp":
+        launcher = ["torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    else:
+        launcher = ["accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
+                    "--dynamo_backend", "no", "--main_process_port", str(port)]
+    command = [sys.executable, "-m", *launcher, str(HELPER), str(out), str(checkpoint), "1", sharding, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
@@ -43,7 +49,9 @@ def single(tmp_path_factory):
 
 def assert_same_result(result: dict, single):
     info, weights = single
-    assert result["info"]["processes"] == 2 and info["processes"] == 1
+    assert result["info"]["processes"] == 2 and info["processes"] == 1 and result["plain"]
+    if result["info"]["sharding"] == "fsdp":  # each of the 2 processes held half the stack while training
+        assert result["share"] == pytest.approx(0.5, abs=0.01)
     assert result["info"]["steps_per_epoch"] == info["steps_per_epoch"] == 4
     assert info["best_epoch"] > 0  # trained weights are compared, not RTN
     for h, h_ref in zip(result["info"]["runs"][0]["history"], info["runs"][0]["history"]):
@@ -53,18 +61,33 @@ def assert_same_result(result: dict, single):
     assert differ <= 0.01 * sum(w.numel() for w in weights.values())  # float rounding may flip a few codes
 
 
-def test_two_process_qaft_equals_the_single_process_run(tmp_path, single):
-    done = launch(tmp_path / "out.json", tmp_path / "ck")
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_two_process_qaft_equals_the_single_process_run(tmp_path, single, sharding):
+    done = launch(tmp_path / "out.json", tmp_path / "ck", sharding)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_result(json.loads((tmp_path / "out.json").read_text()), single)
 
 
-def test_a_killed_two_process_launch_resumes(tmp_path, single):
-    killed = launch(tmp_path / "out.json", tmp_path / "ck", "interrupt")
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_a_killed_two_process_launch_resumes(tmp_path, single, sharding):
+    killed = launch(tmp_path / "out.json", tmp_path / "ck", sharding, "interrupt")
     assert killed.returncode != 0 and (tmp_path / "ck" / "state.pt").exists()
     assert not (tmp_path / "out.json").exists()
-    resumed = launch(tmp_path / "out.json", tmp_path / "ck")
+    resumed = launch(tmp_path / "out.json", tmp_path / "ck", sharding)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["info"]["resumed_from"] == {"lr_index": 0, "epoch": 1}
     assert_same_result(result, single)
+
+
+def test_the_fsdp_tier_is_the_paper_tier_with_sharded_fine_tuning():
+    """The README's 8-GPU command: QAFT and FPFT (QAFT's options) shard; everything else is the paper's."""
+    from repro.config import load_tier, make_config
+
+    fsdp, paper = load_tier(str(FSDP_TIER)), load_tier("paper")
+    for method in ("qaft", "fpft"):
+        config = make_config(method, 4 if method == "qaft" else None, str(FSDP_TIER), model="meta-llama/Llama-2-7b-hf")
+        assert config.options["sharding"] == "fsdp"
+        assert {k: v for k, v in config.options.items() if k != "sharding"} == \
+            make_config(method, 4 if method == "qaft" else None, "paper", model="meta-llama/Llama-2-7b-hf").options
+    assert {k: v for k, v in fsdp.items() if k != "methods"} == {k: v for k, v in paper.items() if k != "methods"}

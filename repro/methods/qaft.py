@@ -28,6 +28,12 @@ Options (``config.options``, defaults in ``DEFAULTS``):
   weights are kept (the paper selects the learning rate, not an epoch; the paper tier's setting).
   A stopped (non-finite) lr0 cannot be chosen under ``"final"`` unless every lr0 stopped (then the one
   with the lowest validation NLL of its last finite epoch).
+* ``sharding`` - ``"none"`` (every process holds all weights, gradients and AdamW state; DDP under
+  several processes) or ``"fsdp"``: PyTorch FSDP2 (``fully_shard``) shards each stack linear's
+  parameters, gradients and AdamW moments over the processes (``shard_linears``), for 7B models
+  whose 16 B per trained weight do not fit one GPU (``training_memory``). Needs a launch of ≥ 2
+  processes (``torchrun`` or ``accelerate launch``); the result equals the unsharded run on the same
+  global batch up to float summation order, and the final model is unsharded (``unshard_linears``).
 * ``checkpoint_dir`` - where the resume state lives (default ``checkpoint_dir(config)``)
 
 FPFT (``fpft``) runs this loop on the FP weights themselves: same data, steps, lr0 grid, schedule and
@@ -36,9 +42,10 @@ quantization and adapting the model to the calibration corpus (the FP model is n
 that corpus's loss); FPFT measures the second alone, so QAFT − FPFT is the quantization damage
 fine-tuning leaves. Its tier options are QAFT's (``repro.methods.METHODS``), so the budgets match.
 
-The same code runs on CPU, on one GPU, or on several with ``accelerate launch script.py``:
-accelerate places the model, wraps it for DDP and shards the batches over the processes (every
-process evaluates the full splits; only the main process writes checkpoints).
+The same code runs on CPU, on one GPU, or on several with ``accelerate launch script.py`` or
+``torchrun``: accelerate places the model, wraps it for DDP (or, with ``sharding: fsdp``, the stack
+linears are sharded with FSDP2) and shards the batches over the processes (every process evaluates
+the full splits; only the main process writes checkpoints, which hold full, unsharded tensors).
 
 Resume: after every epoch the state (latent weights, optimizer, scheduler, RNG, history, the
 best weights so far as int8 codes) is written atomically to ``<checkpoint_dir>/state.pt``. A
@@ -72,7 +79,7 @@ from repro.store import atomic_path
 
 logger = logging.getLogger(__name__)
 DEFAULTS = {"epochs": 8, "lr_grid": [1e-6, 1e-5, 1e-4, 1e-3], "batch_size": 1, "grad_accum": 1,
-            "mixed_precision": "no", "gradient_checkpointing": False, "select": "epoch"}
+            "mixed_precision": "no", "gradient_checkpointing": False, "select": "epoch", "sharding": "none"}
 END_FACTOR = 0.1  # the learning rate decays by one order of magnitude over the run
 STATE_FILE = "state.pt"
 
@@ -116,6 +123,8 @@ def qaft_options(config) -> dict:
     if opts["select"] not in ("epoch", "final"):
         raise ValueError(f"QAFT option select={opts['select']!r}: 'epoch' (best validation epoch) or 'final' "
                          "(the last epoch, the paper's protocol)")
+    if opts["sharding"] not in ("none", "fsdp"):
+        raise ValueError(f"QAFT option sharding={opts['sharding']!r}: 'none' or 'fsdp' (FSDP2 over the launched processes)")
     if not isinstance(opts["gradient_checkpointing"], bool):
         raise ValueError(f"QAFT option gradient_checkpointing={opts['gradient_checkpointing']!r}: true or false")
     return opts
@@ -127,11 +136,13 @@ def training_memory(stack_weights: int, other_weights: int, processes: int = 1, 
     their gradients (4 B) and AdamW's two moments (8 B) - 16 B per trained weight - plus the frozen
     rest (embeddings, norms, head: ``other_weights`` at ``other_bytes`` each) and ``activations``
     (with gradient checkpointing, about one block's). DDP (accelerate) replicates all of it on every
-    process; ``sharded`` (FSDP) divides weights, gradients and moments over ``processes``. Returns the
-    terms and ``total``; e.g. Llama-2-7B (6.48e9 stack weights) needs 104 GB on one GPU."""
+    process; ``sharded`` (``sharding: fsdp``) divides the stack's weights, gradients and moments over
+    ``processes`` and keeps the frozen rest whole on each (``shard_linears``; the one linear gathered
+    for its forward is left out). Returns the terms and ``total``; e.g. Llama-2-7B (6.48e9 stack
+    weights) needs 104 GB on one GPU and 13.5 GB per GPU sharded over 8."""
     share = processes if sharded else 1
     terms = {"latent": 4 * stack_weights / share, "gradients": 4 * stack_weights / share,
-             "adam": 8 * stack_weights / share, "frozen": other_bytes * other_weights / share,
+             "adam": 8 * stack_weights / share, "frozen": other_bytes * other_weights,
              "activations": activations}
     return {**terms, "total": sum(terms.values())}
 
@@ -175,6 +186,78 @@ def make_accelerator(cpu: bool, seed: int):
         raise ValueError("QAFT does its own gradient accumulation: set the QAFT option grad_accum instead of "
                          "accelerate's gradient_accumulation_steps")
     return accelerator
+
+
+def shard_linears(linears: dict[str, torch.nn.Module], device: torch.device) -> None:
+    """FSDP2 over the launched processes, one unit per stack linear: its parameters (the latent weight
+    and bias) become DTensors sharded on dim 0, gathered for its forward and backward; its gradients
+    are reduce-scattered (averaged, as DDP's all-reduce) and AdamW keeps only the local shard's moments.
+    The rest of the model (embeddings, norms, head: frozen) stays replicated."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for module in linears.values():
+        fully_shard(module.to(device), mesh=mesh)
+
+
+def full_tensor(w: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) parameter (a collective: every process calls it), or ``w``."""
+    return w.full_tensor() if hasattr(w, "full_tensor") else w
+
+
+def assign(w: torch.Tensor, value: torch.Tensor) -> None:
+    """``w.copy_(value)`` for a whole ``value``, also when ``w`` is sharded (each process keeps its shard)."""
+    with torch.no_grad():
+        value = value.to(w.device, w.dtype)
+        if hasattr(w, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value, w.device_mesh, w.placements)
+        w.copy_(value)
+
+
+def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with each sharded moment gathered whole on the CPU (a collective under
+    FSDP), so a resume state does not depend on how many processes wrote it."""
+    saved = optimizer.state_dict()
+    return {**saved, "state": {i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                               for i, s in saved["state"].items()}}
+
+
+def optimizer_shards(optimizer: torch.optim.Optimizer, whole: dict) -> dict:
+    """A ``whole_optimizer_state`` to load into ``optimizer``: each moment of a sharded parameter
+    cut to this process's shard (as the parameter is); the rest as it is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def like(value, param):
+        if not (torch.is_tensor(value) and hasattr(param, "device_mesh") and value.shape == param.shape):
+            return value
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+
+    return {**whole, "state": {i: {k: like(v, params[int(i)]) for k, v in s.items()} for i, s in whole["state"].items()}}
+
+
+def unshard_linears(model: torch.nn.Module, linears: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> None:
+    """Replace each sharded stack linear in ``model`` by a plain, unsharded one of its base class with
+    ``weights[name]`` (stored orientation, on its device and dtype) and its gathered bias, all frozen: the model that leaves
+    ``fine_tune`` is an ordinary model on every process (FSDP2 has no way back to unsharded modules)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in linears.items():
+        bias = module.bias
+        bias = None if bias is None else full_tensor(bias.detach())
+        if isinstance(module, torch.nn.Linear):
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+        else:
+            plain = Conv1D(module.nf, module.nx)
+        plain.weight = torch.nn.Parameter(weights[name], requires_grad=False)
+        plain.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, plain)
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -226,6 +309,11 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
         check_sequences(model, getattr(data, split), split)
     path = checkpoint_dir(config) / STATE_FILE
     accelerator = make_accelerator(cpu=model_device(model).type == "cpu", seed=config.seed)
+    sharded = opts["sharding"] == "fsdp"
+    if sharded and accelerator.num_processes < 2:
+        raise ValueError("QAFT option sharding='fsdp' shards over processes and this is one: launch it with "
+                         "`torchrun --nproc-per-node N` or `accelerate launch --num_processes N` (N >= 2), "
+                         "or set sharding: none")
     if accelerator.device.type == "cpu":
         keep_freed_memory()
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16,
@@ -244,6 +332,10 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
             p.requires_grad_(False)
         for w in latent.values():
             w.requires_grad_(True)
+        if sharded:  # the latent weights become sharded parameters (new objects)
+            model.to(accelerator.device)  # what DDP's prepare would do; then each linear is split
+            shard_linears(linears, accelerator.device)
+            latent = {name: fp_weight(m) for name, m in linears.items()}
         if opts["gradient_checkpointing"]:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
@@ -251,22 +343,27 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
             return (opts["select"] == "final" and run["stop_reason"] is not None, run["best_nll_validation"])
 
         def kept(weights: dict) -> dict:  # what is kept of the best epoch (CPU): int8 codes on the grid, else the weights
-            return {name: grids[name].codes(w.detach()).cpu() if quantize else w.detach().to("cpu", copy=True)
-                    for name, w in weights.items()}
+            return {name: grids[name].codes(full_tensor(w.detach())).cpu() if quantize
+                    else full_tensor(w.detach()).to("cpu", copy=True) for name, w in weights.items()}
 
         def evaluate() -> tuple[float, float]:
             model.eval()
-            with parametrize.cached():  # quantize each weight once, not once per batch
+            # quantize each weight once, not once per batch (sharded: per forward, the cache would hold
+            # every layer's whole weight)
+            with parametrize.cached() if not sharded else nullcontext():
                 result = (nll(model, data.validation, config.batch_size, desc=f"{title} NLL validation"),
                           nll(model, data.test, config.batch_size, desc=f"{title} NLL test"))
             model.train()
             return result
 
         # accelerate places the model (DDP under `accelerate launch`) and shards the batches. The
-        # optimizer stays a plain torch one: DDP all-reduces the gradients in backward, and the
-        # loop below steps it once per accumulation group.
+        # optimizer stays a plain torch one: DDP all-reduces the gradients in backward (FSDP2
+        # reduce-scatters them), and the loop below steps it once per accumulation group.
         loader = DataLoader(data.calibration, batch_size=opts["batch_size"], shuffle=True)
-        wrapped, loader = accelerator.prepare(model, loader)
+        if sharded:
+            loader = accelerator.prepare(loader)
+        else:
+            wrapped, loader = accelerator.prepare(model, loader)
         accum = opts["grad_accum"]
         micro_per_epoch = len(loader)  # micro-batches per epoch on this process
         steps_per_epoch = math.ceil(micro_per_epoch / accum)
@@ -291,18 +388,16 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
         for index, lr0 in enumerate(opts["lr_grid"]):
             if index < len(state["runs"]):
                 continue  # finished before an interruption
-            with torch.no_grad():
-                for name, w in latent.items():
-                    w.copy_(fp[name])
+            for name, w in latent.items():
+                assign(w, fp[name])
             optimizer = torch.optim.AdamW(list(latent.values()), lr=lr0, weight_decay=0.0)
             optimizer.zero_grad(set_to_none=True)
             scheduler = make_scheduler(optimizer, total_steps)
             current, state["current"] = state["current"], None
             if current is not None:  # resume this lr0 after its last finished epoch
-                with torch.no_grad():
-                    for name, w in latent.items():
-                        w.copy_(current["latent"][name])
-                optimizer.load_state_dict(current["optimizer"])
+                for name, w in latent.items():
+                    assign(w, current["latent"][name])
+                optimizer.load_state_dict(optimizer_shards(optimizer, current["optimizer"]))
                 scheduler.load_state_dict(current["scheduler"])
                 _set_rng_state(current["rng"])
                 run, best_codes = current["run"], current["best_codes"]
@@ -326,7 +421,10 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                     group_start = micro // accum * accum
                     group_end = min(group_start + accum, micro_per_epoch)
                     last_in_group = micro + 1 == group_end
-                    with nullcontext() if last_in_group else accelerator.no_sync(wrapped):
+                    if sharded:
+                        for m in linears.values():
+                            m.set_requires_gradient_sync(last_in_group)
+                    with nullcontext() if last_in_group or sharded else accelerator.no_sync(wrapped):
                         with autocast:
                             loss_sum, n_tokens = sequence_nll(wrapped, batch)
                         loss = loss_sum / n_tokens
@@ -361,10 +459,14 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                     run["best_epoch"], run["best_nll_validation"] = epoch, nll_val
                     best_codes = kept(latent)
                 if epoch < opts["epochs"]:  # after the last epoch the lr0's summary is saved instead
+                    if sharded:  # gathered by every process (collectives), written by the main one
+                        whole = {"latent": {name: full_tensor(w.detach()).cpu() for name, w in latent.items()},
+                                 "optimizer": whole_optimizer_state(optimizer)}
                     if accelerator.is_main_process:
-                        state["current"] = {"run": run, "best_codes": best_codes,
-                                            "latent": {name: w.detach().cpu() for name, w in latent.items()},
-                                            "optimizer": optimizer.state_dict(),
+                        if not sharded:
+                            whole = {"latent": {name: w.detach().cpu() for name, w in latent.items()},
+                                     "optimizer": optimizer.state_dict()}
+                        state["current"] = {"run": run, "best_codes": best_codes, **whole,
                                             "scheduler": scheduler.state_dict(), "rng": _rng_state()}
                         save_state(path, state)
                         state["current"] = None
@@ -384,12 +486,15 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
 
         # The best lr0's best epoch (QAFT: exactly on the grid).
         best = min(state["runs"], key=rank)
-        with torch.no_grad():
+        best_weights = {layer: grids[layer].dequantize(codes.to(grids[layer].scale.device), fp[layer].dtype)
+                        if quantize else codes for layer, codes in state["best_codes"].items()}
+        if sharded:
+            unshard_linears(model, linears, {layer: w.to(accelerator.device) for layer, w in best_weights.items()})
+        else:
             for layer, w in latent.items():
-                best_w = state["best_codes"][layer].to(w.device)
-                w.copy_(grids[layer].dequantize(best_w, w.dtype) if quantize else best_w)
-        if quantize:
-            bake(linears)
+                assign(w, best_weights[layer])
+            if quantize:
+                bake(linears)
     finally:
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
         model.__dict__.pop("_is_accelerate_prepared", None)  # so that a later prepare wraps it again
@@ -421,7 +526,7 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
         "step_s": train_s / steps if steps else None,
         "epochs": opts["epochs"], "steps_per_epoch": steps_per_epoch, "batch_size": opts["batch_size"],
         "grad_accum": opts["grad_accum"], "mixed_precision": opts["mixed_precision"],
-        "gradient_checkpointing": opts["gradient_checkpointing"], "select": opts["select"], "processes": accelerator.num_processes, "resumed_from": resumed_from,
+        "gradient_checkpointing": opts["gradient_checkpointing"], "select": opts["select"], "sharding": opts["sharding"], "processes": accelerator.num_processes, "resumed_from": resumed_from,
     }
 
 

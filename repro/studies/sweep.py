@@ -458,7 +458,7 @@ def paper_memory_table(processes: int = 8) -> str:
             # QAFT loads float32 (its latent weights train), so the frozen rest is float32 too
             ["QAFT", 1, training_memory(stack, other, other_bytes=4)["total"]],
             ["QAFT, DDP (replicated)", processes, training_memory(stack, other, processes, other_bytes=4)["total"]],
-            ["QAFT, sharded (FSDP: not provided yet)", processes,
+            ["QAFT, sharded (`sharding: fsdp`)", processes,
              training_memory(stack, other, processes, True, other_bytes=4)["total"]]]
     return markdown_table(["method", "GPUs", "GB per GPU"], [[a, b, f"{c / 1e9:.1f}"] for a, b, c in rows])
 
