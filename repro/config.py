@@ -53,6 +53,9 @@ class RunConfig:
     n_calibration: int = 128
     n_eval: int | None = None  # validation/test sequences (None: whole split)
     eval_windows: str = "consecutive"  # which n_eval windows: the split's first (paper) or spread over it
+    # also the test perplexity under the common GPTQ protocol (``repro.data.gptq_protocol_windows``), so
+    # numbers compare with published tables (the paper tier)
+    gptq_protocol_ppl: bool = False
     batch_size: int = 4
     seed: int = 0
     options: dict = field(default_factory=dict)
@@ -127,6 +130,8 @@ class RunConfig:
             del content["group_size"]
         if self.eval_windows == "consecutive":  # records from before the option keep their keys
             del content["eval_windows"]
+        if not self.gptq_protocol_ppl:  # (likewise)
+            del content["gptq_protocol_ppl"]
         if self.start == "fp":  # (likewise)
             del content["start"]
         else:  # which FPFT run it starts from (the tier's QAFT budget, which this config does not hold)
@@ -333,6 +338,7 @@ def sweep_configs(methods=("fp", "rtn"), bits=None, tier: str = "cpu", **overrid
 # Tier sections that are the paper's protocol (compared by ``deviations``); the rest (block-wise
 # options, granularity and seed studies) are the package's own studies, not the paper's.
 PROTOCOL_SECTIONS = ("models", "corpus", "observer", "dtype", "seq_len", "n_calibration", "n_eval", "eval_windows",
+                     "gptq_protocol_ppl",
                      "batch_size", "threads", "bits", "methods.gptq", "methods.qaft", "cross_block", "landscape",
                      "datasets")
 

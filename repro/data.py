@@ -402,6 +402,7 @@ class Data:
     test: torch.Tensor
     corpus: str
     seq_len: int
+    test_gptq: torch.Tensor | None = None  # the test split as the common GPTQ protocol cuts it (or None)
 
     def split(self, name: str) -> torch.Tensor:
         if name not in ("calibration", "validation", "test"):
@@ -428,9 +429,21 @@ EVAL_WINDOWS = ("consecutive", "stratified")
 EVAL_SEED = 0
 
 
+def gptq_protocol_windows(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
+    """The test split as GPTQ's evaluation (and the tables that follow it) cuts it: the documents joined
+    with "\\n\\n", tokenised once with the tokenizer's own start (one BOS at the very front, when it adds one),
+    cut into consecutive ``[n, seq_len]`` windows, the remainder dropped. Unlike ``make_data``'s windows,
+    only the first starts with BOS. Perplexity = exp(mean NLL over every predicted token)."""
+    bos = bos_token_id(tokenizer)
+    ids = tokenize(tokenizer, "\n\n".join(documents))
+    if bos is not None:
+        ids = torch.cat([torch.tensor([bos]), ids])
+    return consecutive(ids, seq_len, None)
+
+
 def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_calibration: int = 128,
               n_eval: int | None = None, seed: int = 0, model_max: int | None = None,
-              eval_windows: str = "consecutive") -> Data:
+              eval_windows: str = "consecutive", gptq_protocol: bool = False) -> Data:
     """Tokenise ``corpus`` and cut it into a ``Data`` record.
 
     ``n_calibration`` windows of ``seq_len`` tokens are drawn from train with ``seed``;
@@ -439,6 +452,7 @@ def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_cal
     "stratified" windows spread over every document of the split (``spread_windows``, by ``EVAL_SEED``:
     the same windows whatever ``seed``).
     Each window starts with the tokenizer's BOS token when it adds one (``bos_token_id``).
+    ``gptq_protocol``: also the whole test split in ``gptq_protocol_windows`` (``Data.test_gptq``).
     ``model_max`` (the model's maximum length) is checked against ``seq_len`` before any work.
     """
     for name, value, low, optional in (("seq_len", seq_len, 2, False), ("n_calibration", n_calibration, 1, False),
@@ -464,4 +478,5 @@ def make_data(tokenizer, corpus: str = DEFAULT_CORPUS, seq_len: int = 512, n_cal
                                             seed), bos),
         validation=with_bos(held_out("validation"), bos), test=with_bos(held_out("test"), bos),
         corpus=corpus, seq_len=seq_len,
+        test_gptq=gptq_protocol_windows(tokenizer, documents["test"], seq_len) if gptq_protocol else None,
     )

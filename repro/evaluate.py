@@ -506,7 +506,13 @@ def record_metrics(model, data, fp_weights: dict, batch_size: int, grid: Grid | 
                      layer_mse(model, fp_weights, data.test, batch_size, inputs="fp", desc="layer MSE (FP inputs)"))
         mse = {"layer_mse": own, "layer_mse_fp_inputs": fp_inputs}
     n_layers = len(mse["layer_mse"])
+    # the common GPTQ protocol (``repro.data.gptq_protocol_windows``): without a BOS those are the test
+    # windows themselves when the tier evaluates the whole split consecutively
+    gptq_ppl = None if data.test_gptq is None else perplexity(
+        nll_test if data.test_gptq.shape == data.test.shape and torch.equal(data.test_gptq, data.test)
+        else nll(model, data.test_gptq, batch_size, desc="NLL test (GPTQ protocol)"))
     return {
+        **({} if gptq_ppl is None else {"ppl_test_gptq_protocol": gptq_ppl}),
         "nll_validation": nll_val, "nll_test": nll_test,
         "nll_validation_windows": val_windows, "nll_test_windows": test_windows,
         "windows": {"validation": windows_id(data.validation), "test": windows_id(data.test)},

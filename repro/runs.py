@@ -68,7 +68,7 @@ def workbench(config: RunConfig) -> Workbench:
     """Load (or reuse) the model and data a config needs; the model is reset to FP."""
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     key = (config.model, config.corpus, config.seq_len, config.n_calibration, config.n_eval, config.eval_windows,
-           config.seed, device, config.dtype, config.device_map)
+           config.gptq_protocol_ppl, config.seed, device, config.dtype, config.device_map)
     if _WORKBENCH and _WORKBENCH[0].key == key:
         bench = _WORKBENCH[0]
         models.restore(bench.model, bench.fp_weights)
@@ -79,7 +79,8 @@ def workbench(config: RunConfig) -> Workbench:
                                          device_map=config.device_map)
     model_max = models.max_length(model)
     data = data_mod.make_data(tokenizer, config.corpus, config.seq_len or model_max, config.n_calibration,
-                              config.n_eval, config.seed, model_max=model_max, eval_windows=config.eval_windows)
+                              config.n_eval, config.seed, model_max=model_max, eval_windows=config.eval_windows,
+                              gptq_protocol=config.gptq_protocol_ppl)
     bench = Workbench(model, tokenizer, data, models.fp_snapshot(model), key)
     _WORKBENCH.append(bench)
     return bench
@@ -266,7 +267,9 @@ def summary(record: dict) -> str:
     bits = "" if c["bits"] is None else f" int{c['bits']}"
     return (f"{c['method']} {c['model']}{bits} ({c['observer']}, {c['corpus']}): "
             f"NLL val {record['nll_validation']:.3f} (ppl {record['ppl_validation']:.1f}), "
-            f"test {record['nll_test']:.3f} | mean layer MSE (test) own inputs {record['mean_layer_mse']:.3g}, "
+            f"test {record['nll_test']:.3f}"
+            + (f" (GPTQ-protocol ppl {record['ppl_test_gptq_protocol']:.2f})" if "ppl_test_gptq_protocol" in record else "")
+            + f" | mean layer MSE (test) own inputs {record['mean_layer_mse']:.3g}, "
             f"FP inputs {record.get('mean_layer_mse_fp_inputs', float('nan')):.3g} | "
             f"{record['wall_s']['method']:.1f} s{' [cached]' if record.get('cached') else ''}")
 

@@ -44,6 +44,20 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one():
     assert torch.equal(bos.validation[:, 1:].flatten(), plain.validation.flatten()[: 2 * 31])  # 31 text tokens each
 
 
+def test_gptq_protocol_cuts_the_joined_split_once_with_one_bos():
+    """GPTQ's evaluation: "\\n\\n".join(test), one tokenisation (one BOS at the front), consecutive windows of
+    the whole split. With no BOS: the tier's consecutive windows of the whole split, exactly."""
+    text = "\n\n".join(data.load_documents("wiki")["test"])
+    with_bos = data.make_data(BosCharTokenizer(), "wiki", seq_len=64, n_calibration=1, gptq_protocol=True)
+    flat = with_bos.test_gptq.flatten()
+    assert with_bos.test_gptq.shape == ((len(text.encode()) + 1) // 64, 64)
+    assert flat[0] == 0 and (flat[1:] > 0).all()  # BOS once, not at every window
+    assert bytes((flat[1:] - 1).tolist()) == text.encode()[: len(flat) - 1]
+    plain = data.make_data(CharTokenizer(), "wiki", seq_len=64, n_calibration=1, gptq_protocol=True)
+    assert torch.equal(plain.test_gptq, plain.test)
+    assert data.make_data(CharTokenizer(), "wiki", seq_len=64, n_calibration=1).test_gptq is None
+
+
 def test_windows():
     ids = torch.arange(1000)
     seqs = data.consecutive(ids, 64)

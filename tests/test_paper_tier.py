@@ -86,6 +86,11 @@ def test_records_follow_the_paper_protocol(paper_run):
         # the notebooks read what the batch computed: nothing ran on a ci/cpu corpus
         assert config["corpus"] in {tier["corpus"], *tier["datasets"]["corpora"]}, config
         assert math.isfinite(r["nll_test"]) and math.isfinite(r["nll_validation"]), config
+        # also perplexity as GPTQ's tables measure it: one BOS for the whole joined split; a tokenizer
+        # with no BOS (GPT-2) cuts the same windows as the tier's own, so the same number
+        assert math.isfinite(r["ppl_test_gptq_protocol"]) and config["gptq_protocol_ppl"], config
+        if config["model"].startswith("gpt2"):
+            assert r["ppl_test_gptq_protocol"] == pytest.approx(math.exp(r["nll_test"]), rel=1e-12)
         if config["method"] == "gptq":  # every calibration sequence, each of the model's full length
             for layer in r["info"]["layers"].values():  # damping scored in sample, as the paper
                 assert layer["tokens"] == tier["n_calibration"] * paper_standins.MAX_LENGTH
