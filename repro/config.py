@@ -328,9 +328,29 @@ def make_config(method: str = "rtn", bits: int | None = 4, tier: str = "cpu", op
     return RunConfig(method=method, bits=bits, options=method_options, tier=tier, **params)
 
 
+def bit_widths(bits, default=None) -> list[int]:
+    """Bit-widths as a notebook parameter or a caller gives them, checked: None -> ``default``; an int; a
+    list of ints; or text of either (``"4"``, ``"[4, 3]"``: papermill's ``-p`` passes what it cannot read as a
+    number as a string). Anything else is refused with the value as given, not character by character."""
+    given = bits
+    if bits is None:
+        bits = default
+    if isinstance(bits, str):
+        try:
+            bits = yaml.safe_load(bits)
+        except yaml.YAMLError:
+            pass
+    widths = [bits] if is_int(bits) else bits
+    if not isinstance(widths, (list, tuple)) or not widths or not all(is_int(b) for b in widths):
+        raise ValueError(f"bits={given!r}: give a width as an integer (papermill: -p bits 4) or a list of them "
+                         "(-y 'bits: [4, 3]'), each in 2..8")
+    return [check_bits(b) for b in widths]
+
+
 def sweep_configs(methods=("fp", "rtn"), bits=None, tier: str = "cpu", **overrides) -> list[RunConfig]:
-    """The configs of every (method, bits) pair (an FP reference once); ``bits=None`` takes the tier's list."""
-    bits = load_tier(tier)["bits"] if bits is None else bits
+    """The configs of every (method, bits) pair (an FP reference once); ``bits=None`` takes the tier's list
+    (``bit_widths``: an int or text is accepted)."""
+    bits = bit_widths(bits, load_tier(tier)["bits"])
     return [make_config(method, b, tier, **overrides)
             for method in methods for b in (bits if METHODS[method].quantizes else [None])]
 

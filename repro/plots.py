@@ -221,7 +221,8 @@ def misalignment_scatter(records, metric_rows=("nll_test", "layer_mse_fp_inputs"
             _square(ax, values, log=per_layer)
     ordered = [handles[b] for b in colors if b in handles] + ([handles["fp"]] if "fp" in handles else [])
     if ordered:
-        fig.legend(handles=ordered, loc="outside upper center", ncol=len(ordered), fontsize=8,
+        # at most 3 entries per panel column, so the legend is never wider than the figure (and clipped)
+        fig.legend(handles=ordered, loc="outside upper center", ncol=min(len(ordered), 3 * max(len(models), 1)), fontsize=8,
                    title="lines end at (RTN, RTN)", title_fontsize=8)
     return fig
 
@@ -630,8 +631,8 @@ def eta_vs_rho(analysis: dict):
 
 
 def save_drawn(figures: dict, directory: Path | str) -> list[Path]:
-    """Draw each ``name -> draw()`` (a study's ``figures``) and save it as ``directory/<name>.png``,
-    one figure open at a time."""
+    """Draw each ``name -> draw()`` (a study's ``figures``) and save it as ``directory/<name>.png`` (returned)
+    and as ``<name>.svg`` beside it (vector, for papers), one figure open at a time."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -639,6 +640,7 @@ def save_drawn(figures: dict, directory: Path | str) -> list[Path]:
         fig = draw()
         paths.append(directory / f"{name}.png")
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+        fig.savefig(paths[-1].with_suffix(".svg"), bbox_inches="tight")
         plt.close(fig)
     return paths
 

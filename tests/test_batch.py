@@ -172,6 +172,10 @@ def test_pareto_notebook_runs_as_typed_from_root_and_from_notebooks(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert (tmp_path / "out.ipynb").is_file() and _records(outputs) == records  # read, not recomputed
     assert (outputs / "tables" / "pareto_ci.md").read_text() == table
+    # a width papermill cannot read as a number arrives as text: named as typed, before any run
+    typo = subprocess.run([*papermill, "02_pareto.ipynb", str(tmp_path / "typo.ipynb"), "-p", "bits", "five"],
+                          cwd=checkout / "notebooks", env=env, capture_output=True, text=True)
+    assert typo.returncode != 0 and "bits='five': give a width as an integer" in typo.stderr + typo.stdout
 
 
 def test_a_failed_run_or_notebook_does_not_stop_the_others(tmp_path, monkeypatch, capsys):

@@ -162,7 +162,8 @@ def test_refuses_misuse(tmp_path):
 
 @pytest.mark.embedded
 def test_cli_exports_an_embedded_run_that_loads_back_with_its_test_nll(tmp_path, ci_outputs):
-    """`repro export` of RTN int4 per channel on SmolLM2 (ci tier) in both formats: each checkpoint loads
+    """`repro export` of GPTQ int4 on SmolLM2 (ci tier; the landscape's run, its weights kept by the ci
+    records) in both formats: each checkpoint loads
     with from_pretrained offline and measures the record's test NLL on the record's windows. Equal to
     1e-6 nats: the same weights bit for bit through the same modules; only the batch grouping of the
     fp32 sums could differ, and it does not (same batch size)."""
@@ -171,9 +172,9 @@ def test_cli_exports_an_embedded_run_that_loads_back_with_its_test_nll(tmp_path,
     from repro.config import make_config
     from repro.evaluate import nll, windows_id
 
-    config = make_config("rtn", 4, "ci", granularity="channel", save_weights=True)
+    config = make_config("gptq", 4, "ci", save_weights=True)
     for fmt in ("hf", "compressed-tensors"):
-        assert main(["export", "--tier", "ci", "--granularity", "channel", "--format", fmt,
+        assert main(["export", "--tier", "ci", "--method", "gptq", "--bits", "4", "--format", fmt,
                      "--outputs", str(ci_outputs), str(tmp_path / fmt)]) == 0
     record = store.read_record(config, ci_outputs)
     assert record is not None and store.weights_path(config, ci_outputs).exists()

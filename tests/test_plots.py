@@ -133,12 +133,22 @@ def test_damping_plot_panels_and_normalised_losses():
     assert np.allclose(old_insample.get_ydata(), [(1 + float(g)) / 1.001 for g in GRID])
 
 
-def test_save_figures_writes_pngs(tmp_path):
+def test_save_figures_writes_pngs_and_svgs_within_their_edges(tmp_path):
     paths = plots.save_drawn(sweep.record_figures(records(), "_t"), tmp_path / "figs")
     names = {p.name for p in paths}
     assert {"misalignment_t.png", "misalignment_scatter_t.png", "damping_t.png"} <= names
     for p in paths:
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in p.with_suffix(".svg").read_bytes()[:2000]  # the vector copy, for papers
+    # Fig. 1's scatter of one model at the five widths: its legend (above the one panel column) fits
+    # within the figure's width, not clipped at the left edge
+    five = records() + [{**r, "config": {**r["config"], "bits": b}} for b in (6, 3, 2)
+                        for r in records() if r["config"]["bits"] == 8]
+    figure = sweep.record_figures(five, "_t")["misalignment_scatter_t"]()
+    figure.canvas.draw()
+    legend = figure.legends[0].get_window_extent()
+    assert legend.x0 >= 0 and legend.x1 <= figure.bbox.width
+    plt.close(figure)
     without_qaft = plots.save_drawn(sweep.record_figures([r for r in records() if r["config"]["method"] != "qaft"]),
                                     tmp_path / "b")
     assert "misalignment_scatter.png" not in {p.name for p in without_qaft}

@@ -43,6 +43,21 @@ def test_bad_config_values_fail_early():
         assert cli.main(["run", "--bits", "4", "--tier", "ci", "--device", "cuda"]) == 2
 
 
+def test_bit_widths_as_notebooks_and_papermill_pass_them():
+    """None, an int, a list, or text of either (papermill's -p passes unparsable values as text); a typo is
+    named as typed, not read character by character."""
+    from repro.config import bit_widths
+
+    assert bit_widths(None, [8, 4]) == [8, 4] and bit_widths(3) == [3] and bit_widths([4, 2]) == [4, 2]
+    assert bit_widths("4") == [4] and bit_widths("[4, 3]") == [4, 3]
+    for bad in ("five", "", [], ["4"], 4.0, True, "[4, x]"):
+        with pytest.raises(ValueError, match=r"bits=.*give a width as an integer"):
+            bit_widths(bad)
+    with pytest.raises(ValueError, match="bits=9 is not supported"):
+        bit_widths(9)
+    assert [c.bits for c in sweep_configs(("rtn",), 4, "ci")] == [4]
+
+
 def test_tier_settings_per_model(monkeypatch):
     smol, gemma = (make_config("rtn", 8, tier="cpu", model=m) for m in load_tier("cpu")["models"])
     settings = load_tier("cpu")["model_settings"]["gemma3-270m"]
