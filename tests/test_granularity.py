@@ -75,9 +75,10 @@ def test_per_tensor_keys_and_grid_are_unchanged():
     """Records made before granularity existed keep their keys (so they stay valid), and the
     per-tensor grid is the same computation as before: a 0-d scale, quantize by broadcasting."""
     config = RunConfig(method="rtn", bits=4, model="smollm2-135m", observer="mse")
-    # the key as before the grid (and eval_windows, start) fields existed: their defaults do not enter it
+    # the key as before the grid (and eval_windows, start, dtype, gptq_protocol_ppl) fields existed: their defaults do not enter it
     content = {k: v for k, v in dataclasses.asdict(config).items()
-               if k not in (*HASH_EXCLUDE, "granularity", "group_size", "eval_windows", "start", "dtype", "device_map")}
+               if k not in (*HASH_EXCLUDE, "granularity", "group_size", "eval_windows", "start", "dtype", "device_map",
+                         "gptq_protocol_ppl")}
     content.update(method_version=METHODS["rtn"].version, **SHARED_VERSIONS)
     assert config.key() == hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     assert config.label() == "rtn int4"
