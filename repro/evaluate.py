@@ -509,7 +509,7 @@ def record_metrics(model, data, fp_weights: dict, batch_size: int, grid: Grid | 
     # the common GPTQ protocol (``repro.data.gptq_protocol_windows``): without a BOS those are the test
     # windows themselves when the tier evaluates the whole split consecutively
     gptq_ppl = None if data.test_gptq is None else perplexity(
-        nll_test if data.test_gptq.shape == data.test.shape and torch.equal(data.test_gptq, data.test)
+        nll_test if torch.equal(data.test_gptq, data.test)
         else nll(model, data.test_gptq, batch_size, desc="NLL test (GPTQ protocol)"))
     return {
         **({} if gptq_ppl is None else {"ppl_test_gptq_protocol": gptq_ppl}),

@@ -207,15 +207,21 @@ def full_tensor(w: torch.Tensor) -> torch.Tensor:
     return w.full_tensor() if hasattr(w, "full_tensor") else w
 
 
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole ``value`` cut as ``param`` is: this process's shard when ``param`` is sharded (DTensor),
+    else ``value`` itself, on ``param``'s device either way."""
+    value = value.to(param.device)
+    if not hasattr(param, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, param.device_mesh, param.placements)
+
+
 def assign(w: torch.Tensor, value: torch.Tensor) -> None:
     """``w.copy_(value)`` for a whole ``value``, also when ``w`` is sharded (each process keeps its shard)."""
     with torch.no_grad():
-        value = value.to(w.device, w.dtype)
-        if hasattr(w, "device_mesh"):
-            from torch.distributed.tensor import distribute_tensor
-
-            value = distribute_tensor(value, w.device_mesh, w.placements)
-        w.copy_(value)
+        w.copy_(shard_like(value.to(w.dtype), w))
 
 
 def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
@@ -231,12 +237,9 @@ def optimizer_shards(optimizer: torch.optim.Optimizer, whole: dict) -> dict:
     cut to this process's shard (as the parameter is); the rest as it is."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def like(value, param):
-        if not (torch.is_tensor(value) and hasattr(param, "device_mesh") and value.shape == param.shape):
-            return value
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    def like(value, param):  # the moments, shaped as their parameter (not AdamW's scalar step)
+        sharded_moment = torch.is_tensor(value) and hasattr(param, "device_mesh") and value.shape == param.shape
+        return shard_like(value, param) if sharded_moment else value
 
     return {**whole, "state": {i: {k: like(v, params[int(i)]) for k, v in s.items()} for i, s in whole["state"].items()}}
 
@@ -459,13 +462,10 @@ def fine_tune(model, data, config, quantize: bool, start_nll: dict | None = None
                     run["best_epoch"], run["best_nll_validation"] = epoch, nll_val
                     best_codes = kept(latent)
                 if epoch < opts["epochs"]:  # after the last epoch the lr0's summary is saved instead
-                    if sharded:  # gathered by every process (collectives), written by the main one
+                    if sharded or accelerator.is_main_process:  # sharded: gathered by every process (collectives)
                         whole = {"latent": {name: full_tensor(w.detach()).cpu() for name, w in latent.items()},
                                  "optimizer": whole_optimizer_state(optimizer)}
-                    if accelerator.is_main_process:
-                        if not sharded:
-                            whole = {"latent": {name: w.detach().cpu() for name, w in latent.items()},
-                                     "optimizer": optimizer.state_dict()}
+                    if accelerator.is_main_process:  # written by the main one
                         state["current"] = {"run": run, "best_codes": best_codes, **whole,
                                             "scheduler": scheduler.state_dict(), "rng": _rng_state()}
                         save_state(path, state)
