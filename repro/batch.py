@@ -8,18 +8,32 @@ into ``OUTPUTS/<tier>/notebooks/`` (a failed one as ``<name>.failed.ipynb``, wit
 A failed run or notebook is reported and the batch goes on.
 Records are written atomically (``repro.runs``), so a batch killed at any point (``kill -9``
 included) and started again recomputes nothing that had finished.
+
+With ``processes`` > 1 (the tier's ``processes``, or ``repro batch --processes N``) the runs are
+computed first by that many worker processes at once (``repro batch --worker``), each at the tier's
+``threads``: every worker walks the same plan and takes the next run no other worker holds
+(``claim``), so a run is computed once and the workers stay busy to the end; then this process reads
+every record and executes the notebooks. On 2 cores two one-thread workers do GPTQ 1.46x and an
+evaluation pass 1.09x faster than one process at two threads (``benchmarks/processes.py``): much of a
+run (GPTQ's column sweep, the Python between kernels) does not split over threads.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
+import subprocess
+import sys
 import time
 import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from repro import runs, store
 from repro.config import load_tier, tier_name
 from repro.progress import progress
+from repro.report import wall_s
 from repro.studies import NOTEBOOKS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -37,7 +51,7 @@ class Job:
     execute_s: float = 0.0
     error: str | None = None
     output: Path | None = None
-    ran: list = field(default_factory=list)
+    ran: list = field(default_factory=list)  # {"model", "run", "status", "wall_s"} per run it computed or failed
 
     def name(self) -> str:
         return self.notebook + (f"-{self.model.replace('/', '--')}" if self.model else "")
@@ -113,6 +127,64 @@ def in_shard(config, shard: tuple[int, int] | None) -> bool:
     return shard is None or int(config.key(), 16) % shard[1] == shard[0] - 1
 
 
+@contextmanager
+def claim(path: Path):
+    """Yields whether this process holds the run whose record is ``path`` for the block: a
+    non-blocking ``flock`` on ``.<record>.claim`` beside it, False while another worker holds it (that
+    worker computes the run; ``--worker`` goes on to the next). Where the filesystem has no ``flock``
+    it yields True and ``repro.runs.run``'s record lock keeps the run from being computed twice
+    (the second worker waits for the first and reads its record)."""
+    import fcntl
+
+    lock = path.with_name(f".{path.name}.claim")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                yield False
+                return
+            if err.errno not in store._NO_FLOCK:
+                raise
+            yield True
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def worker_summary_path(outputs: Path, tier: str, worker: int) -> Path:
+    """Where worker ``worker`` of ``repro batch --processes`` writes what it computed (``--worker``)."""
+    return outputs / tier_name(tier) / "workers" / f"worker-{worker}.json"
+
+
+def run_workers(processes: int, tier: str, notebooks, models, outputs: Path, bits, echo=print) -> tuple[float, dict]:
+    """Start ``processes`` ``repro batch --worker K`` on ``outputs`` at once and wait for them all.
+    Returns the wall seconds and, per ``(notebook, model)``, the runs the workers computed
+    (``{"model", "run", "status", "wall_s"}`` rows). Their output goes to this process's stdout/stderr."""
+    command = [sys.executable, "-m", "repro.cli", "batch", "--tier", tier, "--outputs", str(outputs),
+               *(notebooks or []), *(["--models", *models] if models else []),
+               *(["--bits", *map(str, bits)] if bits else [])]
+    for k in range(1, processes + 1):
+        worker_summary_path(outputs, tier, k).unlink(missing_ok=True)
+    echo(f"computing the runs in {processes} worker processes ({' '.join(command[2:])} --worker K)")
+    start = time.perf_counter()
+    procs = [subprocess.Popen([*command, "--worker", str(k)]) for k in range(1, processes + 1)]
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - start
+    ran = {}
+    for k, code in enumerate(codes, 1):
+        path = worker_summary_path(outputs, tier, k)
+        if not path.exists():
+            echo(f"worker {k} stopped (exit {code}) before it wrote {path}: its runs are computed below")
+            continue
+        for job in json.loads(path.read_text())["jobs"]:
+            ran.setdefault((job["notebook"], job["model"]), []).extend(job["runs"])
+    return wall, ran
+
+
 class HubUnavailableError(RuntimeError):
     """The batch needs hub models or corpora that cannot be had now (no network, nothing cached)."""
 
@@ -143,7 +215,8 @@ def check_hub(configs, tier: str) -> None:
 
 
 def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None = None, echo=print,
-          shard: tuple[int, int] | None = None, bits=None) -> list[Job]:
+          shard: tuple[int, int] | None = None, bits=None, processes: int | None = None,
+          worker: int | None = None) -> list[Job]:
     """Run the batch (see the module docstring); returns the jobs with their status and times.
 
     ``bits``: the widths every notebook sweeps instead of the tier's (``repro batch --bits 4``), e.g. a
@@ -151,8 +224,22 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
 
     ``shard=(K, N)``: compute only the K-th of N deterministic parts of the runs and execute no
     notebook (``repro batch --shard K/N``, e.g. one per GPU or SLURM array task, on one shared
-    outputs directory); a final unsharded batch then reads every record and executes the notebooks."""
+    outputs directory); a final unsharded batch then reads every record and executes the notebooks.
+
+    ``processes``: worker processes that compute the runs first (module docstring; None: the tier's
+    ``processes``, else 1). ``worker=K``: be the K-th of them: compute every run of the plan that no
+    other worker holds, execute no notebook, write what it computed (``worker_summary_path``)."""
     outputs = Path(outputs) if outputs is not None else store.outputs_dir()
+    processes = processes or load_tier(tier).get("processes") or 1
+    if processes < 1:
+        raise ValueError(f"processes={processes}: expected a number of worker processes >= 1")
+    if shard is not None and worker is not None:
+        raise ValueError("--shard and --worker exclude each other: a worker takes whatever run is free, a shard a "
+                         "fixed part (for separate machines)")
+    workers_wall, worker_runs = None, {}
+    if processes > 1 and shard is None and worker is None:
+        cached_before = _cached_count(tier, notebooks, models, outputs, bits)
+        workers_wall, worker_runs = run_workers(processes, tier, notebooks, models, outputs, bits, echo)
     jobs = plan(tier, notebooks, models, bits)  # per notebook: the models given, else its own or the tier's list
     models = tier_models(tier, models)
     unique = {}
@@ -165,28 +252,39 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
     echo(f"repro batch --tier {tier}{f' --shard {shard[0]}/{shard[1]}' if shard else ''}: {len(jobs)} notebook(s), "
          f"{len(unique)} run(s), {len(cached)} cached, {len(unique) - len(cached)} to compute; outputs in {outputs}")
     done, failed = set(cached), {}
-    bar = progress(total=len(unique) - len(cached), desc="runs", unit="run")
+    bar = progress(total=len(unique) - len(cached), desc="runs" + (f" (worker {worker})" if worker else ""),
+                   unit="run", position=(worker or 1) - 1)
     for job in jobs:
         start = time.perf_counter()
         for config in job.configs:
             path = store.record_path(config, outputs)
             if path in done or path in failed:
                 continue
-            bar.set_postfix_str(f"{config.model} {config.label()}")
-            t0 = time.perf_counter()
-            try:
-                record = runs.run(config, outputs)
-                bar.write(runs.summary(record))
-                done.add(path)
-                job.ran.append((config, "ran", time.perf_counter() - t0))
-            except Exception as err:  # noqa: BLE001 - reported, and the batch goes on
-                failed[path] = f"{type(err).__name__}: {err}"
-                bar.write(f"FAILED {config.model} {config.label()}: {failed[path]}")
-                job.ran.append((config, "failed", time.perf_counter() - t0))
+            with claim(path) if worker else nullcontext(True) as mine:
+                if not mine:  # another worker is computing it
+                    done.add(path)
+                    bar.update(1)
+                    continue
+                bar.set_postfix_str(f"{config.model} {config.label()}")
+                t0 = time.perf_counter()
+                try:
+                    record = runs.run(config, outputs)
+                    if not record.get("cached"):  # (another worker may have just written it)
+                        bar.write(runs.summary(record))
+                        job.ran.append(_ran(config, "ran", t0))
+                    done.add(path)
+                except Exception as err:  # noqa: BLE001 - reported, and the batch goes on
+                    failed[path] = f"{type(err).__name__}: {err}"
+                    bar.write(f"FAILED {config.model} {config.label()}: {failed[path]}")
+                    job.ran.append(_ran(config, "failed", t0))
             bar.update(1)
         job.runs_s = time.perf_counter() - start
+        if worker_runs:  # computed by the workers: their runs, and their time summed over processes
+            by_workers = worker_runs.get((job.notebook, job.model), [])
+            job.ran = by_workers + job.ran
+            job.runs_s += sum(r["wall_s"] for r in by_workers)
         missing = [c for c in job.configs if store.record_path(c, outputs) in failed]
-        if shard is not None:  # the notebooks run once every shard's records are in
+        if shard is not None or worker is not None:  # the notebooks run once every part's records are in
             job.status = "failed" if missing else "passed"
             job.error = f"{len(missing)} run(s) failed" if missing else None
             continue
@@ -208,38 +306,55 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
                   f"executing){' - ' + job.error if job.error else ''}"
                   + (f" -> {job.output}" if job.output else ""))
     bar.close()
-    echo(summary_table(jobs, len(cached)))
-    if shard is None:  # batch.json describes a whole main job; a batch of some notebooks or widths its own file
-        write_summary(jobs, tier, outputs, len(cached), "batch" if notebooks is None and bits is None else
-                      "batch-" + "+".join([*dict.fromkeys(notebooks or ["all"]),
-                                           *(f"int{b}" for b in bits or [])]))
+    cached = cached_before if workers_wall is not None else len(cached)
+    echo(summary_table(jobs, cached, workers_wall, processes))
+    if worker is not None:
+        write_summary(jobs, tier, outputs, cached, path=worker_summary_path(outputs, tier, worker))
+    elif shard is None:  # batch.json describes a whole main job; a batch of some notebooks or widths its own file
+        write_summary(jobs, tier, outputs, cached, workers_wall, processes,
+                      outputs / tier_name(tier) / ("batch.json" if notebooks is None and bits is None else
+                      "batch-" + "+".join([*dict.fromkeys(notebooks or ["all"]), *(f"int{b}" for b in bits or [])])
+                      + ".json"))
     return jobs
 
 
-def summary_table(jobs: list[Job], cached: int) -> str:
-    """What ran, was cached or failed, with wall times, per notebook and in total."""
+def _ran(config, status: str, started: float) -> dict:
+    return {"model": config.model, "run": config.label(), "status": status, "wall_s": time.perf_counter() - started}
+
+
+def _cached_count(tier: str, notebooks, models, outputs: Path, bits) -> int:
+    """How many of the plan's runs have records now."""
+    paths = {store.record_path(c, outputs) for job in plan(tier, notebooks, models, bits) for c in job.configs}
+    return sum(path.exists() for path in paths)
+
+
+
+def summary_table(jobs: list[Job], cached: int, workers_wall: float | None = None, processes: int = 1) -> str:
+    """What ran, was cached or failed, with wall times, per notebook and in total (with workers, a
+    notebook's runs s are its runs' seconds summed over the worker processes)."""
     lines = [f"{'notebook':<34} {'status':<7} {'ran':>4} {'failed':>6} {'runs s':>8} {'exec s':>7}"]
+    count = lambda runs, status: sum(r["status"] == status for r in runs)  # noqa: E731
     for job in jobs:
-        ran = sum(st == "ran" for _, st, _ in job.ran)
-        bad = sum(st == "failed" for _, st, _ in job.ran)
-        lines.append(f"{job.name():<34} {job.status:<7} {ran:>4} {bad:>6} {job.runs_s:>8.0f} {job.execute_s:>7.0f}")
-    total = sum(j.runs_s + j.execute_s for j in jobs)
-    ran = sum(st == "ran" for j in jobs for _, st, _ in j.ran)
-    bad = sum(st == "failed" for j in jobs for _, st, _ in j.ran)
+        lines.append(f"{job.name():<34} {job.status:<7} {count(job.ran, 'ran'):>4} {count(job.ran, 'failed'):>6} "
+                     f"{job.runs_s:>8.0f} {job.execute_s:>7.0f}")
+    total = wall_s([j.runs_s for j in jobs], [j.execute_s for j in jobs], workers_wall)
+    every = [r for j in jobs for r in j.ran]
     passed = sum(j.status == "passed" for j in jobs)
-    lines.append(f"runs: {ran} computed, {cached} cached, {bad} failed | notebooks: {passed} of {len(jobs)} passed | "
-                 f"wall {total / 60:.1f} min")
+    workers = "" if workers_wall is None else f" ({workers_wall / 60:.1f} min of runs in {processes} processes)"
+    lines.append(f"runs: {count(every, 'ran')} computed, {cached} cached, {count(every, 'failed')} failed | notebooks: "
+                 f"{passed} of {len(jobs)} passed | wall {total / 60:.1f} min{workers}")
     return "\n".join(lines)
 
 
-def write_summary(jobs: list[Job], tier: str, outputs: Path, cached: int, name: str = "batch") -> Path:
-    """``OUTPUTS/<tier>/<name>.json`` (``batch.json`` for the main job, ``batch-<notebooks>.json`` for
-    a batch of some notebooks): per notebook the status, runs computed and wall times."""
-    path = outputs / tier_name(tier) / f"{name}.json"
+def write_summary(jobs: list[Job], tier: str, outputs: Path, cached: int, workers_wall: float | None = None,
+                  processes: int = 1, path: Path | None = None) -> Path:
+    """``path`` (default ``OUTPUTS/<tier>/batch.json``, the main job's; ``batch-<notebooks>.json`` for a
+    batch of some notebooks): per notebook the status, runs computed and wall times; with worker
+    processes, their wall time (``workers_wall_s``), which the total counts instead of the runs' sum."""
+    path = path or outputs / tier_name(tier) / "batch.json"
     store.write_json_atomic(path, {
         "tier": tier, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": runs.code_hash(), "cached": cached,
+        "processes": processes, "workers_wall_s": workers_wall,
         "jobs": [{"notebook": j.notebook, "model": j.model, "status": j.status, "error": j.error,
-                  "runs_s": j.runs_s, "execute_s": j.execute_s,
-                  "runs": [{"model": c.model, "run": c.label(), "status": st, "wall_s": s} for c, st, s in j.ran]}
-                 for j in jobs]})
+                  "runs_s": j.runs_s, "execute_s": j.execute_s, "runs": j.ran} for j in jobs]})
     return path

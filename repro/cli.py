@@ -71,7 +71,8 @@ def _batch(args) -> int:
     if swallowed:  # `--models a b` takes every name after it
         raise ValueError(f"--models took the notebook name(s) {', '.join(swallowed)}: put notebook names before "
                          f"--models, e.g. repro batch {' '.join(swallowed)} --models {args.models[0]}")
-    jobs = batch.batch(args.tier, args.notebooks or None, args.models, args.outputs, shard=shard, bits=args.bits)
+    jobs = batch.batch(args.tier, args.notebooks or None, args.models, args.outputs, shard=shard, bits=args.bits,
+                       processes=args.processes, worker=args.worker)
     return 0 if all(job.status == "passed" for job in jobs) else 1
 
 
@@ -246,6 +247,10 @@ def main(argv=None) -> int:
                    "tier's (passed to each notebook as its `bits` parameter), e.g. a quick pass at --bits 4")
     p.add_argument("--shard", metavar="K/N", help="compute only the K-th of N deterministic parts of the runs, no "
                    "notebooks (one per GPU or SLURM array task on a shared --outputs; then one plain batch)")
+    p.add_argument("--processes", type=int, metavar="N", help="worker processes that compute the runs at once before "
+                   "the notebooks execute, each at the tier's `threads` (default: the tier's `processes`, else 1)")
+    p.add_argument("--worker", type=int, metavar="K", help="be worker K of --processes (which starts them): compute "
+                   "every run no other worker holds, no notebooks")
     p.set_defaults(func=_batch)
 
     p = sub.add_parser("figures", help="save the figures of the cached records as PNG under OUTPUTS/figures")

@@ -73,6 +73,12 @@ def portable_table(records) -> str:
     return markdown_table(["model", "corpus", "scales", "bits", "method", "test NLL", "checks"], rows)
 
 
+def wall_s(jobs_runs_s, jobs_execute_s, workers_wall: float | None) -> float:
+    """A batch's wall seconds: with worker processes (``repro batch --processes``), their wall time
+    instead of the runs' seconds summed over them; plus executing the notebooks."""
+    return (sum(jobs_runs_s) if workers_wall is None else workers_wall) + sum(jobs_execute_s)
+
+
 def batch_table(summary: dict, planned=None) -> str:
     """The main job's wall time per notebook from ``OUTPUTS/<tier>/batch.json`` (``repro batch``):
     the runs it was the first to need (computed, minutes) and executing it (papermill). With
@@ -86,8 +92,12 @@ def batch_table(summary: dict, planned=None) -> str:
         rows.append([job["notebook"] + (" (not in the main job now)" if outside else ""), job["model"] or "all",
                      job["status"], len(computed), f"{job['runs_s'] / 60:.1f}", f"{job['execute_s'] / 60:.1f}",
                      f"{(job['runs_s'] + job['execute_s']) / 60:.1f}"])
-    total = sum(j["runs_s"] + j["execute_s"] for j in summary["jobs"])
-    rows.append(["**total**", "", "", sum(r[3] for r in rows), "", "", f"**{total / 60:.1f}**"])
+    workers_wall = summary.get("workers_wall_s")
+    total = wall_s([j["runs_s"] for j in summary["jobs"]], [j["execute_s"] for j in summary["jobs"]], workers_wall)
+    if workers_wall is not None:  # the runs' minutes above are summed over the processes that computed them at once
+        rows.append([f"runs, wall ({summary['processes']} processes at once)", "", "", "", f"{workers_wall / 60:.1f}", "",
+                     f"{workers_wall / 60:.1f}"])
+    rows.append(["**total**", "", "", sum(r[3] for r in rows if isinstance(r[3], int)), "", "", f"**{total / 60:.1f}**"])
     if extra:
         rows.append(["**total of today's main job**", "", "", "", "", "", f"**{(total - extra) / 60:.1f}**"])
     return (markdown_table(["notebook", "model", "status", "runs computed", "runs min", "execute min", "total min"], rows)

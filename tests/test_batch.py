@@ -215,3 +215,45 @@ def test_paper_tier_offline_fails_at_once_listing_what_it_needs(tmp_path, monkey
         assert needed in message, needed
     assert "smollm2" not in message  # embedded models need nothing
     assert time.perf_counter() - start < 60 and not (tmp_path / "out" / "records").exists()
+
+
+def test_a_claimed_run_is_skipped_by_other_workers(tmp_path):
+    """`claim` is exclusive and does not wait: a second holder is told no while the first holds it."""
+    path = tmp_path / "records" / "rtn" / "x.json"
+    with batch.claim(path) as first:
+        with batch.claim(path) as second:
+            assert first and not second
+    with batch.claim(path) as again:
+        assert again
+
+
+@pytest.mark.embedded
+@pytest.mark.subprocess
+def test_two_worker_processes_compute_each_run_once(tmp_path, seed_records):
+    """`repro batch --processes 2`: two workers take the runs between them, each run is computed by
+    exactly one of them, the records equal one process's (same thread count), and the parent
+    executes the notebook after them with nothing left to compute; batch.json counts the workers'
+    wall time once. Four RTN runs are left to compute; the rest come from the session's records."""
+    base = [*REPRO, "batch", "--tier", "ci", "00_quickstart", "--models", "smollm2-135m"]
+    env = {**os.environ, "REPRO_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    (job,) = batch.plan("ci", ["00_quickstart"], ["smollm2-135m"])
+    left = _cheapest(job.configs, 4)
+    for outputs in (shared, alone):
+        seed_records(outputs, [c for c in job.configs if c not in left])
+    done = subprocess.run([*base, "--processes", "2", "--outputs", str(shared)], env=env, capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    workers = [json.loads(batch.worker_summary_path(shared, "ci", k).read_text()) for k in (1, 2)]
+    computed = [r["run"] for w in workers for j in w["jobs"] for r in j["runs"] if r["status"] == "ran"]
+    assert sorted(computed) == sorted(c.label() for c in left)  # each once, by one worker or the other
+    summary = json.loads((shared / "ci" / "batch-00_quickstart.json").read_text())
+    assert summary["processes"] == 2 and summary["workers_wall_s"] > 0 and summary["cached"] == len(
+        {store.record_path(c) for c in job.configs}) - len(left)
+    assert [j["status"] for j in summary["jobs"]] == ["passed"]
+    assert sorted(r["run"] for r in summary["jobs"][0]["runs"]) == sorted(c.label() for c in left)
+    assert "in 2 processes" in done.stdout
+    one = subprocess.run([*base, "--processes", "1", "--outputs", str(alone)], env=env, capture_output=True, text=True,
+                         cwd=ROOT)
+    assert one.returncode == 0, one.stdout[-2000:]
+    assert _numbers(shared) == _numbers(alone)
