@@ -12,10 +12,12 @@ included) and started again recomputes nothing that had finished.
 With ``processes`` > 1 (the tier's ``processes``, or ``repro batch --processes N``) the runs are
 computed first by that many worker processes at once (``repro batch --worker``), each at the tier's
 ``threads``: every worker walks the same plan and takes the next run no other worker holds
-(``claim``), so a run is computed once and the workers stay busy to the end; then this process reads
-every record and executes the notebooks. On 2 cores two one-thread workers do GPTQ 1.46x and an
-evaluation pass 1.09x faster than one process at two threads (``benchmarks/processes.py``): much of a
-run (GPTQ's column sweep, the Python between kernels) does not split over threads.
+(``claim``), so a run is computed once and the workers stay busy to the end; the workers also share
+what a notebook computes beyond runs (``Notebook.precompute``: the landscape's points, one claim per
+point); then this process reads every record and executes the notebooks. In isolation, on 2 cores, two one-thread workers do GPTQ
+1.46x and an evaluation pass 1.09x faster than one process at two threads (``benchmarks/processes.py``:
+GPTQ's column sweep and the Python between kernels do not split over threads); over the whole main
+job the gain is small (each run took about twice its two-thread time), more cores gain more.
 """
 from __future__ import annotations
 
@@ -278,6 +280,14 @@ def batch(tier: str = "cpu", notebooks=None, models=None, outputs: Path | None =
                     bar.write(f"FAILED {config.model} {config.label()}: {failed[path]}")
                     job.ran.append(_ran(config, "failed", t0))
             bar.update(1)
+        if worker is not None and job.model and NOTEBOOKS[job.notebook].precompute:  # e.g. the landscape's points
+            t0 = time.perf_counter()
+            try:
+                NOTEBOOKS[job.notebook].precompute(tier, job.model, bits, outputs, claim)
+                job.ran.append({"model": job.model, "run": "precompute", "status": "precomputed",
+                                "wall_s": time.perf_counter() - t0})
+            except Exception as err:  # noqa: BLE001 - the notebook computes what is missing when it executes
+                bar.write(f"precomputing {job.name()} failed ({type(err).__name__}: {err}); it executes without")
         job.runs_s = time.perf_counter() - start
         if worker_runs:  # computed by the workers: their runs, and their time summed over processes
             by_workers = worker_runs.get((job.notebook, job.model), [])

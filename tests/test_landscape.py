@@ -203,3 +203,35 @@ def test_kept_weights_lifecycle(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="not on its int3 grid.*without them"):
         record = runs.run(keeping, tmp_path, force=True)
     assert record["key"] == keeping.key() and store.read_record(keeping, tmp_path) and not path.exists()
+
+
+@pytest.mark.embedded
+def test_processes_share_the_points_through_take(tmp_path, seed_records, ci_outputs):
+    """`repro batch`'s workers share the landscape's points (``take``: one claim per point). A process
+    that takes every other point writes exactly those and returns None; the landscape is then not
+    complete (``cached_only``); a plain call measures only the rest, leaves the first process's points
+    byte for byte, and returns every point."""
+    import shutil
+    from contextlib import contextmanager
+
+    kept = [make_config(m, 4, "ci", model="smollm2-135m") for m in ("gptq", "qaft")]
+    rtn = [make_config("rtn", b, "ci", model="smollm2-135m") for b in load_tier("ci")["bits"]]
+    seed_records(tmp_path, kept + rtn)
+    for config in kept:
+        runs.load_weights(config, ci_outputs)  # kept there (computed first if no test has yet)
+        shutil.copy(store.weights_path(config, ci_outputs), store.weights_path(config, tmp_path))
+    taken = []
+
+    @contextmanager
+    def every_other(path):
+        taken.append(path)
+        yield len(taken) % 2 == 1
+
+    assert landscape.landscape("smollm2-135m", [4], "ci", tmp_path, take=every_other, radii=[0.1]) is None
+    points_dir = tmp_path / "records" / "landscape" / "smollm2-135m"
+    first = {p: p.read_bytes() for p in points_dir.glob("*.json")}
+    assert set(first) == set(taken[0::2]) and len(taken) > 4
+    assert landscape.landscape("smollm2-135m", [4], "ci", tmp_path, cached_only=True, radii=[0.1]) is None
+    result = landscape.landscape("smollm2-135m", [4], "ci", tmp_path, radii=[0.1])
+    assert len(result["points"]) == len(taken) == len(list(points_dir.glob("*.json")))
+    assert all(p.read_bytes() == content for p, content in first.items())

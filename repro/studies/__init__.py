@@ -27,12 +27,17 @@ from repro.config import load_tier, tier_name
 class Notebook:
     """One notebook: ``configs(tier, model, bits)`` are the runs it reads, computed before it
     executes (``repro.batch``); ``per_model``: executed once per model (else once over all of the
-    tier's models); ``section``: the tier section whose ``models`` replace the tier's list."""
+    tier's models); ``section``: the tier section whose ``models`` replace the tier's list;
+    ``precompute``: its other cached work, shared by the batch's worker processes."""
 
     name: str
     configs: Callable[[str, str, list | None], list]
     per_model: bool = True
     section: str | None = None
+    # what else the notebook computes beyond runs, done by `repro batch`'s worker processes before it executes:
+    # ``precompute(tier, model, bits, outputs, take)``, ``take(path)`` a context manager that says whether this
+    # process computes the result cached at ``path`` (``repro.batch.claim``)
+    precompute: Callable | None = None
 
 
 class NoRecordsError(LookupError):

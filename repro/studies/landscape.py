@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import random
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -50,7 +50,9 @@ SPLITS = ("train", "validation")
 
 
 NOTEBOOKS = (Notebook("03_landscape", lambda tier, model, bits: sweep.configs(tier, model, bits),
-                      section="landscape"),)
+                      section="landscape",
+                      precompute=lambda tier, model, bits, outputs, take: landscape(model, bits, tier, outputs,
+                                                                                    take=take)),)
 
 
 def settings(tier: str = "cpu", **overrides) -> dict:
@@ -128,7 +130,7 @@ def _measure(model, data, opts: dict, batch_size: int) -> dict:
 
 
 def landscape(model: str | None = None, bits=None, tier: str = "cpu", outputs: Path | None = None,
-              cached_only: bool = False, corpus: str | None = None, **overrides) -> dict | None:
+              cached_only: bool = False, corpus: str | None = None, take=None, **overrides) -> dict | None:
     """Every point of the Fig. 3 picture for ``model`` at each width in ``bits``, computed or read.
 
     ``bits``: int or list, ``None``: the settings' (tier's) ``bits``; ``corpus``: ``None`` the
@@ -138,7 +140,9 @@ def landscape(model: str | None = None, bits=None, tier: str = "cpu", outputs: P
     (``seed``, ``sign``, ``radius`` = lam/||w||), ``run`` (``method``, ``bits``) or ``segment``
     (``a``, ``b`` as ``fp`` / ``method@bits``, ``alpha``). Also ``rtn`` points at every width of
     the tier (for ``rtn_vs_random``). NLL in nats/token. ``cached_only``: compute nothing, and
-    return ``None`` unless every point is cached (``repro report`` / ``repro figures``).
+    return ``None`` unless every point is cached (``repro report`` / ``repro figures``). ``take``:
+    ``path -> context manager yielding bool`` (``repro.batch.claim``): compute only the missing points
+    this process takes, so several processes share the points, and return ``None``.
     """
     opts = settings(tier, **overrides)
     bits = opts["bits"] if bits is None else bits
@@ -175,7 +179,10 @@ def landscape(model: str | None = None, bits=None, tier: str = "cpu", outputs: P
         return None
     if missing:
         with runs.pinned_threads(base.threads):  # bit-identical points on any machine (as records)
-            _compute_points(base, missing, run_configs, opts, outputs)
+            _compute_points(base, missing, run_configs, opts, outputs, take,
+                            lambda spec, path: not current(store.read_json(path), spec))
+    if take is not None:
+        return None
     points = [store.read_json(path) for _, path in keyed]
     return {"model": base.model, "corpus": base.corpus, "tier": tier, "bits": bits, "norm": points[0]["norm"],
             "settings": opts, "points": points}
@@ -227,8 +234,9 @@ def _group(spec: dict):
     return (2, -(spec["bits"] if spec["kind"] == "run" else int(spec["b"].split("@")[1])))
 
 
-def _compute_points(base, missing, run_configs, opts, outputs) -> None:
-    """Measure the ``missing`` points."""
+def _compute_points(base, missing, run_configs, opts, outputs, take=None, still_missing=None) -> None:
+    """Measure the ``missing`` points; with ``take`` (``landscape``), only those this process takes
+    that are ``still_missing(spec, path)`` once taken (another process may have just written one)."""
     bench = runs.workbench(base)
     fp = bench.fp_weights
     norm = stack_norm(fp)
@@ -243,25 +251,28 @@ def _compute_points(base, missing, run_configs, opts, outputs) -> None:
     with weights_set(bench.model, fp) as put:
         for spec, path in progress(sorted(missing, key=lambda item: _group(item[0])),
                                    desc=f"landscape {base.model}", unit="point"):
-            if _group(spec) != group:  # free the previous direction / width's weights
-                group, e = _group(spec), None
-                loaded = {"fp": fp}
-            if spec["kind"] == "fp":
-                layer = lambda name, w: w  # noqa: E731
-            elif spec["kind"] == "radial":
-                e = e or direction(fp, spec["seed"])
-                lam = spec["sign"] * spec["radius"] * norm
-                layer = lambda name, w, lam=lam, e=e: torch.add(w, e[name], alpha=lam)  # noqa: E731
-            elif spec["kind"] == "run":
-                run = weights_of(f"{spec['method']}@{spec['bits']}")
-                layer = lambda name, w, run=run: run[name]  # noqa: E731
-            else:
-                a, b, alpha = weights_of(spec["a"]), weights_of(spec["b"]), spec["alpha"]
-                layer = lambda name, w, a=a, b=b, alpha=alpha: torch.lerp(a[name], b[name], alpha)  # noqa: E731
-            point = {"spec": spec, "distance": put(layer), "norm": norm,
-                     "sources": {label: _stamp(run_configs[label], outputs) for label in _labels(spec)},
-                     **_measure(bench.model, bench.data, opts, base.batch_size), "code": runs.code_hash()}
-            store.write_json_atomic(path, point)
+            with take(path) if take else nullcontext(True) as mine:
+                if not mine or (take is not None and not still_missing(spec, path)):
+                    continue  # another process measures it, or just did
+                if _group(spec) != group:  # free the previous direction / width's weights
+                    group, e = _group(spec), None
+                    loaded = {"fp": fp}
+                if spec["kind"] == "fp":
+                    layer = lambda name, w: w  # noqa: E731
+                elif spec["kind"] == "radial":
+                    e = e or direction(fp, spec["seed"])
+                    lam = spec["sign"] * spec["radius"] * norm
+                    layer = lambda name, w, lam=lam, e=e: torch.add(w, e[name], alpha=lam)  # noqa: E731
+                elif spec["kind"] == "run":
+                    run = weights_of(f"{spec['method']}@{spec['bits']}")
+                    layer = lambda name, w, run=run: run[name]  # noqa: E731
+                else:
+                    a, b, alpha = weights_of(spec["a"]), weights_of(spec["b"]), spec["alpha"]
+                    layer = lambda name, w, a=a, b=b, alpha=alpha: torch.lerp(a[name], b[name], alpha)  # noqa: E731
+                point = {"spec": spec, "distance": put(layer), "norm": norm,
+                         "sources": {label: _stamp(run_configs[label], outputs) for label in _labels(spec)},
+                         **_measure(bench.model, bench.data, opts, base.batch_size), "code": runs.code_hash()}
+                store.write_json_atomic(path, point)
 
 
 # ----------------------------------------------------------------------------- basin radius
