@@ -34,7 +34,9 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller set everything up
         return
-    os.environ["REPRO_OUTPUTS"] = tempfile.mkdtemp(prefix="repro-test-")
+    # REPRO_TEST_OUTPUTS: a results directory to reuse across sessions while developing (e.g. filled by
+    # `python tests/ci_records.py 1 1 DIR`); kept afterwards. Unset (`make test`): a fresh one, removed.
+    os.environ["REPRO_OUTPUTS"] = os.environ.get("REPRO_TEST_OUTPUTS") or tempfile.mkdtemp(prefix="repro-test-")
     if (config.getoption("numprocesses", None) or 0) > 1:
         # one torch thread per worker (and per subprocess it starts), so two workers do not
         # oversubscribe two cores (torch's thread pool spins and slows many times over)
@@ -59,7 +61,7 @@ def compute_ci_records(outputs: Path, processes: int) -> float:
 
 
 def pytest_unconfigure(config):
-    if not hasattr(config, "workerinput"):
+    if not hasattr(config, "workerinput") and not os.environ.get("REPRO_TEST_OUTPUTS"):
         shutil.rmtree(os.environ["REPRO_OUTPUTS"], ignore_errors=True)
 
 

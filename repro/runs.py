@@ -98,6 +98,13 @@ def machine() -> dict[str, str]:
     return {"cpu": cpu, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
 
 
+
+def epoch0_config(config: RunConfig) -> RunConfig | None:
+    """The run whose record a fine-tuning reads its epoch 0 from (QAFT: RTN on the same grid; FPFT: FP),
+    so that computing it first saves the fine-tuning that evaluation; ``None`` for other methods."""
+    starts_from = METHODS[config.method].starts_from
+    return dataclasses.replace(config, method=starts_from, options={}, save_weights=False) if starts_from else None
+
 def run(config: RunConfig, outputs: Path | None = None, force: bool = False, need_weights: bool = False) -> dict:
     """Run one config (or read its cached record) and return the record dict.
 
@@ -186,8 +193,7 @@ def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
     method, version = METHODS[config.method].run, METHODS[config.method].version
     extra, starts_from = {}, METHODS[config.method].starts_from
     if starts_from:  # a fine-tuning's epoch 0 (QAFT: RTN on the same grid; FPFT: FP): reuse that record's NLL
-        start = store.read_record(dataclasses.replace(config, method=starts_from, options={}, save_weights=False),
-                                  outputs)
+        start = store.read_record(epoch0_config(config), outputs)
         if start is not None:
             extra["start_nll"] = {"nll_validation": start["nll_validation"], "nll_test": start["nll_test"]}
     start = time.perf_counter()

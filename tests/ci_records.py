@@ -3,7 +3,8 @@ pytest run, before the tests: ``python tests/ci_records.py K N OUTPUTS`` compute
 parts (``make test`` starts N = 2 at once, one per core, from ``conftest.py``).
 
 The parts are balanced by an estimate of each run's cost (longest first onto the part with the
-least so far), and each part runs its configs grouped by model and corpus (one load each). Every
+least so far), and each part runs its configs grouped by model and corpus (one load each), the runs
+a fine-tuning starts from before it (its epoch 0 is their record's NLL, not evaluated again). Every
 record is computed by ``repro.runs.run``, exactly as a test or a notebook kernel would compute it
 (same tier, same pinned thread count), so whichever reads it gets what it would have computed.
 """
@@ -40,13 +41,22 @@ def cost(config) -> float:
 
 
 def part(all_configs: list, k: int, n: int) -> list:
-    """The K-th of N parts: longest-processing-time-first onto the least loaded part."""
+    """The K-th of N parts: longest-processing-time-first onto the least loaded part. A fine-tuning and
+    the run it reads its epoch 0 from (``repro.runs.epoch0_config``) go to one part, that run first."""
+    from repro.runs import epoch0_config
+
+    keys = {c.key() for c in all_configs}
+    unit_of = {c.key(): (start.key() if (start := epoch0_config(c)) and start.key() in keys else c.key())
+               for c in all_configs}
+    units = {}
+    for config in all_configs:
+        units.setdefault(unit_of[config.key()], []).append(config)
     loads, parts = [0.0] * n, [[] for _ in range(n)]
-    for config in sorted(all_configs, key=lambda c: (-cost(c), c.key())):
+    for unit in sorted(units.values(), key=lambda u: (-sum(map(cost, u)), u[0].key())):
         i = loads.index(min(loads))
-        parts[i].append(config)
-        loads[i] += cost(config)
-    return sorted(parts[k - 1], key=lambda c: (c.model, c.corpus, -cost(c)))
+        parts[i] += unit
+        loads[i] += sum(map(cost, unit))
+    return sorted(parts[k - 1], key=lambda c: (c.model, c.corpus, epoch0_config(c) is not None, -cost(c)))
 
 
 def main(k: int, n: int, outputs: Path) -> None:
