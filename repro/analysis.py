@@ -91,9 +91,42 @@ def on_front(points) -> set:
     return {(p["model"], p["method"], p["bits"]) for p in pareto_front(points)}
 
 
+# Runs of a method at options other than its tier's that tables and figures name apart from the tier's run:
+# (method, the options it sets, label). QAFT at 4 epochs of mini-batches of 4 sequences: at the cpu tier each
+# weight then sees 32 steps x 4 sequences per lr0, block PTQ's budget per block (`repro run --method qaft
+# --bits 4 --option epochs=4 --option batch_size=4`).
+CONTROLS = [("qaft", {"epochs": 4, "batch_size": 4}, "QAFT (4 epochs × 4 seq/step)")]
+
+
 def method_label(record) -> str:
-    """RTN, GPTQ, QAFT, FP, or the block-wise variant (block PTQ, MB-PTQ m=2, LA-PTQ l=1 ...)."""
-    return describe(record["config"]).label
+    """RTN, GPTQ, QAFT, FP, the block-wise variant (block PTQ, MB-PTQ m=2, LA-PTQ l=1 ...), or a
+    control's label (``CONTROLS``)."""
+    config = record["config"]
+    options = config.get("options") or {}
+    for method, sets, label in CONTROLS:
+        if config["method"] == method and all(options.get(k) == v for k, v in sets.items()):
+            return label
+    return describe(config).label
+
+
+def training_budget(record) -> tuple[int, float] | None:
+    """``(optimizer steps, sequences per weight)`` of a method that trains, None for one that does
+    not (FP, RTN, GPTQ). Steps count every lr0 a fine-tuning tried (what it cost); sequences per
+    weight is how many calibration sequences reached each trained weight's gradient in the run
+    that produced the weights: the chosen lr0's steps x sequences per step for QAFT and FPFT, and
+    for the block-wise methods, per block, the steps of each window holding it x the mini-batch
+    (``config.batch_size``), averaged over the blocks."""
+    config, info = record["config"], record.get("info") or {}
+    if "runs" in info:  # QAFT, FPFT
+        chosen = chosen_run(info)
+        return sum(run["steps"] for run in info["runs"]), chosen["steps"] * info["batch_size"] * info["grad_accum"]
+    if "windows" in info:  # block PTQ, MB-PTQ, LA-PTQ
+        per_block = defaultdict(int)
+        for w in info["windows"]:
+            for block in w["blocks"]:
+                per_block[block] += w["steps"] * config["batch_size"]
+        return sum(w["steps"] for w in info["windows"]), sum(per_block.values()) / len(per_block)
+    return None
 
 
 def locality(record) -> tuple:

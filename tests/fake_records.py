@@ -19,7 +19,8 @@ def fake_record(method="rtn", bits=4, nll=4.0, *, val=None, model="m", corpus="w
     ``seconds`` of method wall time; ``layer_mse``: own-input MSE of the first linears of ``LAYERS``
     (None: no per-linear fields); ``block_mse``: ``mean_block_output_mse``; ``code``: ``versions`` (None: none)."""
     r = {"config": {"method": method, "bits": None if method in ("fp", "fpft") else bits, "model": model, "corpus": corpus,
-                    "observer": observer, "granularity": "tensor", "group_size": 128, "options": dict(options or {})},
+                    "observer": observer, "granularity": "tensor", "group_size": 128, "batch_size": 4,
+                    "options": dict(options or {})},
          "nll_test": nll, "nll_validation": nll + 0.5 if val is None else val,
          "mean_block_output_mse": block_mse, "wall_s": {"method": seconds, "evaluate": 1.0},
          "info": {} if info is None else info}

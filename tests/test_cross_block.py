@@ -97,8 +97,41 @@ def test_spectrum_table():
     assert cells["RTN"]["median layer MSE, FP inputs"] == "0.1" and cells["RTN"]["median layer MSE, own inputs"] == "0.2"
     assert cells["GPTQ"]["block-output MSE"] == "2" and cells["GPTQ"]["method s"] == "20"
     no_seconds, header = table_rows(cross_block.spectrum_table(spectrum_records(), 3, seconds=False))
-    assert "method s" not in header and len(header) == 6 and all(len(r) == 6 for r in no_seconds)
+    assert "method s" not in header and len(header) == 8 and all(len(r) == 8 for r in no_seconds)
     assert cross_block.spectrum_table(spectrum_records(), 4) == "No int4 records yet."
+
+
+def test_training_budget_counts_steps_and_the_sequences_each_weight_saw():
+    """QAFT: steps of every lr0 tried, sequences per weight of the chosen one; block-wise: every window's
+    steps, and per block the steps of the windows holding it x the mini-batch (4 here), averaged."""
+    qaft = record("qaft", options={"epochs": 1, "batch_size": 1},
+                  info={"lr": 1e-3, "batch_size": 2, "grad_accum": 3,
+                        "runs": [{"lr": 1e-4, "steps": 10}, {"lr": 1e-3, "steps": 8}]})
+    assert analysis.training_budget(qaft) == (18, 8 * 2 * 3)
+    block = record("blockwise", options={"window": 1}, windows=[window(i, 1, 0, 32) for i in range(3)])
+    assert analysis.training_budget(block) == (96, 32 * 4)
+    overlapping = record("blockwise", options={"window": 2, "stride": 1},
+                         windows=[window(0, 2, 0, 10), window(1, 2, 0, 10)])  # block 1 in both windows
+    assert analysis.training_budget(overlapping) == (20, (40 + 80 + 40) / 3)
+    assert analysis.training_budget(record("gptq")) is None and analysis.training_budget(record("rtn")) is None
+    body, header = table_rows(cross_block.spectrum_table([record("rtn"), qaft, block], 3))
+    cells = {r[0]: dict(zip(header, r)) for r in body}
+    assert (cells["RTN"]["optimizer steps"], cells["RTN"]["sequences per weight"]) == ("—", "—")
+    assert (cells["QAFT"]["optimizer steps"], cells["QAFT"]["sequences per weight"]) == ("18", "48")
+    assert (cells["block PTQ"]["optimizer steps"], cells["block PTQ"]["sequences per weight"]) == ("96", "128")
+
+
+def test_qaft_at_the_blockwise_budget_is_named_apart_and_read_with_the_study(monkeypatch):
+    control = record("qaft", options={"epochs": 4, "batch_size": 4, "lr_grid": [1e-3]})
+    assert analysis.method_label(control) == "QAFT (4 epochs × 4 seq/step)"
+    assert analysis.method_label(record("qaft", options={"epochs": 1, "batch_size": 1})) == "QAFT"
+    assert analysis.locality(control) == analysis.locality(record("qaft"))  # the whole network's objective
+    asked = []
+    monkeypatch.setattr(cross_block, "read_records", lambda configs, outputs: asked.extend(configs) or [])
+    cross_block.records("cpu", "smollm2-135m", None)
+    qaft = [c for c in asked if c.method == "qaft"]
+    assert [(c.bits, c.options["epochs"], c.options["batch_size"]) for c in qaft] == [(4, 1, 1), (4, 4, 4)]
+
 
 
 def timed_records(a=0.1, k=0.8, steps=8):

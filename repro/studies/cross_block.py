@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 from repro import plots
-from repro.analysis import (blockwise_bits, growth_law, locality, median_layer_mse, method_label, sees,
-                            spectrum_records, window_times)
+from repro.analysis import (CONTROLS, blockwise_bits, growth_law, locality, median_layer_mse, method_label, sees,
+                            spectrum_records, training_budget, window_times)
 from repro.config import load_tier, make_config
 from repro.methods import QUANTIZERS
 from repro.methods.blockwise import DEFAULTS
@@ -21,17 +21,20 @@ def spectrum_table(records, bits: int, model: str | None = None, seconds: bool =
     """Markdown: the locality spectrum at ``bits``: per method, what its objective sees, test NLL,
     the median layer MSE over the stack's layers in both readings (``median_layer_mse``), the mean
     block-output MSE (test split, each model propagating its own activations; squared activation
-    units) and, with ``seconds``, the method's wall time."""
+    units), its training budget (``training_budget``: optimizer steps, sequences per weight) and,
+    with ``seconds``, the method's wall time."""
     rows = spectrum_records(records, bits, model)
     if not rows:
         return f"No int{bits} records yet."
     nlls = bold_min([r["nll_test"] for r in rows])
     header = ["method", "objective sees", "test NLL", "median layer MSE, FP inputs", "median layer MSE, own inputs",
-              "block-output MSE"] + (["method s"] if seconds else [])
+              "block-output MSE", "optimizer steps", "sequences per weight"] + (["method s"] if seconds else [])
+    budgets = [training_budget(r) or (DASH, DASH) for r in rows]
     return markdown_table(header, [
         [method_label(r), sees(r), nll, g_cell(median_layer_mse(r, "layer_mse_fp_inputs")),
-         g_cell(median_layer_mse(r, "layer_mse")),
-         g_cell(r.get("mean_block_output_mse"))] + ([seconds_cell(r)] if seconds else []) for r, nll in zip(rows, nlls)])
+         g_cell(median_layer_mse(r, "layer_mse")), g_cell(r.get("mean_block_output_mse")),
+         *(f"{n:g}" if n != DASH else n for n in budget)] + ([seconds_cell(r)] if seconds else [])
+        for r, nll, budget in zip(rows, nlls, budgets)])
 
 
 def cross_block_summary(records) -> str:
@@ -111,6 +114,8 @@ def memory_table(records) -> str:
 # optimizer steps per block control for MB-PTQ m=2 (`repro run --method blockwise --bits 4 --option window=2
 # --option steps_per=block`), too slow for the cpu tier's budget (the paper tier runs it).
 CROSS_BLOCK_CONTROLS = [{"window": 2, "steps_per": "block"}]
+# QAFT at the block-wise methods' budget per block (``repro.analysis.CONTROLS``), where its record exists.
+QAFT_CONTROLS = [sets for method, sets, _ in CONTROLS if method == "qaft"]
 
 
 # The sweep that chose the cpu tier's block-wise defaults (block PTQ, SmolLM2, int4): each entry is
@@ -161,11 +166,12 @@ NOTEBOOKS = (Notebook("04_cross_block", configs, section="cross_block"),)
 
 def records(tier: str, model: str, outputs) -> list[dict]:
     """The cached records notebook 04 reads for ``model`` (its ``configs``), plus the controls run by
-    hand (``CROSS_BLOCK_CONTROLS``), where present."""
+    hand (``CROSS_BLOCK_CONTROLS``, ``QAFT_CONTROLS``), where present."""
     chosen = configs(tier, model)
     bits = sorted({c.bits for c in chosen if c.method == "blockwise"})
     chosen += [make_config("blockwise", b, tier, model=model, options=dict(o))
                for b in bits for o in CROSS_BLOCK_CONTROLS]
+    chosen += [make_config("qaft", b, tier, model=model, options=dict(o)) for b in bits for o in QAFT_CONTROLS]
     return read_records(chosen, outputs)
 
 
