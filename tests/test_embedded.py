@@ -16,13 +16,11 @@ def test_embedded_model_structure(embedded):
     assert tokenizer.decode(tokenizer("Quantization of weights")["input_ids"]) == "Quantization of weights"
 
 
-def test_rtn_int8_near_fp_and_int2_far_worse(tmp_path):
-    # 512-token contexts (the cpu tier's length), few sequences: the paper's premise that int8
-    # is nearly lossless, under the embedded tiers' observers (chosen per bit-width)
-    kw = dict(tier="ci", seq_len=512, n_eval=4)
-    fp = runs.run(make_config("fp", None, **kw), tmp_path)
-    int8 = runs.run(make_config("rtn", 8, **kw), tmp_path)
-    int2 = runs.run(make_config("rtn", 2, **kw), tmp_path)
+def test_rtn_int8_near_fp_and_int2_far_worse(ci_outputs):
+    # the paper's premise that int8 is nearly lossless, under the embedded tiers' observers (chosen per
+    # bit-width); ci-tier runs in the session's results (its FP record is the notebooks')
+    fp, int8, int2 = (runs.run(make_config(method, bits, tier="ci"), ci_outputs)
+                      for method, bits in (("fp", None), ("rtn", 8), ("rtn", 2)))
     assert (int8["config"]["observer"], int2["config"]["observer"]) == ("minmax", "mse")
     assert int8["nll_validation"] <= 1.03 * fp["nll_validation"]
     assert int2["nll_validation"] > fp["nll_validation"] + 3
