@@ -232,6 +232,21 @@ def test_blockwise_sweep_table():
     assert cross_block.blockwise_sweep_table([record("gptq")]) == "No block-wise sweep records."
 
 
+def test_a_learning_rate_sweep_of_another_model_gets_its_own_section(monkeypatch):
+    """Block PTQ at several lr on Gemma 3 (cpu tier): ``blockwise-sweep-gemma3-270m``; SmolLM2, with only
+    its default run, gets no sweep section."""
+    def read(configs, outputs):
+        return [record("blockwise", bits=c.bits, model=c.model, options=c.options, val=4.0 + c.options["lr"])
+                for c in configs if c.method == "blockwise" and c.options.get("window") == 1
+                and not c.options.get("lookahead") and c.options.get("mixed_precision") != "no"
+                and (c.model == "gemma3-270m" or c.options["lr"] == 1e-3)]
+    monkeypatch.setattr(cross_block, "read_records", read)
+    found = cross_block.sections("cpu", None)
+    assert "blockwise-sweep" not in found and "blockwise-sweep-gemma3-270m" in found
+    body, header = table_rows(found["blockwise-sweep-gemma3-270m"].split("\n\n")[0])
+    assert [row[header.index("lr")] for row in body] == ["0.0001", "0.0003", "0.001", "0.003"]
+
+
 # ----------------------------------------------------------------------------- plots
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # the empty spectrum's legend
 def test_spectrum_plot():

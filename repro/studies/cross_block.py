@@ -126,6 +126,9 @@ BLOCKWISE_SWEEP_BITS = 4
 BLOCKWISE_SWEEP = [*({"window": 1, "steps": steps, "lr": lr, "mixed_precision": "no"}
                      for steps, lr in ((32, 1e-4), (32, 3e-4), (32, 1e-3), (32, 3e-3), (16, 1e-3))),
                    {"window": 1}]
+# Block PTQ's learning rate at the tier's training precision, per model (Gemma 3: `repro run --method
+# blockwise --bits 4 --model gemma3-270m --option window=1 --option lr=LR`); lr 1e-3 is the default run.
+BLOCKWISE_LR = [{"window": 1, "lr": lr} for lr in (1e-4, 3e-4, 3e-3)]
 
 
 def blockwise_sweep_table(records) -> str:
@@ -182,14 +185,17 @@ def _with_blockwise(tier: str, outputs, model: str | None) -> dict:
 
 
 def sections(tier: str, outputs, model: str | None = None, command: str = "") -> dict:
-    """``blockwise-sweep`` (the default model's, where run), ``spectrum-MODEL`` per model and
-    ``cross-block`` (the verdicts, growth law and memory over every model)."""
-    default = tier_models(tier, model)[0]
+    """``blockwise-sweep`` (the default model's) and ``blockwise-sweep-MODEL`` (the others'), where
+    run, ``spectrum-MODEL`` per model and ``cross-block`` (the verdicts, growth law and memory over
+    every model)."""
+    models = tier_models(tier, model)
     result = {}
-    chosen = read_records([make_config("blockwise", BLOCKWISE_SWEEP_BITS, tier, model=default, options=o)
-                           for o in BLOCKWISE_SWEEP], outputs)
-    if len(chosen) > 1:  # the sweep, not only the tier's default run
-        result["blockwise-sweep"] = f"{blockwise_sweep_table(chosen)}\n\n{provenance(chosen, tier, command)}"
+    for m in dict.fromkeys([*models, *tier_models(tier, model, "cross_block")]):
+        chosen = read_records([make_config("blockwise", BLOCKWISE_SWEEP_BITS, tier, model=m, options=o)
+                               for o in [*BLOCKWISE_SWEEP, *BLOCKWISE_LR]], outputs)
+        if len(chosen) > 1:  # the sweep, not only the tier's default run
+            name = "blockwise-sweep" if m == models[0] else f"blockwise-sweep-{m}"
+            result[name] = f"{blockwise_sweep_table(chosen)}\n\n{provenance(chosen, tier, command)}"
     cross = _with_blockwise(tier, outputs, model)
     for m, rs in cross.items():
         result[f"spectrum-{m}"] = "\n\n".join([f"int{b}:\n\n{spectrum_table(rs, b, m)}" for b in blockwise_bits(rs)]
