@@ -188,9 +188,9 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
     """``blockwise-sweep`` (the default model's) and ``blockwise-sweep-MODEL`` (the others'), where
     run, ``spectrum-MODEL`` per model and ``cross-block`` (the verdicts, growth law and memory over
     every model)."""
-    models = tier_models(tier, model)
+    models = tier_models(tier, model, "cross_block")
     result = {}
-    for m in dict.fromkeys([*models, *tier_models(tier, model, "cross_block")]):
+    for m in models:
         chosen = read_records([make_config("blockwise", BLOCKWISE_SWEEP_BITS, tier, model=m, options=o)
                                for o in [*BLOCKWISE_SWEEP, *BLOCKWISE_LR]], outputs)
         if len(chosen) > 1:  # the sweep, not only the tier's default run
