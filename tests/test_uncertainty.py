@@ -76,6 +76,11 @@ def test_a_mean_interval_brackets_a_record_and_gaps_pair_four():
     assert "FP > FPFT: FP − FPFT = +0.400" in text
     assert "(GPTQ − FP) − (QAFT − FPFT) **+0.600" in text and "(60% of the lead): QAFT still ahead" in text
     assert sweep.fine_tuning_summary([fp, gptq, qaft]) == "No FP and FPFT records yet."
+    # the seed study's replicates are set aside: FPFT ran at one seed, so the lead is that seed's too
+    seeded = [{**r, "seed_windows": {"0": r["nll_test_windows"], "1": other}}
+              for r, other in ((gptq, [6.0, 6.1, 5.9, 6.0]), (qaft, [3.0, 3.2, 2.8, 3.0]))]
+    assert uncertainty.compare(*seeded).mean > 1.5  # over both seeds: (1.0 + 3.0) / 2
+    assert sweep.fine_tuning_summary([fp, fpft, *seeded]) == text
     table = sweep.fig1_table([fp, fpft, gptq, qaft], seconds=False)
     assert "| FPFT | 2.600 | 2.600 | 2.600 |" in table and "| 0.001 | 1 | — |" in table
 

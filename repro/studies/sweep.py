@@ -328,8 +328,12 @@ def fine_tuning_summary(records) -> str:
     quantization damage left after fine-tuning, GPTQ − QAFT QAFT's lead, and (GPTQ − FP) − (QAFT −
     FPFT) that lead with each method measured from its own reference (GPTQ targets the FP model,
     QAFT the data): what survives once domain adaptation is accounted for. Test NLL (nats/token),
-    each with its paired bootstrap 95% interval over test windows (``repro.uncertainty``)."""
-    t = by_method_bits(records)
+    each with its paired bootstrap 95% interval over test windows (``repro.uncertainty``). FPFT runs
+    at one seed, so every difference here is between the runs of that seed, the seed study's
+    replicates set aside (they would make the lead an average over seeds and its share of the net
+    gap compare unlike quantities); the seed-combined intervals are the seeds table's."""
+    t = {m: {b: {k: v for k, v in r.items() if k != "seed_windows"} for b, r in per_bits.items()}
+         for m, per_bits in by_method_bits(records).items()}
     fp, fpft = t.get("fp", {}).get(None), t.get("fpft", {}).get(None)
     if fp is None or fpft is None:
         return "No FP and FPFT records yet."
