@@ -244,7 +244,7 @@ def test_a_learning_rate_sweep_of_another_model_gets_its_own_section(monkeypatch
     found = cross_block.sections("cpu", None)
     assert "blockwise-sweep" not in found and "blockwise-sweep-gemma3-270m" in found
     body, header = table_rows(found["blockwise-sweep-gemma3-270m"].split("\n\n")[0])
-    assert [row[header.index("lr")] for row in body] == ["0.0001", "0.0003", "0.001", "0.003"]
+    assert [row[header.index("lr")] for row in body] == ["3e-05", "0.0001", "0.0003", "0.001", "0.003"]
 
 
 # ----------------------------------------------------------------------------- plots

@@ -128,7 +128,7 @@ BLOCKWISE_SWEEP = [*({"window": 1, "steps": steps, "lr": lr, "mixed_precision": 
                    {"window": 1}]
 # Block PTQ's learning rate at the tier's training precision, per model (Gemma 3: `repro run --method
 # blockwise --bits 4 --model gemma3-270m --option window=1 --option lr=LR`); lr 1e-3 is the default run.
-BLOCKWISE_LR = [{"window": 1, "lr": lr} for lr in (1e-4, 3e-4, 3e-3)]
+BLOCKWISE_LR = [{"window": 1, "lr": lr} for lr in (3e-5, 1e-4, 3e-4, 3e-3)]
 
 
 def blockwise_sweep_table(records) -> str:
