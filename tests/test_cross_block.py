@@ -232,6 +232,30 @@ def test_blockwise_sweep_table():
     assert cross_block.blockwise_sweep_table([record("gptq")]) == "No block-wise sweep records."
 
 
+def test_the_variants_are_read_at_the_lr_block_ptq_chose_on_validation(monkeypatch):
+    """Gemma 3's block PTQ at lr 1e-4 has the lowest validation NLL of its lr runs: the study reads every
+    block-wise variant (and the equal-steps control) at 1e-4; a model with only the tier's run keeps 1e-3."""
+    validation = {1e-4: 5.2, 3e-4: 5.6, 1e-3: 9.9}
+    asked = []
+
+    def read(configs, outputs):
+        asked.extend(configs)
+        return [record("blockwise", bits=c.bits, model=c.model, options=c.options, val=validation[c.options["lr"]])
+                for c in configs if c.method == "blockwise" and c.options.get("window") == 1
+                and not c.options.get("lookahead") and c.options["lr"] in validation
+                and (c.model == "gemma3-270m" or c.options["lr"] == 1e-3)]
+    monkeypatch.setattr(cross_block, "read_records", read)
+    assert cross_block.chosen_lr("cpu", "gemma3-270m", None) == 1e-4
+    assert cross_block.chosen_lr("cpu", "smollm2-135m", None) == 1e-3
+    asked.clear()
+    cross_block.records("cpu", "gemma3-270m", None)
+    variants = [c for c in asked if c.method == "blockwise" and c.model == "gemma3-270m"][-4:]  # after chosen_lr's
+    assert [c.options["lr"] for c in variants] == [1e-4] * 4
+    assert {(c.options.get("window", 1), c.options.get("lookahead", 0), c.options.get("steps_per", "window"))
+            for c in variants} == {(1, 0, "window"), (2, 0, "window"), (1, 1, "window"), (2, 0, "block")}
+    assert "block-wise lr 0.0001" in cross_block.sections("cpu", None)["spectrum-gemma3-270m"]
+
+
 def test_a_learning_rate_sweep_of_another_model_gets_its_own_section(monkeypatch):
     """Block PTQ at several lr on Gemma 3 (cpu tier): ``blockwise-sweep-gemma3-270m``; SmolLM2, with only
     its default run, gets no sweep section."""

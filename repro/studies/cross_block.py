@@ -167,13 +167,28 @@ def configs(tier: str = "cpu", model: str | None = None, bits=None, variants=Non
 NOTEBOOKS = (Notebook("04_cross_block", configs, section="cross_block"),)
 
 
+def chosen_lr(tier: str, model: str, outputs) -> float | None:
+    """Block PTQ's learning rate for ``model``, selected on validation: the lowest validation NLL among
+    its int4 runs at the tier's lr and at ``BLOCKWISE_LR`` (the tier's training precision); None where
+    none of them ran. A model whose only run is the tier's keeps the tier's lr."""
+    swept = read_records([make_config("blockwise", BLOCKWISE_SWEEP_BITS, tier, model=model, options=o)
+                          for o in [{"window": 1}, *BLOCKWISE_LR]], outputs)
+    best = min(swept, key=lambda r: r["nll_validation"], default=None)
+    return None if best is None else best["config"]["options"]["lr"]
+
+
 def records(tier: str, model: str, outputs) -> list[dict]:
-    """The cached records notebook 04 reads for ``model`` (its ``configs``), plus the controls run by
-    hand (``CROSS_BLOCK_CONTROLS``, ``QAFT_CONTROLS``), where present."""
+    """The cached records of the study for ``model``: notebook 04's runs (its ``configs``) with the
+    block-wise variants at the model's ``chosen_lr`` where it differs from the tier's (run by hand,
+    `--option lr=...`), plus the controls run by hand (``CROSS_BLOCK_CONTROLS``, ``QAFT_CONTROLS``),
+    where present."""
+    lr = chosen_lr(tier, model, outputs)
     chosen = configs(tier, model)
     bits = sorted({c.bits for c in chosen if c.method == "blockwise"})
     chosen += [make_config("blockwise", b, tier, model=model, options=dict(o))
                for b in bits for o in CROSS_BLOCK_CONTROLS]
+    chosen = [c if c.method != "blockwise" or lr is None else
+              make_config("blockwise", c.bits, tier, model=model, options={**c.options, "lr": lr}) for c in chosen]
     chosen += [make_config("qaft", b, tier, model=model, options=dict(o)) for b in bits for o in QAFT_CONTROLS]
     return read_records(chosen, outputs)
 
@@ -198,8 +213,10 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
             result[name] = f"{blockwise_sweep_table(chosen)}\n\n{provenance(chosen, tier, command)}"
     cross = _with_blockwise(tier, outputs, model)
     for m, rs in cross.items():
-        result[f"spectrum-{m}"] = "\n\n".join([f"int{b}:\n\n{spectrum_table(rs, b, m)}" for b in blockwise_bits(rs)]
-                                               + [provenance(rs, tier, command)])
+        lr = chosen_lr(tier, m, outputs)
+        result[f"spectrum-{m}"] = "\n\n".join(
+            [f"int{b}, block-wise lr {lr:g} (block PTQ's lowest validation NLL):\n\n{spectrum_table(rs, b, m)}"
+             for b in blockwise_bits(rs)] + [provenance(rs, tier, command)])
     if cross:
         every = [r for rs in cross.values() for r in rs]
         blockwise = [r for r in every if r["config"]["method"] == "blockwise"]
