@@ -182,7 +182,8 @@ def test_cross_block_summary_verdicts_and_agreement():
     assert "MB-PTQ m=2 (equal steps/block) 4.020 (Δ +0.020: no effect (within 1%))" in lines[0]
     assert "LA-PTQ l=1 4.200 (Δ +0.200: hurts)" in lines[0]
     assert lines[0].index("MB-PTQ m=2 3.800") < lines[0].index("(equal steps/block)") < lines[0].index("LA-PTQ")
-    assert "RTN" not in lines[0] and "QAFT" not in lines[0]  # only block-wise variants against block PTQ
+    assert "RTN" not in lines[0] and "GPTQ" not in lines[0]  # the block-wise variants and QAFT against block PTQ
+    assert lines[0].endswith("; QAFT 3.700 (Δ -0.300: lower).")
     assert lines[1] == ("  Lowest test NLL: QAFT (3.700); lowest block-output MSE: block PTQ (1) — "
                         "**not** the same method.")
     agree = cross_block.cross_block_summary(cell(4.0, [(o, (nll, mse + 3)) for o, (nll, mse) in others]))

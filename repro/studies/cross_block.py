@@ -40,7 +40,8 @@ def spectrum_table(records, bits: int, model: str | None = None, seconds: bool =
 def cross_block_summary(records) -> str:
     """Markdown, computed: per (model, bits) how MB-PTQ and LA-PTQ compare with block PTQ (test NLL;
     "helps"/"hurts" only when the paired 95% interval over test windows excludes 0, the interval in
-    brackets; records without per-window NLL fall back to a 1% rule),
+    brackets; records without per-window NLL fall back to a 1% rule), then QAFT (and its controls)
+    against block PTQ the same way ("lower"/"higher"),
     where along the spectrum the lowest local error and the lowest test NLL sit, and the growth
     law of the time per step with the blocks involved."""
     lines = []
@@ -54,13 +55,14 @@ def cross_block_summary(records) -> str:
         if base is not None:
             parts = []
             for name, r in sorted(by.items(), key=lambda kv: locality(kv[1])):
-                if r["config"]["method"] == "blockwise" and name != "block PTQ":
+                if r["config"]["method"] in ("blockwise", "qaft") and name != "block PTQ":
                     d, iv = r["nll_test"] - base["nll_test"], compare(r, base)
+                    better, worse = ("helps", "hurts") if r["config"]["method"] == "blockwise" else ("lower", "higher")
                     if iv is None:  # records without per-window NLL: the 1% rule
-                        verdict = "helps" if d < -0.01 * base["nll_test"] else "hurts" if d > 0.01 * base["nll_test"] \
+                        verdict = better if d < -0.01 * base["nll_test"] else worse if d > 0.01 * base["nll_test"] \
                             else "no effect (within 1%)"
                     else:
-                        verdict = "helps" if iv.high < 0 else "hurts" if iv.low > 0 else "not distinguishable"
+                        verdict = better if iv.high < 0 else worse if iv.low > 0 else "not distinguishable"
                     interval = "" if iv is None else f" [{iv.low:+.3f}, {iv.high:+.3f}]"
                     parts.append(f"{name} {r['nll_test']:.3f} (Δ {d:+.3f}{interval}: {verdict})")
             lines.append(f"- {model} int{bits}: block PTQ {base['nll_test']:.3f}; " + "; ".join(parts) + ".")
