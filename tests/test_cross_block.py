@@ -133,7 +133,6 @@ def test_qaft_at_the_blockwise_budget_is_named_apart_and_read_with_the_study(mon
     assert [(c.bits, c.options["epochs"], c.options["batch_size"]) for c in qaft] == [(4, 1, 1), (4, 4, 4)]
 
 
-
 def timed_records(a=0.1, k=0.8, steps=8):
     """Block-wise records whose windows take ``a (m + l)^k`` seconds per optimizer step."""
     t = lambda m, l: steps * a * (m + l) ** k  # noqa: E731

@@ -215,7 +215,7 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
             result[name] = f"{blockwise_sweep_table(chosen)}\n\n{provenance(chosen, tier, command)}"
     cross = _with_blockwise(tier, outputs, model)
     for m, rs in cross.items():
-        lr = chosen_lr(tier, m, outputs)
+        (lr,) = {r["config"]["options"]["lr"] for r in rs if r["config"]["method"] == "blockwise"}  # records() chose it
         result[f"spectrum-{m}"] = "\n\n".join(
             [f"int{b}, block-wise lr {lr:g} (block PTQ's lowest validation NLL):\n\n{spectrum_table(rs, b, m)}"
              for b in blockwise_bits(rs)] + [provenance(rs, tier, command)])
