@@ -101,17 +101,24 @@ def _report(args) -> int:
 
     command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
     sections = {}
-    try:
-        for study in STUDIES.values():
+    for study in STUDIES.values():
+        try:
             sections.update(study.sections(args.tier, args.outputs, args.model, command))
-    except NoRecordsError as err:
-        raise SystemExit(str(err)) from None
+        except NoRecordsError as err:
+            if not args.section:  # the whole README needs the main sweep; one chosen section may not
+                raise SystemExit(str(err)) from None
     summary = Path(args.outputs) / args.tier / "batch.json"
     if summary.is_file():
         from repro import batch
 
         planned = {(job.notebook, job.model) for job in batch.plan(args.tier)}
         sections["batch"] = report.batch_table(json.loads(summary.read_text()), planned)
+    if args.section:
+        unknown = [name for name in args.section if name not in sections]
+        if unknown:
+            raise SystemExit(f"no section {', '.join(unknown)} from the records under {args.outputs}: the sections "
+                             f"there are {', '.join(sections) or 'none'}")
+        sections = {name: sections[name] for name in args.section}
     for name, body in sections.items():
         print(f"<!-- report:{name} -->\n{body}\n<!-- /report:{name} -->\n")
     if args.readme:
@@ -269,6 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="embedded name or hub id; default: the tier's")
     p.add_argument("--outputs", help=OUTPUTS_HELP)
     p.add_argument("--readme", help="markdown file whose marker sections to rewrite (e.g. README.md)")
+    p.add_argument("--section", action="append", metavar="NAME",
+                   help="only this section (repeatable), e.g. datasets-smollm2-135m after `repro batch --tier cpu "
+                        "05_datasets`: the other sections, and the records they would need, are left alone")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("bench", help="run the benchmarks of benchmarks/README.md, one at a time, and keep their output",

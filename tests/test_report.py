@@ -142,6 +142,19 @@ def test_cli_report_rewrites_readme(tmp_path, capsys):
 def test_cli_report_without_records(tmp_path):
     with pytest.raises(SystemExit, match="repro batch --tier ci"):
         cli.main(["report", "--tier", "ci", "--outputs", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no section fig1 from the records under .*: the sections there are none"):
+        cli.main(["report", "--tier", "ci", "--outputs", str(tmp_path), "--section", "fig1"])
+
+
+def test_cli_report_one_section(tmp_path):
+    outputs, readme = tmp_path / "out", tmp_path / "README.md"
+    readme.write_text("<!-- report:fig1 -->\nTODO\n<!-- /report:fig1 -->\n<!-- report:damping -->\nkeep\n<!-- /report:damping -->\n")
+    for method, bits in [("fp", None), ("rtn", 4), ("gptq", 4), ("qaft", 4)]:
+        store.write_json_atomic(store.record_path(make_config(method, bits, tier="ci"), outputs), record(method, bits))
+    assert cli.main(["report", "--tier", "ci", "--outputs", str(outputs), "--readme", str(readme), "--section", "fig1"]) == 0
+    text = readme.read_text()
+    assert "TODO" not in text and "code abc123def456" in text.split("report:damping")[0]
+    assert "\nkeep\n" in text  # a section not chosen is left as it was, though its records are there
 
 
 def test_layer_share_table_counts_layers_not_means():
