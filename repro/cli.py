@@ -81,44 +81,55 @@ def _figures(args) -> int:
 
     matplotlib.use("Agg")
     from repro import plots
-    from repro.studies import STUDIES, NoRecordsError
 
-    figures = {}  # each study's figures, the default model's as <name>_<tier>.png, the others' with _<model>
-    try:
-        for study in STUDIES.values():
-            figures.update(study.figures(args.tier, args.outputs, args.model))
-    except NoRecordsError as err:
-        raise SystemExit(str(err)) from None
+    # each study's figures, the default model's as <name>_<tier>.png, the others' with _<model>
+    figures = _chosen(_from_studies(args, "figures"), args.figure, "figure", args.outputs)
     print("\n".join(map(str, plots.save_drawn(figures, Path(args.outputs) / "figures"))))
     return 0
+
+
+def _from_studies(args, kind: str) -> dict:
+    """Every study's ``sections`` or ``figures`` (``kind``) of the cached records, merged. The whole set
+    needs the main sweep's records (else SystemExit saying how to compute them); with names chosen
+    (``--section``/``--figure``), a study without its records is skipped instead."""
+    from repro.studies import STUDIES, NoRecordsError
+
+    command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
+    found = {}
+    for study in STUDIES.values():
+        try:
+            found.update(study.sections(args.tier, args.outputs, args.model, command) if kind == "sections"
+                         else study.figures(args.tier, args.outputs, args.model))
+        except NoRecordsError as err:
+            if not (args.section if kind == "sections" else args.figure):
+                raise SystemExit(str(err)) from None
+    return found
+
+
+def _chosen(found: dict, names, what: str, outputs) -> dict:
+    """``found`` restricted to ``names`` (all of it when None); SystemExit naming any not found."""
+    if not names:
+        return found
+    unknown = [name for name in names if name not in found]
+    if unknown:
+        raise SystemExit(f"no {what} {', '.join(unknown)} from the records under {outputs}: the {what}s there "
+                         f"are {', '.join(found) or 'none'}")
+    return {name: found[name] for name in names}
 
 
 def _report(args) -> int:
     import json
 
     from repro import report, store
-    from repro.studies import STUDIES, NoRecordsError
 
-    command = f"repro report --tier {args.tier}" + (f" --model {args.model}" if args.model else "")
-    sections = {}
-    for study in STUDIES.values():
-        try:
-            sections.update(study.sections(args.tier, args.outputs, args.model, command))
-        except NoRecordsError as err:
-            if not args.section:  # the whole README needs the main sweep; one chosen section may not
-                raise SystemExit(str(err)) from None
+    sections = _from_studies(args, "sections")
     summary = Path(args.outputs) / args.tier / "batch.json"
     if summary.is_file():
         from repro import batch
 
         planned = {(job.notebook, job.model) for job in batch.plan(args.tier)}
         sections["batch"] = report.batch_table(json.loads(summary.read_text()), planned)
-    if args.section:
-        unknown = [name for name in args.section if name not in sections]
-        if unknown:
-            raise SystemExit(f"no section {', '.join(unknown)} from the records under {args.outputs}: the sections "
-                             f"there are {', '.join(sections) or 'none'}")
-        sections = {name: sections[name] for name in args.section}
+    sections = _chosen(sections, args.section, "section", args.outputs)
     for name, body in sections.items():
         print(f"<!-- report:{name} -->\n{body}\n<!-- /report:{name} -->\n")
     if args.readme:
@@ -265,6 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--model", help="embedded name or hub id; default: the tier's")
     p.add_argument("--outputs", help=OUTPUTS_HELP)
+    p.add_argument("--figure", action="append", metavar="NAME",
+                   help="only this figure (file stem, repeatable), e.g. corpora_misalignment_cpu after `repro batch "
+                        "--tier cpu 05_datasets`: a study without its records is then skipped")
     p.set_defaults(func=_figures)
 
     p = sub.add_parser("report", help="print the README's result tables from the cached records as markdown",

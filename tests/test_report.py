@@ -155,6 +155,10 @@ def test_cli_report_one_section(tmp_path):
     text = readme.read_text()
     assert "TODO" not in text and "code abc123def456" in text.split("report:damping")[0]
     assert "\nkeep\n" in text  # a section not chosen is left as it was, though its records are there
+    assert cli.main(["figures", "--tier", "ci", "--outputs", str(outputs), "--figure", "nll_vs_bits_ci"]) == 0
+    assert sorted(p.name for p in (outputs / "figures").iterdir()) == ["nll_vs_bits_ci.png", "nll_vs_bits_ci.svg"]
+    with pytest.raises(SystemExit, match="no figure nosuch"):
+        cli.main(["figures", "--tier", "ci", "--outputs", str(outputs), "--figure", "nosuch"])
 
 
 def test_layer_share_table_counts_layers_not_means():
