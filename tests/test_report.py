@@ -249,12 +249,22 @@ def test_corpora_table_and_summary_per_corpus():
         if r["config"]["method"] == "qaft" and r["config"]["bits"] == 8:
             r["nll_test"] = 3.5  # QAFT loses to GPTQ here: no misalignment at int8 on news
         news.append(r)
+    for r in news:  # per-window NLL at int4: QAFT clearly lowest, GPTQ and RTN tied window for window but one
+        if r["config"]["bits"] == 4:
+            shift = {"qaft": -1.0, "gptq": 0.0, "rtn": 0.0}[r["config"]["method"]]
+            windows = [5.0 + shift, 5.5 + shift, 4.5 + shift, 5.0 + shift]
+            if r["config"]["method"] == "rtn":
+                windows[0] += 1.0
+            r.update(nll_test_windows=windows, windows={"test": "same"}, nll_test=sum(windows) / 4)
     table = datasets.corpora_table(wiki + news)
     assert "| news | int8 | — | 3.111 | 3.055 | 3.500 | -0.445 | GPTQ < RTN < QAFT |" in table
+    assert "| news | int4 | — | 5.250 | 5.000 | 4.000 | **+1.000 [+1.000, +1.000]** | QAFT < GPTQ ≈ RTN |" in table
     assert "| wiki | int4 | 2.790 | 5.222 | 4.444 | 4.111 | +0.333 | QAFT < GPTQ < RTN |" in table
     summary = datasets.corpora_summary(wiki + news)
-    assert "- news: QAFT beats GPTQ by more than 0.05 nats at int4 (+0.333); not at int8 (-0.445)." in summary
+    assert "- news: QAFT beats GPTQ by more than 0.05 nats at int4 (+1.000 [+1.000, +1.000]); not at int8 (-0.445)." in summary
     assert "does **not** hold on every corpus" in summary
+    assert "- news, int4: not distinguishable at this sample size: GPTQ − RTN = -0.250 [" in summary
+    assert "news, int8" not in summary.split("does **not**")[1]  # no per-window NLL there: no GPTQ-RTN line
     assert "holds on every corpus" in datasets.corpora_summary([r for r in wiki if r["config"]["bits"] != 8])
 
 

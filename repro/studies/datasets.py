@@ -11,7 +11,7 @@ from repro.config import load_tier
 from repro.methods import QUANTIZERS
 from repro.report import DASH, markdown_table, nll_cell, provenance
 from repro.studies import Notebook, landscape, read_records, suffix, sweep, tier_models
-from repro.uncertainty import compare
+from repro.uncertainty import compare, direction, interval_cell, verdict
 
 
 def corpus_configs(tier: str, model: str | None = None, bits=None, corpora=None) -> list:
@@ -34,9 +34,17 @@ def configs(tier: str, model: str | None = None, bits=None) -> list:
 NOTEBOOKS = (Notebook("05_datasets", configs, section="datasets"),)
 
 
+def _order_sign(lower: dict, higher: dict) -> str:
+    """"≈" when two records' test NLLs are not distinguishable (paired interval holds 0), else "<"."""
+    interval = compare(lower, higher)
+    return "≈" if interval is not None and direction(interval) == 0 else "<"
+
+
 def corpora_table(records) -> str:
-    """Markdown: test NLL of FP, RTN, GPTQ and QAFT per corpus and width, GPTQ − QAFT, and the order
-    of the three methods (the paper's Fig. 4 question: does QAFT < GPTQ < RTN hold on every corpus?)."""
+    """Markdown: test NLL of FP, RTN, GPTQ and QAFT per corpus and width, GPTQ − QAFT with its paired
+    95% interval over test windows, and the order of the three methods (the paper's Fig. 4 question:
+    does QAFT < GPTQ < RTN hold on every corpus?): "<" where the interval of the neighbours' difference
+    excludes 0, "≈" where they are not distinguishable (no per-window NLL: by test NLL alone)."""
     cells = defaultdict(dict)
     fp = {}
     for r in records:
@@ -44,25 +52,30 @@ def corpora_table(records) -> str:
         if c["method"] == "fp":
             fp[c["corpus"]] = r["nll_test"]
         elif c["method"] in QUANTIZERS:
-            cells[(c["corpus"], c["bits"])][c["method"]] = r["nll_test"]
+            cells[(c["corpus"], c["bits"])][c["method"]] = r
     rows = []
     for (corpus, bits), by in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         if set(QUANTIZERS) <= set(by):
-            order = " < ".join(m.upper() for m in sorted(QUANTIZERS, key=by.get))
+            ranked = sorted(QUANTIZERS, key=lambda m: by[m]["nll_test"])
+            order = ranked[0].upper() + "".join(f" {_order_sign(by[low], by[high])} {high.upper()}"
+                                                for low, high in zip(ranked, ranked[1:]))
+            gap = compare(by["gptq"], by["qaft"])
             rows.append([corpus, f"int{bits}", nll_cell(fp.get(corpus)) if corpus in fp else DASH,
-                         *(nll_cell(by[m]) for m in QUANTIZERS), f"{by['gptq'] - by['qaft']:+.3f}", order])
-    return markdown_table(["corpus", "bits", "FP", "RTN", "GPTQ", "QAFT", "GPTQ − QAFT", "order (test NLL)"], rows) \
-        if rows else "No complete (RTN, GPTQ, QAFT) sets of records yet."
+                         *(nll_cell(by[m]["nll_test"]) for m in QUANTIZERS),
+                         interval_cell(gap) if gap else f"{by['gptq']['nll_test'] - by['qaft']['nll_test']:+.3f}", order])
+    return markdown_table(["corpus", "bits", "FP", "RTN", "GPTQ", "QAFT", "GPTQ − QAFT [95% CI]", "order (test NLL)"],
+                          rows) if rows else "No complete (RTN, GPTQ, QAFT) sets of records yet."
 
 
 def corpora_summary(records, gap: float = 0.05) -> str:
     """Markdown, computed: per corpus, at which widths QAFT beats GPTQ by more than ``gap`` nats (the
     misalignment) with a paired 95% interval over test windows that excludes 0 (records without
-    per-window NLL: by ``gap`` alone), and whether that holds on every corpus."""
+    per-window NLL: by ``gap`` alone), and whether that holds on every corpus; then GPTQ against RTN
+    per corpus and width (does the local objective help at all on that text?)."""
     by = defaultdict(dict)
     for r in records:
         c = r["config"]
-        if c["method"] in ("gptq", "qaft"):
+        if c["method"] in QUANTIZERS:
             by[(c["corpus"], c["bits"])][c["method"]] = r
     verdicts = defaultdict(list)
     for (corpus, bits), v in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
@@ -85,6 +98,9 @@ def corpora_summary(records, gap: float = 0.05) -> str:
     everywhere = all(holds for rows in verdicts.values() for *_, holds in rows)
     lines.append("The misalignment holds on every corpus at every width measured." if everywhere else
                  "The misalignment does **not** hold on every corpus and width measured (see above).")
+    lines += [f"- {corpus}, int{bits}: {verdict(compare(v['gptq'], v['rtn']), 'GPTQ', 'RTN')}."
+              for (corpus, bits), v in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1]))
+              if {"gptq", "rtn"} <= set(v) and compare(v["gptq"], v["rtn"]) is not None]
     return "\n".join(lines)
 
 
