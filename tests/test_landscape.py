@@ -235,3 +235,18 @@ def test_processes_share_the_points_through_take(tmp_path, seed_records, ci_outp
     result = landscape.landscape("smollm2-135m", [4], "ci", tmp_path, radii=[0.1])
     assert len(result["points"]) == len(taken) == len(list(points_dir.glob("*.json")))
     assert all(p.read_bytes() == content for p, content in first.items())
+
+
+def test_notebook_05_precomputes_each_corpus_landscape_as_it_draws_it(monkeypatch):
+    """Notebook 05's ``precompute`` (run by `repro batch`'s workers) asks for the points the notebook then
+    reads: each corpus of the tier's ``datasets`` section, its widths and its landscape settings, with
+    the workers' ``take``."""
+    from repro.studies import NOTEBOOKS
+
+    calls = []
+    monkeypatch.setattr(landscape, "landscape", lambda *args, **kwargs: calls.append((args, kwargs)))
+    take = object()
+    NOTEBOOKS["05_datasets"].precompute("ci", "smollm2-135m", None, "OUT", take)
+    section = load_tier("ci")["datasets"]
+    assert calls == [(("smollm2-135m", section["bits"], "ci", "OUT"), {"corpus": corpus, "take": take, **section["landscape"]})
+                     for corpus in section["corpora"]]

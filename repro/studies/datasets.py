@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from repro import plots
-from repro.config import load_tier
+from repro.config import bit_widths, load_tier
 from repro.methods import QUANTIZERS
 from repro.report import DASH, markdown_table, nll_cell, provenance
 from repro.studies import Notebook, landscape, read_records, suffix, sweep, tier_models
@@ -31,7 +31,16 @@ def configs(tier: str, model: str | None = None, bits=None) -> list:
             *(c for corpus in section.get("corpora", []) for c in sweep.configs(tier, model, bits, ("rtn",), corpus=corpus))]
 
 
-NOTEBOOKS = (Notebook("05_datasets", configs, section="datasets"),)
+def precompute(tier: str, model: str, bits, outputs, take) -> None:
+    """Each corpus's landscape points, the ones notebook 05 draws (same widths and settings), shared
+    by ``repro batch``'s worker processes (``take``, as notebook 03's): the notebook then reads them."""
+    section = load_tier(tier).get("datasets") or {}
+    for corpus in section.get("corpora", []):
+        landscape.landscape(model, bit_widths(bits, section.get("bits")), tier, outputs, corpus=corpus, take=take,
+                            **section.get("landscape", {}))
+
+
+NOTEBOOKS = (Notebook("05_datasets", configs, section="datasets", precompute=precompute),)
 
 
 def _order_sign(lower: dict, higher: dict) -> str:
