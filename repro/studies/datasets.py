@@ -71,7 +71,7 @@ def corpora_table(records) -> str:
             gap = compare(by["gptq"], by["qaft"])
             rows.append([corpus, f"int{bits}", nll_cell(fp.get(corpus)) if corpus in fp else DASH,
                          *(nll_cell(by[m]["nll_test"]) for m in QUANTIZERS),
-                         interval_cell(gap) if gap else f"{by['gptq']['nll_test'] - by['qaft']['nll_test']:+.3f}", order])
+                         interval_cell(gap) if gap is not None else f"{by['gptq']['nll_test'] - by['qaft']['nll_test']:+.3f}", order])
     return markdown_table(["corpus", "bits", "FP", "RTN", "GPTQ", "QAFT", "GPTQ − QAFT [95% CI]", "order (test NLL)"],
                           rows) if rows else "No complete (RTN, GPTQ, QAFT) sets of records yet."
 
@@ -86,8 +86,9 @@ def corpora_summary(records, gap: float = 0.05) -> str:
         c = r["config"]
         if c["method"] in QUANTIZERS:
             by[(c["corpus"], c["bits"])][c["method"]] = r
+    cells = sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1]))  # by corpus, widest first
     verdicts = defaultdict(list)
-    for (corpus, bits), v in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    for (corpus, bits), v in cells:
         if {"gptq", "qaft"} <= set(v):
             iv = compare(v["gptq"], v["qaft"])
             d = v["gptq"]["nll_test"] - v["qaft"]["nll_test"]
@@ -107,9 +108,8 @@ def corpora_summary(records, gap: float = 0.05) -> str:
     everywhere = all(holds for rows in verdicts.values() for *_, holds in rows)
     lines.append("The misalignment holds on every corpus at every width measured." if everywhere else
                  "The misalignment does **not** hold on every corpus and width measured (see above).")
-    lines += [f"- {corpus}, int{bits}: {verdict(compare(v['gptq'], v['rtn']), 'GPTQ', 'RTN')}."
-              for (corpus, bits), v in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1]))
-              if {"gptq", "rtn"} <= set(v) and compare(v["gptq"], v["rtn"]) is not None]
+    against_rtn = [(corpus, bits, compare(v["gptq"], v["rtn"])) for (corpus, bits), v in cells if {"gptq", "rtn"} <= set(v)]
+    lines += [f"- {corpus}, int{bits}: {verdict(iv, 'GPTQ', 'RTN')}." for corpus, bits, iv in against_rtn if iv is not None]
     return "\n".join(lines)
 
 
