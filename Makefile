@@ -18,10 +18,11 @@ run: install
 # and nbval over every notebook (ci tier). First the ci-tier records the notebooks read, in two processes
 # (--ci-records); then two workers (pytest-xdist), each at one torch thread (the ci tier's `threads`). Each
 # test module and each notebook runs whole on one worker (--dist loadscope: a notebook's cells share one
-# kernel, a module's tests its module fixtures; pytest-xdist 3.8's loadgroup does not group under pytest 9.2).
+# kernel, a module's tests its module fixtures; pytest-xdist 3.8's loadgroup does not group under pytest 9.2),
+# handed out longest first (conftest.py's order; xdist's own reorder would put scopes with many tests first).
 test: install
 	bash scripts/install_browser.sh
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --ci-records --nbval-lax --nbval-current-env \
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --ci-records --nbval-lax --nbval-current-env \
 		-p no:cacheprovider --durations=25 tests notebooks
 
 # Fast loop for development: unit and property tests on tiny random models; no embedded model, no

@@ -65,11 +65,42 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["REPRO_OUTPUTS"], ignore_errors=True)
 
 
-def pytest_collection_modifyitems(items):
-    """``slow``: every nbval notebook and every test marked embedded, browser or subprocess."""
+# The longest scopes of `make test` (docs/TESTING.md), which the two workers should start first: the
+# paper-tier dry run alone is ~4.5 min of one worker, and started last it is the whole suite's tail.
+LONGEST_FIRST = ("tests/test_paper_tier.py", "tests/test_batch.py", "tests/test_threads.py", "tests/test_qaft.py",
+                 "tests/test_gptq.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow``: every nbval notebook and every test marked embedded, browser or subprocess. Then the
+    order pytest-xdist hands out scopes in (`make test`: ``--dist loadscope --no-loadscope-reorder``),
+    longest first so the short ones fill the end: ``LONGEST_FIRST``, then scopes with a slow item
+    (notebooks, end-to-end modules), then the rest; within a scope the order is kept."""
     for item in items:
         if item.path.suffix == ".ipynb" or any(item.get_closest_marker(name) for name in SLOW):
             item.add_marker(pytest.mark.slow)
+    root = Path(str(config.rootpath))
+    scope_of = {item: item.path.relative_to(root).as_posix() for item in items}
+    slow_scopes = {scope_of[item] for item in items if item.get_closest_marker("slow")}
+
+    def rank(item):
+        scope = scope_of[item]
+        return LONGEST_FIRST.index(scope) if scope in LONGEST_FIRST else len(LONGEST_FIRST) + (scope not in slow_scopes)
+
+    items.sort(key=rank)  # stable: each scope's items keep their order, scopes of one rank theirs
+
+
+BUSY_S = {}  # controller: seconds of setup + call + teardown per pytest-xdist worker
+
+
+def pytest_runtest_logreport(report):
+    worker = getattr(getattr(report, "node", None), "gateway", None)
+    if worker is not None:
+        BUSY_S[worker.id] = BUSY_S.get(worker.id, 0.0) + report.duration
+
+
+def pytest_sessionstart(session):
+    session.config.tests_start = time.perf_counter()
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +135,7 @@ def pytest_terminal_summary(terminalreporter):
     if getattr(terminalreporter.config, "ci_records_s", None) is not None:
         terminalreporter.write_line(f"ci-tier records computed before the tests (--ci-records): "
                                     f"{terminalreporter.config.ci_records_s:.0f} s")
+    if BUSY_S:  # how evenly the workers shared the tests: the wall is the busier one's time plus idle waits
+        wall = time.perf_counter() - terminalreporter.config.tests_start
+        terminalreporter.write_line(f"tests: {wall:.0f} s wall; busy per worker: " +
+                                    ", ".join(f"{w} {s:.0f} s" for w, s in sorted(BUSY_S.items())))

@@ -298,12 +298,15 @@ def test_sequences_longer_than_the_model_allows_are_refused_before_training(tmp_
 # --- the embedded model -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def embedded_pair(tmp_path_factory):
+def embedded_pair(tmp_path_factory, seed_records):
     """One ci-tier QAFT config (one epoch at one lr0 keeps it short; weights kept) run twice in
-    this process, into fresh outputs each time: the config, the two outputs, the two records."""
+    this process, into fresh outputs each time: the config, the two outputs, the two records. Each
+    outputs holds the session's RTN record, which QAFT reads its epoch 0 from (as in a sweep)."""
     config = make_config("qaft", BITS, "ci", options={"epochs": 1, "lr_grid": [1e-3]})
     config = dataclasses.replace(config, save_weights=True)
     outputs = [tmp_path_factory.mktemp(name) for name in ("a", "b")]
+    for out in outputs:
+        seed_records(out, [runs.epoch0_config(config)])
     return config, outputs, [runs.run(config, outputs=out) for out in outputs]
 
 
