@@ -43,11 +43,13 @@ def pytest_configure(config):
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(name, "1")
     if config.getoption("ci_records"):
-        config.ci_records_s = compute_ci_records(Path(os.environ["REPRO_OUTPUTS"]), processes=2)
+        config.ci_records_s, config.ci_records_parts = compute_ci_records(Path(os.environ["REPRO_OUTPUTS"]),
+                                                                           processes=2)
 
 
-def compute_ci_records(outputs: Path, processes: int) -> float:
-    """``tests/ci_records.py`` in ``processes`` parts at once; returns the wall seconds."""
+def compute_ci_records(outputs: Path, processes: int) -> tuple[float, list[str]]:
+    """``tests/ci_records.py`` in ``processes`` parts at once; returns the wall seconds and each part's
+    summary line (its runs and seconds: how well ``ci_records.COST`` balanced them)."""
     start = time.perf_counter()
     script = Path(__file__).parent / "tests" / "ci_records.py"
     procs = [subprocess.Popen([sys.executable, str(script), str(k), str(processes), str(outputs)],
@@ -57,7 +59,8 @@ def compute_ci_records(outputs: Path, processes: int) -> float:
     for p, log in zip(procs, logs):
         if p.returncode != 0:
             raise pytest.UsageError(f"computing the ci-tier records failed:\n{log[-4000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, [line[line.index("ci records part"):] for log in logs
+                                         for line in log.splitlines() if "ci records part" in line]
 
 
 def pytest_unconfigure(config):
@@ -134,7 +137,8 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"machine: {machine()}, {os.cpu_count()} cores")
     if getattr(terminalreporter.config, "ci_records_s", None) is not None:
         terminalreporter.write_line(f"ci-tier records computed before the tests (--ci-records): "
-                                    f"{terminalreporter.config.ci_records_s:.0f} s")
+                                    f"{terminalreporter.config.ci_records_s:.0f} s "
+                                    f"({'; '.join(terminalreporter.config.ci_records_parts)})")
     if BUSY_S:  # how evenly the workers shared the tests: the wall is the busier one's time plus idle waits
         wall = time.perf_counter() - terminalreporter.config.tests_start
         terminalreporter.write_line(f"tests: {wall:.0f} s wall; busy per worker: " +
