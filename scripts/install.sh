@@ -22,12 +22,7 @@ fi
 # torch first, at constraints.txt's version, from TORCH_INDEX_URL where set; its dependencies take
 # whatever that index has here, and the next step brings them to constraints.txt's versions
 if ! pip show torch 2>/dev/null | grep -Eq "^Version: ${TORCH#torch==}(\+|$)"; then
-  pip install -q --no-compile "$TORCH" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  pip install -q "$TORCH" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-pip install -q --no-compile -c constraints.txt -e ".[test]"
-# Bytecode for every installed module, on all cores: pip compiles one file at a time, half of a fresh
-# install's time on 2 cores (measured: 129 s -> 66 s + 38 s). Like pip, a file that does not compile under
-# this Python is left without bytecode (torch ships one for Python 3.12 only), hence no failure status.
-"$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
-  >/dev/null 2>&1 || true
+pip install -q -c constraints.txt -e ".[test]"
 touch "$VENV/.installed"
