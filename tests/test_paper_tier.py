@@ -5,10 +5,9 @@ WikiText-2 / C4 / LAMBADA stand-ins placed in a Hugging Face cache (``paper_stan
 At the tier's full protocol (128 calibration sequences at the model's maximum length, 8 QAFT
 epochs over 4 learning rates, the 8-point damping search, the histogram observer, bf16 autocast
 for QAFT and the block-wise training forward, taken on CPU), CI runs every family through
-notebook 00 at every width and Llama through notebooks 01, 02, 04 and 06 at one width (``repro batch
---bits 4``: the protocol is the same at every width, and each width costs a GPTQ, a QAFT and seven
-block-wise runs; one model, so the four notebooks share one QAFT and one FPFT, the dry run's largest
-costs at 4096 steps each). ``REPRO_PAPER_DRY_RUN=full`` runs
+notebook 00 at every width, GPT-2 through notebooks 01, 02 and 06 and Llama through the cross-block
+notebook 04, these at one width (``repro batch --bits 4``: the protocol is the same at every width,
+and each width costs a GPTQ, a QAFT and three block-wise runs). ``REPRO_PAPER_DRY_RUN=full`` runs
 every notebook on all four at every width (by hand; notebooks 03, 05 and 08 on the GPT-2 stand-in
 alone took 28 min at one thread)."""
 import json
@@ -31,8 +30,8 @@ STANDINS = list(paper_standins.MODELS)
 LLAMA = "meta-llama/Llama-2-7b-hf"
 # (models, notebooks, widths: None = the tier's)
 PLAN = ([(STANDINS, list(NOTEBOOKS), None)] if os.environ.get("REPRO_PAPER_DRY_RUN") == "full" else
-        [(STANDINS, ["00_quickstart"], None),
-         ([LLAMA], ["01_misalignment", "02_pareto", "04_cross_block", "06_hyperparameters"], [4])])
+        [(STANDINS, ["00_quickstart"], None), (["gpt2"], ["01_misalignment", "02_pareto", "06_hyperparameters"], [4]),
+         ([LLAMA], ["04_cross_block"], [4])])
 
 
 @pytest.fixture(scope="module")
