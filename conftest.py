@@ -70,8 +70,7 @@ def pytest_unconfigure(config):
 
 # The longest scopes of `make test` (docs/TESTING.md), which the two workers should start first: the
 # paper-tier dry run alone is ~4.5 min of one worker, and started last it is the whole suite's tail.
-LONGEST_FIRST = ("tests/test_paper_tier.py", "tests/test_batch.py", "tests/test_threads.py", "tests/test_qaft.py",
-                 "tests/test_gptq.py")
+LONGEST_FIRST = ("tests/test_paper_tier.py", "tests/test_batch.py", "tests/test_qaft.py", "tests/test_gptq.py")
 
 
 def pytest_collection_modifyitems(config, items):
