@@ -363,7 +363,7 @@ def write_summary(jobs: list[Job], tier: str, outputs: Path, cached: int, worker
     processes, their wall time (``workers_wall_s``), which the total counts instead of the runs' sum."""
     path = path or outputs / tier_name(tier) / "batch.json"
     store.write_json_atomic(path, {
-        "tier": tier, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": runs.code_hash(), "cached": cached,
+        "tier": tier, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": runs.code_hash(tier), "cached": cached,
         "processes": processes, "workers_wall_s": workers_wall,
         "jobs": [{"notebook": j.notebook, "model": j.model, "status": j.status, "error": j.error,
                   "runs_s": j.runs_s, "execute_s": j.execute_s, "runs": j.ran} for j in jobs]})

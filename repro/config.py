@@ -209,9 +209,26 @@ def load_tier(tier: str, _seen: tuple = ()) -> dict:
         raise ValueError(f"{path}: a tier file is a YAML mapping of settings, not {type(params).__name__}")
     base = params.pop("base", None)
     if base is not None:
-        base = base if base in TIERS or Path(str(base)).expanduser().is_absolute() else str(path.parent / str(base))
-        params = _merge(load_tier(base, (*_seen, path)), params)
+        params = _merge(load_tier(_base_tier(path, base), (*_seen, path)), params)
     return params
+
+
+def _base_tier(path: Path, base) -> str:
+    """A tier file's ``base:`` as ``load_tier`` takes it: a named tier, else a path (relative to the file)."""
+    return base if base in TIERS or Path(str(base)).expanduser().is_absolute() else str(path.parent / str(base))
+
+
+def tier_files(tier: str) -> list[Path]:
+    """The YAML files ``load_tier(tier)`` reads: the tier's own, then each its ``base:`` starts from."""
+    files = [tier_path(tier).resolve()]
+    while True:
+        params = _parse_tier(files[-1], files[-1].stat().st_mtime_ns)
+        base = params.get("base") if isinstance(params, dict) else None
+        if base is None:
+            return files
+        files.append(tier_path(_base_tier(files[-1], base)).resolve())
+        if files[-1] in files[:-1]:
+            raise ValueError(f"{files[0]}: `base:` comes back to a file it started from")
 
 
 def parse_values(pairs, flag: str = "--option") -> dict:

@@ -25,25 +25,29 @@ import torch
 import repro
 from repro import data as data_mod
 from repro import evaluate, models, store
-from repro.config import SHARED_VERSIONS, RunConfig, sweep_configs
+from repro.config import SHARED_VERSIONS, RunConfig, sweep_configs, tier_files
 from repro.methods import METHODS
 from repro.progress import progress
 
 logger = logging.getLogger(__name__)
 
-# The sources that compute a record's numbers (not the plots, tables, widgets or CLI around them).
-COMPUTE_SOURCES = ("models.py", "data.py", "quant.py", "evaluate.py", "config.py", "store.py", "runs.py", "methods/*.py",
-                   "params/*.yaml")
+# The sources that compute a record's numbers (not the plots, tables, widgets or CLI around them); a
+# record's code version adds the YAML of its own tier (``code_hash``).
+COMPUTE_SOURCES = ("models.py", "data.py", "quant.py", "evaluate.py", "config.py", "store.py", "runs.py", "methods/*.py")
 
 
 @functools.cache
-def code_hash() -> str:
-    """sha256 (12 hex) of ``COMPUTE_SOURCES`` as this process imported them: the code that
-    produced a record (recorded in it; not part of its key, see ``SHARED_VERSIONS``)."""
+def code_hash(tier: str | None) -> str:
+    """sha256 (12 hex) of ``COMPUTE_SOURCES`` as this process imported them and of ``tier``'s YAML (with
+    the files its ``base:`` starts from; None, a config made without a tier: none): the code and settings
+    that produced a record of that tier (recorded in it; not part of its key, see ``SHARED_VERSIONS``).
+    Only the record's own tier counts, so that trimming the ``ci`` tier, which `make test` computes,
+    leaves the version of ``cpu`` and ``paper`` records, which the README reports, as it was."""
     digest = hashlib.sha256()
     root = Path(__file__).parent
-    for path in sorted(p for pattern in COMPUTE_SOURCES for p in root.glob(pattern)):
-        digest.update(path.relative_to(root).as_posix().encode())
+    sources = sorted(p for pattern in COMPUTE_SOURCES for p in root.glob(pattern))
+    for path in [*sources, *(tier_files(tier) if tier else [])]:
+        digest.update((path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -208,7 +212,7 @@ def _compute_pinned(config: RunConfig, outputs: Path | None) -> dict:
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     record = {
         "key": config.key(), "config": dataclasses.asdict(config), "method_version": version,
-        "versions": {"package": repro.__version__, "code": code_hash(), "method": version, **SHARED_VERSIONS},
+        "versions": {"package": repro.__version__, "code": code_hash(config.tier), "method": version, **SHARED_VERSIONS},
         **metrics, "info": info,
         "wall_s": {"method": method_s, "evaluate": time.perf_counter() - start - method_s},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),

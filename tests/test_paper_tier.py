@@ -5,11 +5,12 @@ WikiText-2 / C4 / LAMBADA stand-ins placed in a Hugging Face cache (``paper_stan
 At the tier's full protocol (128 calibration sequences at the model's maximum length, 8 QAFT
 epochs over 4 learning rates, the 8-point damping search, the histogram observer, bf16 autocast
 for QAFT and the block-wise training forward, taken on CPU), CI runs every family through
-notebook 00 at every width, GPT-2 through notebooks 01, 02 and 06 and Llama through the cross-block
-notebook 04, these at one width (``repro batch --bits 4``: the protocol is the same at every width,
-and each width costs a GPTQ, a QAFT and three block-wise runs). ``REPRO_PAPER_DRY_RUN=full`` runs
-every notebook on all four at every width (by hand; notebooks 03, 05 and 08 on the GPT-2 stand-in
-alone took 28 min at one thread)."""
+notebook 00 at every width and GPT-2 through notebooks 01, 02, 04 and 06 at one width (``repro batch
+--bits 4``: the protocol is the same at every width, and each width costs a GPTQ, a QAFT, an FPFT and
+the block-wise runs; one batch, so notebook 04 reads 01's QAFT, the longest run, instead of training
+another). Block-wise PTQ on every family's blocks is ``tests/test_blockwise.py``'s, on tiny models.
+``REPRO_PAPER_DRY_RUN=full`` runs every notebook on all four at every width (by hand; notebooks 03,
+05 and 08 on the GPT-2 stand-in alone took 28 min at one thread)."""
 import json
 import math
 import os
@@ -27,11 +28,10 @@ from repro.studies import NOTEBOOKS
 pytestmark = pytest.mark.subprocess
 ROOT = Path(__file__).resolve().parent.parent
 STANDINS = list(paper_standins.MODELS)
-LLAMA = "meta-llama/Llama-2-7b-hf"
 # (models, notebooks, widths: None = the tier's)
 PLAN = ([(STANDINS, list(NOTEBOOKS), None)] if os.environ.get("REPRO_PAPER_DRY_RUN") == "full" else
-        [(STANDINS, ["00_quickstart"], None), (["gpt2"], ["01_misalignment", "02_pareto", "06_hyperparameters"], [4]),
-         ([LLAMA], ["04_cross_block"], [4])])
+        [(STANDINS, ["00_quickstart"], None),
+         (["gpt2"], ["01_misalignment", "02_pareto", "04_cross_block", "06_hyperparameters"], [4])])
 
 
 @pytest.fixture(scope="module")

@@ -310,3 +310,24 @@ def test_a_missing_extra_is_named():
     with pytest.raises(ImportError, match=r"no_such_module is not installed; .*pip install 'repro-lowbit-quant\[notebooks\]'"):
         require("no_such_module", "notebooks")
     assert require("yaml", "core").safe_load("a: 1") == {"a": 1}
+
+
+def test_a_records_code_version_covers_the_code_and_its_own_tier_files_only(tmp_path):
+    """``runs.code_hash(tier)``: the compute sources and the tier's YAML chain (``base:``), so that editing
+    another tier's file (the ``ci`` tier, say) leaves the version of this tier's records as it was."""
+    mine, other = tmp_path / "mine.yaml", tmp_path / "other.yaml"
+    mine.write_text("base: cpu\nn_eval: 2\n")
+    other.write_text("base: ci\n")
+    assert config_mod.tier_files(str(mine)) == [mine.resolve(), config_mod.PARAMS_DIR / "cpu.yaml"]
+    assert config_mod.tier_files("ci") == [config_mod.PARAMS_DIR / "ci.yaml"]
+    before = runs.code_hash(str(mine))
+    assert len({before, runs.code_hash("cpu"), runs.code_hash("ci"), runs.code_hash(str(other))}) == 4
+    other.write_text("base: ci\nn_eval: 3\n")
+    runs.code_hash.cache_clear()
+    assert runs.code_hash(str(mine)) == before  # not in its chain
+    mine.write_text("base: cpu\nn_eval: 3\n")
+    runs.code_hash.cache_clear()
+    assert runs.code_hash(str(mine)) != before
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="comes back"):
+        config_mod.tier_files(str(tmp_path / "loop.yaml"))

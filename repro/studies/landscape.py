@@ -271,7 +271,7 @@ def _compute_points(base, missing, run_configs, opts, outputs, take=None, still_
                     layer = lambda name, w, a=a, b=b, alpha=alpha: torch.lerp(a[name], b[name], alpha)  # noqa: E731
                 point = {"spec": spec, "distance": put(layer), "norm": norm,
                          "sources": {label: _stamp(run_configs[label], outputs) for label in _labels(spec)},
-                         **_measure(bench.model, bench.data, opts, base.batch_size), "code": runs.code_hash()}
+                         **_measure(bench.model, bench.data, opts, base.batch_size), "code": runs.code_hash(base.tier)}
                 store.write_json_atomic(path, point)
 
 

@@ -71,7 +71,7 @@ def gradient_norms(tier: str, model: str, outputs, compute: bool = True) -> dict
                                                desc="gradient at w_FPFT")
         restore(bench.model, bench.fp_weights)
     result = {**found, "sequences": int(bench.data.calibration.shape[0]), "fpft_key": fpft.key(),
-              "version": VERSION, "code": runs.code_hash()}
+              "version": VERSION, "code": runs.code_hash(tier)}
     store.write_json_atomic(path, result)
     return result
 
