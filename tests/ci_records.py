@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-# seconds per run at one thread on the 2-core machine (SmolLM2; Gemma 3's vocabulary costs ~1.8x)
-COST = {"fp": 5, "rtn": 15, "gptq": 55, "qaft": 85, "fpft": 50, "blockwise": 45}
+# seconds per run at one thread on the 2-core machine (SmolLM2, measured 2026-12-07; Gemma 3's vocabulary costs ~1.8x)
+COST = {"fp": 5, "rtn": 12, "gptq": 30, "qaft": 30, "fpft": 25, "blockwise": 65}
 MODEL_FACTOR = {"gemma3-270m": 1.8}
 
 
