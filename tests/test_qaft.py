@@ -350,8 +350,8 @@ def _without_timings(value):
 @pytest.mark.embedded
 def test_embedded_qaft_is_deterministic(embedded_pair):
     """Two computations of one config (the session's, under `make test` in another process, and one into
-    fresh outputs here) give records identical to the bit apart from wall-clock times: same learning rate, epoch, history, NLLs and kept weights (whose files
-    differ only in the ``created`` stamp)."""
+    fresh outputs here) give records identical to the bit apart from wall-clock times: same learning
+    rate, epoch, history, NLLs and kept weights (whose files differ only in the ``created`` stamp)."""
     config, outputs, (first, second) = embedded_pair
     assert _without_timings(first) == _without_timings(second)
     assert first["info"]["runs"][0]["history"]  # it trained
