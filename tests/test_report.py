@@ -204,8 +204,13 @@ def test_precision_table_decides_on_validation_and_flags_bf16_over_one_percent_w
         a["config"]["model"] = b["config"]["model"] = model
         a["info"]["step_s"], b["info"]["step_s"] = 1.0, 2.0
         pairs.append((a, b))
+    a, b = pairs[0]
+    for r, shift in ((a, 0.0), (b, 0.5)):  # per-window test NLL on the same windows: a paired interval
+        r["nll_test_windows"], r["windows"] = [6.0 + shift + 0.01 * i for i in range(8)], {"test": "w"}
     table = sweep.precision_table(pairs)
-    assert "| smollm2-135m | int4 | 5.020 | 5.000 | +0.40% | yes | -14.00% | 1.00 | 2.00 |" in table
+    assert "| smollm2-135m | int4 | 5.020 | 5.000 | +0.40% | yes | -14.00% | **-0.500 [-0.500, -0.500]** | 1.00 | 2.00 |" \
+        in table
+    assert "| smollm2-135m | int8 | 8.000 | 7.500 | +6.67% | **no** | -5.26% | — | 1.00 | 2.00 |" in table
     assert "+6.67% | **no**" in table
     assert "| gemma3-270m | int4 | 7.000 | 7.500 | -6.67% | yes |" in table  # better in bf16: kept
 

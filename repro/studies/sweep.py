@@ -471,7 +471,8 @@ def precision_table(pairs) -> str:
     """QAFT trained under bf16 autocast against fp32, everything else equal: ``pairs`` is a list of
     ``(bf16 record, fp32 record)``. The choice is made on validation: validation NLL of each, the
     relative difference and whether bf16 is no more than 1% worse; then the test NLLs (reported,
-    never used to choose) and the seconds per training step."""
+    never used to choose: relative, and bf16 − fp32 with its paired 95% interval over the test windows)
+    and the seconds per training step."""
     rows = []
     for bf16, fp32 in pairs:
         c = bf16["config"]
@@ -479,9 +480,10 @@ def precision_table(pairs) -> str:
         test = (bf16["nll_test"] - fp32["nll_test"]) / fp32["nll_test"]
         rows.append([c["model"], f"int{c['bits']}", nll_cell(bf16["nll_validation"]), nll_cell(fp32["nll_validation"]),
                      f"{100 * rel:+.2f}%", "yes" if rel <= 0.01 else "**no**", f"{100 * test:+.2f}%",
-                     f"{bf16['info']['step_s']:.2f}", f"{fp32['info']['step_s']:.2f}"])
+                     interval_cell(compare(bf16, fp32)), f"{bf16['info']['step_s']:.2f}", f"{fp32['info']['step_s']:.2f}"])
     return markdown_table(["model", "bits", "validation NLL, bf16", "validation NLL, fp32", "bf16 vs fp32",
-                      "bf16 at most 1% worse", "test NLL, bf16 vs fp32", "s/step bf16", "s/step fp32"], rows)
+                           "bf16 at most 1% worse", "test NLL, bf16 vs fp32", "test NLL bf16 − fp32 (95% CI)",
+                           "s/step bf16", "s/step fp32"], rows)
 
 
 def sections(tier: str, outputs, model: str | None = None, command: str = "") -> dict:
