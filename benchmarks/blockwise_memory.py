@@ -7,7 +7,7 @@ For each (m, l) it runs ``repro.methods.blockwise`` on the first window only (a 
 m + l blocks, so the run is one window) and measures the peak memory of the training above the
 memory before it: on a GPU ``torch.cuda.max_memory_allocated``, on CPU the process's resident set
 sampled every 2 ms by a thread (``/proc/self/statm``). The prediction is the record's own
-components (``repro.report.memory_table``): 2 x the window's fp32 weights (latent + gradient) +
+components (``repro.studies.cross_block.memory_table``): 2 x the window's fp32 weights (latent + gradient) +
 Adam's two moments + the tensors autograd saved for one mini-batch. CPU RSS also holds allocator
 caches and the chain's activations on CPU, so it is an upper reading; the GPU number is exact.
 """

@@ -6,6 +6,7 @@ are stated in ``quantize``'s docstring, and nothing is cached or recorded.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 
 import torch
@@ -60,9 +61,21 @@ def quantize(model, tokenizer=None, method: str = "gptq", bits: int = 4, granula
     Returns what the method records (per-layer dampings, training history ...). Evaluate with
     ``repro.evaluate.nll(model, windows)``; keep with ``repro.export.export``.
     """
+    scratch = None
     if method in ("qaft", "fpft") and "checkpoint_dir" not in options:
-        # the default resume directory is keyed by the config, which does not know your model
-        options["checkpoint_dir"] = tempfile.mkdtemp(prefix=f"repro-{method}-")
+        # the default resume directory is keyed by the config, which does not know your model; a fresh
+        # one, removed when the call returns (its state can only resume this call)
+        scratch = options["checkpoint_dir"] = tempfile.mkdtemp(prefix=f"repro-{method}-")
+    try:
+        return _quantize(model, tokenizer, method, bits, granularity, group_size, observer, calibration,
+                         seq_len, n_calibration, batch_size, seed, options)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _quantize(model, tokenizer, method, bits, granularity, group_size, observer, calibration, seq_len,
+              n_calibration, batch_size, seed, options) -> dict:
     config = RunConfig(method=method, bits=bits if METHODS.get(method) is None or METHODS[method].quantizes else None,
                        model=getattr(getattr(model, "config", None), "_name_or_path", "") or "user",
                        observer=observer, granularity=granularity, group_size=group_size,

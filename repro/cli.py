@@ -121,9 +121,10 @@ def _report(args) -> int:
     import json
 
     from repro import report, store
+    from repro.config import tier_name
 
     sections = _from_studies(args, "sections")
-    summary = Path(args.outputs) / args.tier / "batch.json"
+    summary = Path(args.outputs) / tier_name(args.tier) / "batch.json"  # where batch.write_summary puts it
     if summary.is_file():
         from repro import batch
 
@@ -323,7 +324,8 @@ def main(argv=None) -> int:
 
             args.tier = derive_tier(args.tier, parse_settings(args.set), Path(args.outputs) / "tiers")
         return args.func(args)
-    except (ValueError, RuntimeError) as err:  # our own clear messages, without a traceback
+    except (ValueError, RuntimeError, ImportError) as err:  # our own clear messages (a missing extra: its pip
+        # command, repro.require), without a traceback
         print(f"repro: error: {err}", file=sys.stderr)
         return 2
 

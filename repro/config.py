@@ -62,7 +62,7 @@ class RunConfig:
     tier: str | None = None
     device: str | None = None  # None: cuda when available, else cpu
     # torch's intra-op CPU threads while computing (None: torch's default). Float reductions split
-    # by thread, so records are bit-identical only at one count: the embedded tiers pin 2.
+    # by thread, so records are bit-identical only at one count: the embedded tiers pin 1 (per process).
     threads: int | None = None
     save_weights: bool = False  # keep the quantized weights beside the record (``weights_path``)
     # the dtype the model loads in (None: float32; DTYPES). GPTQ's Hessians and solve and the NLL sums are
@@ -172,6 +172,10 @@ MODEL_SETTINGS = {"observer", "corpus", "seq_len", "n_calibration", "n_eval", "b
                   "cross_block"}
 
 
+# What every tier sets (after its `base:` chain); the rest has defaults (``RunConfig``).
+REQUIRED_SETTINGS = ("model", "corpus", "bits")
+
+
 def tier_path(tier: str) -> Path:
     """The YAML of a tier: ``params/<tier>.yaml`` for a named tier, else ``tier`` itself when it is
     an existing ``.yaml``/``.yml`` file (a user's own tier)."""
@@ -204,31 +208,26 @@ def load_tier(tier: str, _seen: tuple = ()) -> dict:
     path = tier_path(tier).resolve()
     if path in _seen:
         raise ValueError(f"{path}: `base:` comes back to a file it started from ({' -> '.join(map(str, _seen))})")
-    params = copy.deepcopy(_parse_tier(path, path.stat().st_mtime_ns))
+    try:
+        params = copy.deepcopy(_parse_tier(path, path.stat().st_mtime_ns))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(params, dict):
         raise ValueError(f"{path}: a tier file is a YAML mapping of settings, not {type(params).__name__}")
+    params = _numbers(params)  # 1e-4 (no dot) is a string to YAML 1.1; a number here, as on the command line
     base = params.pop("base", None)
     if base is not None:
         params = _merge(load_tier(_base_tier(path, base), (*_seen, path)), params)
+    missing = [key for key in REQUIRED_SETTINGS if key not in params]
+    if missing and not _seen:
+        raise ValueError(f"{path}: a tier sets {', '.join(REQUIRED_SETTINGS)}; missing {', '.join(missing)}. "
+                         f"Start from a shipped tier with `base: cpu` (or ci, paper) and set only what differs")
     return params
 
 
 def _base_tier(path: Path, base) -> str:
     """A tier file's ``base:`` as ``load_tier`` takes it: a named tier, else a path (relative to the file)."""
     return base if base in TIERS or Path(str(base)).expanduser().is_absolute() else str(path.parent / str(base))
-
-
-def tier_files(tier: str) -> list[Path]:
-    """The YAML files ``load_tier(tier)`` reads: the tier's own, then each its ``base:`` starts from."""
-    files = [tier_path(tier).resolve()]
-    while True:
-        params = _parse_tier(files[-1], files[-1].stat().st_mtime_ns)
-        base = params.get("base") if isinstance(params, dict) else None
-        if base is None:
-            return files
-        files.append(tier_path(_base_tier(files[-1], base)).resolve())
-        if files[-1] in files[:-1]:
-            raise ValueError(f"{files[0]}: `base:` comes back to a file it started from")
 
 
 def parse_values(pairs, flag: str = "--option") -> dict:
@@ -265,7 +264,8 @@ def parse_settings(pairs) -> dict:
     """``["seq_len=128", "methods.qaft.epochs=2"]`` -> the nested dict they set (values read as YAML)."""
     settings = {}
     for dotted, value in parse_values(pairs, flag="--set").items():
-        *parents, key = dotted.split(".")
+        # a bit-width in the path is an int key, as in the YAML (observer.4=minmax sets int4's observer)
+        *parents, key = (int(part) if part.isdigit() else part for part in dotted.split("."))
         node = settings
         for parent in parents:
             node = node.setdefault(parent, {})

@@ -198,7 +198,7 @@ def exchanged_weights(model, snapshot: dict[str, torch.Tensor]):
     linears = stack_linears(model)
     check_snapshot(linears, snapshot)
     if any(is_prepared(m) for m in linears.values()):
-        raise ValueError("the model is in fake-quant mode; call repro.quant.bake(model) first")
+        raise ValueError("the model is in fake-quant mode; call repro.quant.bake(repro.models.stack_linears(model)) first")
 
     def exchange():
         for name, m in linears.items():

@@ -1,7 +1,8 @@
 """The papers' figures from result records (the dicts ``repro.runs.run`` returns).
 
-Every function takes a list of records (plus options), draws with matplotlib and returns the
-``Figure``; none of them computes anything a record does not already hold.
+Most functions take a list of records (plus options; the landscape's take ``repro.studies.landscape``
+results); each draws with matplotlib and returns the ``Figure``, and none computes anything a record
+does not already hold.
 """
 from __future__ import annotations
 
@@ -270,7 +271,9 @@ def qaft_epochs(records):
     fig, axes = plt.subplots(1, max(len(bits), 1), figsize=(3.2 * max(len(bits), 1), 3), squeeze=False)
     for ax, b in zip(axes[0], bits):
         info = table["qaft"][b]["info"]
-        run = next(r for r in info["runs"] if r["lr"] == info["lr"])
+        run = analysis.chosen_run(info)
+        if run is None:  # (a record from before the runs list)
+            continue
         ax.plot([h["epoch"] for h in run["history"]], [h["nll_test"] for h in run["history"]], "o-",
                 color=METHOD_COLORS["qaft"], label=f"QAFT lr {info['lr']:g}")
         if b in table.get("gptq", {}):

@@ -8,7 +8,7 @@ with timestamps, so a cluster job's log says what happened when.
 ``REPRO_PROGRESS=0`` turns them off. The notebook tests need that: nbval reads a kernel's
 messages only after a cell has finished, so a long cell's widget updates overflow ZeroMQ's
 1000-message queue, the final "idle" message is dropped and nbval fails with "Timeout of 5
-seconds exceeded waiting for output" (see notebooks/conftest.py).
+seconds exceeded waiting for output" (see conftest.py at the repository root).
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ GPT-2's Conv1D stores the transpose) and broadcast after ``expand_scale``. The s
   quantization error of a histogram, but always for a 256-level grid: torch sets its target
   bin count from the dtype (``2 ** 8`` for qint8) and ignores ``quant_min``/``quant_max``, so
   it returns the *same clip range* at every bit-width (``tests/test_quant.py`` pins this).
-  Divided by q, that range is right for int8 and far too wide for int4/3/2, which is why it
-  lands 2-8x above the MSE optimum at 4 and 3 bits (and often does not clip at all),
+  Divided by q, that range clips too much at int8 on these models (where any clipping hurts) and is
+  far too wide for int4/3/2, which is why it lands 2-8x above the MSE optimum at 4 and 3 bits,
 * ``mse``       - exact search of ``argmin_a ||Q_a(W) - W||^2`` on the full tensor (per row of
   a channel or group: each scale minimises its own weights' error),
 * ``minmax``    - ``a = max|W| / q`` (no clipping; per row of a channel or group).

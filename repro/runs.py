@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -25,30 +26,33 @@ import torch
 import repro
 from repro import data as data_mod
 from repro import evaluate, models, store
-from repro.config import SHARED_VERSIONS, RunConfig, sweep_configs, tier_files
+from repro.config import SHARED_VERSIONS, RunConfig, load_tier, sweep_configs
 from repro.methods import METHODS
 from repro.progress import progress
 
 logger = logging.getLogger(__name__)
 
 # The sources that compute a record's numbers (not the plots, tables, widgets or CLI around them); a
-# record's code version adds the YAML of its own tier (``code_hash``).
-COMPUTE_SOURCES = ("models.py", "data.py", "quant.py", "evaluate.py", "config.py", "store.py", "runs.py", "methods/*.py")
+# record's code version adds the settings of its own tier (``code_hash``).
+COMPUTE_SOURCES = ("models.py", "data.py", "quant.py", "evaluate.py", "stack.py", "config.py", "store.py", "runs.py",
+                   "methods/*.py")
 
 
 @functools.cache
 def code_hash(tier: str | None) -> str:
-    """sha256 (12 hex) of ``COMPUTE_SOURCES`` as this process imported them and of ``tier``'s YAML (with
-    the files its ``base:`` starts from; None, a config made without a tier: none): the code and settings
-    that produced a record of that tier (recorded in it; not part of its key, see ``SHARED_VERSIONS``).
-    Only the record's own tier counts, so that trimming the ``ci`` tier, which `make test` computes,
-    leaves the version of ``cpu`` and ``paper`` records, which the README reports, as it was."""
+    """sha256 (12 hex) of ``COMPUTE_SOURCES`` as this process imported them and of ``tier``'s settings as
+    ``load_tier`` reads them (its ``base:`` chain merged; None, a config made without a tier: none): the
+    code and settings that produced a record of that tier (recorded in it; not part of its key, see
+    ``SHARED_VERSIONS``). Only the record's own tier counts, so that trimming the ``ci`` tier, which
+    `make test` computes, leaves the version of ``cpu`` and ``paper`` records, which the README reports,
+    as it was; and only the parsed settings count, so that rewording a comment in a tier's YAML does not."""
     digest = hashlib.sha256()
     root = Path(__file__).parent
-    sources = sorted(p for pattern in COMPUTE_SOURCES for p in root.glob(pattern))
-    for path in [*sources, *(tier_files(tier) if tier else [])]:
-        digest.update((path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name).encode())
+    for path in sorted(p for pattern in COMPUTE_SOURCES for p in root.glob(pattern)):
+        digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
+    if tier:
+        digest.update(json.dumps(load_tier(tier), sort_keys=True, default=str).encode())
     return digest.hexdigest()[:12]
 
 
@@ -157,8 +161,9 @@ def pinned_threads(threads: int | None):
 
     Why: a float32 reduction is split across threads, so its rounding depends on their number;
     argmin-style choices amplify that (measured on SmolLM2 at the ci tier, 1 vs 2 threads: the
-    mse observer picks another scale for 14 of 210 int3 tensors and RTN int3 validation NLL moves
-    14.119 -> 14.103; GPTQ int8's damping choices move its validation NLL 3.572 -> 3.560). Pinning
+    mse observer picks another scale for 14 of 210 int3 tensors and RTN int3 validation NLL reads
+    14.103 at 1 thread, 14.119 at 2; GPTQ int8's damping choices move its validation NLL between
+    3.560 and 3.572). Pinning
     the count makes a record the same on any machine with the same CPU kernels, whatever its cores."""
     before = torch.get_num_threads()
     if threads is not None:

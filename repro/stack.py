@@ -44,10 +44,6 @@ class StackBatch:
     calls: list
     device: torch.device
 
-    def with_hidden(self, hidden: torch.Tensor) -> "StackBatch":
-        """The same mini-batch at another depth (or on another chain): shares ``calls``."""
-        return StackBatch(hidden, self.calls, self.device)
-
 
 class _Caught(Exception):
     """Raised by the pre-hook on the last block: everything the stack needs has been seen."""

@@ -278,6 +278,20 @@ def read_record(config, outputs: Path | None = None) -> dict | None:
     return None if record is None else {**record, "cached": True}
 
 
+def comparable(record, path=()):
+    """``record`` without what a recomputation changes when the result does not: wall-clock times
+    (``*_s``), ``created``, ``cached``, the code version (``versions.code``) and the machine's name fields
+    under ``environment`` (torch, threads and CPU kernels stay: they change float rounding). Two records
+    of one config are the same computation when their ``comparable`` forms are equal."""
+    if isinstance(record, dict):
+        return {k: comparable(v, (*path, k)) for k, v in record.items()
+                if not (k.endswith("_s") or k in ("created", "cached") or path == ("versions",) and k == "code"
+                        or path == ("environment",) and k not in ("torch", "threads", "cpu_kernels"))}
+    if isinstance(record, list):
+        return [comparable(v, path) for v in record]
+    return record
+
+
 def save_weights(model, config, info: dict, path: Path, fp_weights: dict | None = None,
                  created: str = "", grid_scales: dict | None = None) -> None:
     """The stack's quantized weights as int8 codes (the weight's stored layout) and their float32

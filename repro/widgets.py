@@ -9,7 +9,6 @@ in progress (a run is the unit of work and of caching).
 """
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -21,13 +20,6 @@ from repro.quant import GRANULARITIES, OBSERVERS
 
 FIGURES = ("NLL per width + layer MSE", "Fig. 1: GPTQ vs QAFT", "Fig. 2: Pareto front", "Fig. 3: landscape",
            "Fig. 7: QAFT epochs", "locality spectrum")
-
-
-def load_records(outputs: Path | str | None = None) -> list[dict]:
-    """Every record under ``outputs/records`` (no computation)."""
-    root = Path(outputs) if outputs is not None else store.outputs_dir()
-    found = (json.loads(p.read_text()) for p in sorted((root / "records").glob("*/*.json")))
-    return [r for r in found if "key" in r and "config" in r]  # (not lm-eval results or gradient norms)
 
 
 def selection_configs(tier: str, model: str, corpus: str, methods, bits, observer: str | None,

@@ -1,9 +1,8 @@
 """Do two results directories hold the same records? ``python scripts/compare_records.py A B``
 
 For every run record (``records/<method>/*.json``) present in both, compares everything but what a
-recomputation may change without changing a result: wall-clock times (``*_s``), ``created``, ``cached``,
-the code version (``versions.code``) and the machine's name fields under ``environment``. Prints one
-line per record, ``same`` or the first differing path, and exits 1 when any differs (0 when all of at
+recomputation may change without changing a result (``repro.store.comparable``): wall-clock times, the
+code version and the machine's name. Prints one line per record, ``same`` or the first differing path, and exits 1 when any differs (0 when all of at
 least one shared record agree). Use it to show that a new code version reproduces an older one's records:
 compute a few of them again into an empty directory (``repro run --outputs NEW ...``), then compare.
 """
@@ -13,18 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-VOLATILE = {"created", "cached"}
-
-
-def comparable(value, path=()):
-    """``value`` without its volatile fields (see the module's docstring)."""
-    if isinstance(value, dict):
-        return {k: comparable(v, (*path, k)) for k, v in value.items()
-                if not (k.endswith("_s") or k in VOLATILE or path == ("versions",) and k == "code"
-                        or path == ("environment",) and k not in ("torch", "threads", "cpu_kernels"))}
-    if isinstance(value, list):
-        return [comparable(v, path) for v in value]
-    return value
+from repro.store import comparable
 
 
 def first_difference(a, b, path="") -> str | None:

@@ -1,4 +1,6 @@
 """repro.quantize: one call from a model and text (or Data) to a quantized stack, without a tier."""
+import tempfile
+
 import pytest
 import torch
 
@@ -40,10 +42,17 @@ def test_gptq_from_text_per_group():
     assert set(info["layers"]) == set(models.stack_linears(model))
 
 
-def test_qaft_keeps_its_resume_state_out_of_the_shared_cache(tmp_path):
+def test_qaft_keeps_its_resume_state_out_of_the_shared_cache_and_leaves_none_behind(tmp_path, monkeypatch):
+    """The resume state goes to a fresh temporary directory (the shared cache's is keyed by a config that
+    does not know a user's model), removed when the call returns."""
+    cache, scratch = tmp_path / "cache", tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("REPRO_CACHE", str(cache))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     model = tiny_model("llama")
     info = repro.quantize(model, method="qaft", bits=4, calibration=tiny_data(seq_len=12), epochs=1, lr_grid=[1e-3])
     assert info["epochs"] == 1 and len(info["runs"]) == 1
+    assert not cache.exists() and list(scratch.iterdir()) == []
 
 
 def test_bad_choices_fail_before_any_work():

@@ -337,23 +337,14 @@ def test_a_known_rtn_nll_replaces_the_epoch_zero_evaluation(tmp_path, monkeypatc
     assert len(calls) == 2 * 2  # validation + test after each of the two epochs, none at epoch 0
 
 
-def _without_timings(value):
-    """A record with its wall-clock fields (``*_s``, ``created``, ``cached``) removed, recursively."""
-    if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items()
-                if not (k.endswith("_s") or k in ("created", "cached"))}
-    if isinstance(value, list):
-        return [_without_timings(v) for v in value]
-    return value
-
-
 @pytest.mark.embedded
 def test_embedded_qaft_is_deterministic(embedded_pair):
     """Two computations of one config (the session's, under `make test` in another process, and one into
-    fresh outputs here) give records identical to the bit apart from wall-clock times: same learning
-    rate, epoch, history, NLLs and kept weights (whose files differ only in the ``created`` stamp)."""
+    fresh outputs here) give records identical to the bit apart from wall-clock times (``store.comparable``):
+    same learning rate, epoch, history, NLLs and kept weights (whose files differ only in the ``created``
+    stamp)."""
     config, outputs, (first, second) = embedded_pair
-    assert _without_timings(first) == _without_timings(second)
+    assert store.comparable(first) == store.comparable(second)
     assert first["info"]["runs"][0]["history"]  # it trained
     from safetensors.torch import load_file
 

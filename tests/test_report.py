@@ -103,7 +103,14 @@ def test_misalignment_summary_uses_test_split():
     assert "own inputs: GPTQ lower (0.0122 GPTQ vs 0.0484 QAFT), **misaligned**" in text
     old = [{**r, "mean_layer_mse_fp_inputs": None} for r in recs]
     assert "FP inputs" not in sweep.misalignment_summary(old)
-    assert sweep.first_epoch_summary(records()) and "int4: best initial LR 0.0001" in sweep.lr_summary(records())
+    assert "int4: best initial LR 0.0001" in sweep.lr_summary(records())
+
+
+def test_first_epoch_summary_compares_qaft_after_one_epoch_with_gptq():
+    assert sweep.first_epoch_summary(records()).splitlines() == [
+        "- int8: after 1 epoch QAFT test NLL 3.022 beats GPTQ's 3.055 (Δ -0.0330).",
+        "- int4: after 1 epoch QAFT test NLL 4.111 beats GPTQ's 4.444 (Δ -0.3330)."]
+    assert sweep.first_epoch_summary([r for r in records() if r["config"]["method"] != "gptq"]) == "No QAFT/GPTQ pairs yet."
 
 
 def test_update_markdown():

@@ -21,18 +21,24 @@ def test_config_hash_covers_what_determines_a_run():
         assert other.key() != a.key()
 
 
-def test_bad_config_values_fail_early():
+def test_bad_config_values_fail_early(capsys):
+    def cli_error(argv):
+        """The CLI's exit status 2 and its one-line message."""
+        assert cli.main(argv) == 2
+        return capsys.readouterr().err
+
     with pytest.raises(ValueError, match="2..8"):
         make_config("rtn", 1, tier="ci")
     with pytest.raises(ValueError, match="unknown method 'awq'"):
         make_config("awq", 4, tier="ci")
     with pytest.raises(ValueError, match="unknown tier"):
         make_config("rtn", 4, tier="huge")
-    assert cli.main(["run", "--bits", "9", "--tier", "ci"]) == 2
+    assert "bits=9 is not supported" in cli_error(["run", "--bits", "9", "--tier", "ci"])
     with pytest.raises(ValueError, match="method 'fp' quantizes nothing"):
         make_config("fp", 4, tier="ci")
-    assert cli.main(["run", "--method", "fp", "--bits", "4", "--tier", "ci"]) == 2
-    assert cli.main(["batch", "--tier", "ci", "--models", "smollm2-135m", "00_quickstart"]) == 2
+    assert "--method fp quantizes nothing" in cli_error(["run", "--method", "fp", "--bits", "4", "--tier", "ci"])
+    assert "put notebook names before --models" in cli_error(["batch", "--tier", "ci", "--models", "smollm2-135m",
+                                                             "00_quickstart"])
     with pytest.raises(ValueError, match="seed='a': an integer >= 0"):
         make_config("rtn", 4, tier="ci", seed="a")
     with pytest.raises(ValueError, match="is not a torch device"):
@@ -40,7 +46,7 @@ def test_bad_config_values_fail_early():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             make_config("rtn", 4, tier="ci", device="cuda")
-        assert cli.main(["run", "--bits", "4", "--tier", "ci", "--device", "cuda"]) == 2
+        assert "CUDA is not available here" in cli_error(["run", "--bits", "4", "--tier", "ci", "--device", "cuda"])
 
 
 def test_bit_widths_as_notebooks_and_papermill_pass_them():
@@ -280,6 +286,9 @@ def test_a_tier_file_with_a_base_and_set_overrides_enter_the_key(tmp_path):
     assert own.seq_len == 64 and own.options["epochs"] == 3 and own.key() != make_config("qaft", 4, "ci").key()
 
     derived = config_mod.derive_tier("ci", config_mod.parse_settings(["seq_len=64", "methods.qaft.epochs=3"]), tmp_path)
+    per_width = config_mod.derive_tier("ci", config_mod.parse_settings(["observer.4=mse"]), tmp_path)
+    assert make_config("rtn", 4, per_width).observer == "mse" and make_config("rtn", 3, per_width).observer == "mse"
+    assert make_config("rtn", 4, "ci").observer == "histogram"  # the width's own key, not a string '4' beside it
     assert derived == config_mod.derive_tier("ci", {"seq_len": 64, "methods": {"qaft": {"epochs": 3}}}, tmp_path)
     assert make_config("qaft", 4, derived).key() == own.key()  # the same settings, the same record
     with pytest.raises(ValueError, match="--set seq_lenn: not a setting of tier ci"):
@@ -294,6 +303,19 @@ def test_a_tier_file_with_a_base_and_set_overrides_enter_the_key(tmp_path):
     relative.parent.mkdir()
     relative.write_text("base: ../mine.yaml\nseed: 3\n")
     assert load_tier(str(relative))["seq_len"] == 64 and load_tier(str(relative))["seed"] == 3
+
+
+def test_a_users_tier_file_is_checked_with_the_file_and_the_fix_named(tmp_path):
+    broken, bare, short = tmp_path / "broken.yaml", tmp_path / "bare.yaml", tmp_path / "short.yaml"
+    broken.write_text("base: cpu\nseq_len: [64\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML"):
+        load_tier(str(broken))
+    bare.write_text("seq_len: 64\n")
+    with pytest.raises(ValueError, match=r"bare.yaml: a tier sets model, corpus, bits; missing model, corpus, bits\. "
+                                         r"Start from a shipped tier with `base: cpu`"):
+        load_tier(str(bare))
+    short.write_text("base: ci\nmethods:\n  blockwise:\n    lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as text
+    assert make_config("blockwise", 4, str(short)).options["lr"] == 1e-4
 
 
 def test_cli_set_runs_on_a_derived_tier(tmp_path, capsys):
@@ -312,22 +334,24 @@ def test_a_missing_extra_is_named():
     assert require("yaml", "core").safe_load("a: 1") == {"a": 1}
 
 
-def test_a_records_code_version_covers_the_code_and_its_own_tier_files_only(tmp_path):
-    """``runs.code_hash(tier)``: the compute sources and the tier's YAML chain (``base:``), so that editing
-    another tier's file (the ``ci`` tier, say) leaves the version of this tier's records as it was."""
-    mine, other = tmp_path / "mine.yaml", tmp_path / "other.yaml"
-    mine.write_text("base: cpu\nn_eval: 2\n")
-    other.write_text("base: ci\n")
-    assert config_mod.tier_files(str(mine)) == [mine.resolve(), config_mod.PARAMS_DIR / "cpu.yaml"]
-    assert config_mod.tier_files("ci") == [config_mod.PARAMS_DIR / "ci.yaml"]
+def test_a_records_code_version_covers_the_code_and_its_own_tier_settings_only(tmp_path):
+    """``runs.code_hash(tier)``: the compute sources and the tier's settings as ``load_tier`` reads them
+    (its ``base:`` chain merged), so that editing another tier's file (the ``ci`` tier, say) or a comment
+    leaves the version of this tier's records as it was, and a changed setting, here or in a base, does not."""
+    mine, other, base = tmp_path / "mine.yaml", tmp_path / "other.yaml", tmp_path / "base.yaml"
+    base.write_text("base: cpu\n")
+    mine.write_text("base: base.yaml\nn_eval: 2\n")
+    other.write_text("base: ci\nn_eval: 2\n")
     before = runs.code_hash(str(mine))
     assert len({before, runs.code_hash("cpu"), runs.code_hash("ci"), runs.code_hash(str(other))}) == 4
-    other.write_text("base: ci\nn_eval: 3\n")
-    runs.code_hash.cache_clear()
-    assert runs.code_hash(str(mine)) == before  # not in its chain
-    mine.write_text("base: cpu\nn_eval: 3\n")
-    runs.code_hash.cache_clear()
-    assert runs.code_hash(str(mine)) != before
-    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
-    with pytest.raises(ValueError, match="comes back"):
-        config_mod.tier_files(str(tmp_path / "loop.yaml"))
+    assert runs.code_hash(str(base)) == runs.code_hash("cpu")  # the same settings under another name
+
+    def version_after(path, text):
+        path.write_text(text)
+        runs.code_hash.cache_clear()
+        return runs.code_hash(str(mine))
+
+    assert version_after(other, "base: ci\nn_eval: 3\n") == before  # not in its chain
+    assert version_after(mine, "# a comment\nbase: base.yaml   # from cpu\nn_eval: 2\n") == before
+    assert version_after(base, "base: cpu\nseq_len: 64\n") != before  # a setting of its base
+    assert version_after(mine, "base: base.yaml\nn_eval: 3\n") != version_after(mine, "base: base.yaml\nn_eval: 2\n")

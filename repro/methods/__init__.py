@@ -10,13 +10,13 @@ A method is a plain function ``method(model, data, config) -> dict`` and must ke
   ``repro.models.restore``, which copies only those weights back: a method that folded scales
   into a norm would leak them into every later run.
 * ``data`` is a ``repro.data.Data`` (calibration, validation, test windows ``[n, seq_len]``),
-  ``config`` a ``repro.runs.RunConfig`` whose ``options`` the entry's ``check_options`` has
+  ``config`` a ``repro.config.RunConfig`` whose ``options`` the entry's ``check_options`` has
   already checked (the config is refused when it is made, before any model loads).
 * It returns a JSON-able dict of what it wants recorded (chosen dampings, training history ...).
   Evaluation is separate (``repro.evaluate``), so methods compose with user code.
 * With ``keeps_weights``, its quantized weights sit on the ``repro.quant`` grid when it returns,
-  with the scales ``repro.quant.prepare`` gave each linear (``[out, 1]`` per channel, ``[out, in /
-  group_size]`` per group, a scalar per tensor), which ``repro.store.save_weights`` stores as
+  with the scales ``repro.quant.prepare`` gave each linear (``[out, 1]`` per channel, ``[out, ceil(in /
+  group_size)]`` per group, a scalar per tensor), which ``repro.store.save_weights`` stores as
   integer codes.
 
 To add a method: write its module here and add one ``Method`` to ``METHODS`` (``docs/ARCHITECTURE.md``).

@@ -24,7 +24,7 @@ it, the targets. With overlapping windows (stride < m) the blocks a later window
 stay latent and are trained further there; ``finalised_by`` records the window that baked each.
 
 Options (``config.options``, defaults in ``DEFAULTS``; the paper's hyper-parameters are not
-public, so these defaults are this package's, chosen by the sweep in the README):
+public: ``DEFAULTS`` are generic starting values; the cpu tier's, from the sweep in the README, are in its YAML):
 
 * ``window`` (m), ``lookahead`` (l), ``stride`` (None: m)
 * ``steps`` - Adam steps per window (one calibration mini-batch of ``config.batch_size``
@@ -39,7 +39,7 @@ Memory (per window, on top of the loaded model, whose weights are the latent one
 gradients and the copy of its best state (2 x 4 bytes x window params), Adam's two moments (2 x),
 and what autograd saves for one mini-batch through the m + l blocks (activations and the
 fake-quantized weight copies); the three activation sets stay on CPU. Each window records these measured components
-(``memory_bytes``; the CUDA peak on a GPU), and ``repro.report.memory_table`` compares them.
+(``memory_bytes``; the CUDA peak on a GPU), and ``repro.studies.cross_block.memory_table`` compares them.
 """
 from __future__ import annotations
 

@@ -129,8 +129,9 @@ BLOCKWISE_SWEEP = [*({"window": 1, "steps": steps, "lr": lr, "mixed_precision": 
                      for steps, lr in ((32, 1e-4), (32, 3e-4), (32, 1e-3), (32, 3e-3), (16, 1e-3))),
                    {"window": 1}]
 # Block PTQ's learning rate at the tier's training precision, per model (Gemma 3: `repro run --method
-# blockwise --bits 4 --model gemma3-270m --option window=1 --option lr=LR`); lr 1e-3 is the default run.
-BLOCKWISE_LR = [{"window": 1, "lr": lr} for lr in (3e-5, 1e-4, 3e-4, 3e-3)]
+# blockwise --bits 4 --model gemma3-270m --option window=1 --option lr=LR`); the one at the tier's lr is
+# the tier's default run (the same record).
+BLOCKWISE_LR = [{"window": 1, "lr": lr} for lr in (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)]
 
 
 def blockwise_sweep_table(records) -> str:
@@ -169,12 +170,19 @@ def configs(tier: str = "cpu", model: str | None = None, bits=None, variants=Non
 NOTEBOOKS = (Notebook("04_cross_block", configs, section="cross_block"),)
 
 
+def _sweep_configs(tier: str, model: str, sweep) -> list:
+    """The block-wise int4 configs of ``sweep`` (option sets) and the tier's default run, each once (an
+    entry at the tier's own lr is that run)."""
+    configs = (make_config("blockwise", BLOCKWISE_SWEEP_BITS, tier, model=model, options=o)
+               for o in [*sweep, {"window": 1}])
+    return list({c.key(): c for c in configs}.values())
+
+
 def chosen_lr(tier: str, model: str, outputs) -> float | None:
     """Block PTQ's learning rate for ``model``, selected on validation: the lowest validation NLL among
     its int4 runs at the tier's lr and at ``BLOCKWISE_LR`` (the tier's training precision); None where
     none of them ran. A model whose only run is the tier's keeps the tier's lr."""
-    swept = read_records([make_config("blockwise", BLOCKWISE_SWEEP_BITS, tier, model=model, options=o)
-                          for o in [{"window": 1}, *BLOCKWISE_LR]], outputs)
+    swept = read_records(_sweep_configs(tier, model, BLOCKWISE_LR), outputs)
     best = min(swept, key=lambda r: r["nll_validation"], default=None)
     return None if best is None else best["config"]["options"]["lr"]
 
@@ -208,8 +216,7 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
     models = tier_models(tier, model, "cross_block")
     result = {}
     for m in models:
-        chosen = read_records([make_config("blockwise", BLOCKWISE_SWEEP_BITS, tier, model=m, options=o)
-                               for o in [*BLOCKWISE_SWEEP, *BLOCKWISE_LR]], outputs)
+        chosen = read_records(_sweep_configs(tier, m, [*BLOCKWISE_SWEEP, *BLOCKWISE_LR]), outputs)
         if len(chosen) > 1:  # the sweep, not only the tier's default run
             name = "blockwise-sweep" if m == models[0] else f"blockwise-sweep-{m}"
             result[name] = f"{blockwise_sweep_table(chosen)}\n\n{provenance(chosen, tier, command)}"

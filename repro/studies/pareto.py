@@ -97,8 +97,8 @@ def pareto_summary(records, metric: str = "nll_test") -> str:
              f"From small to large: {listed}."]
     gaps = defaultdict(dict)  # bits -> model -> (GPTQ - QAFT, its interval)
     for (model, bits), cell in cells.items():
-        if _gap(cell, metric) is not None:
-            gaps[bits][model] = _gap(cell, metric)
+        if (gap := _gap(cell, metric)) is not None:  # (one bootstrap per cell)
+            gaps[bits][model] = gap
     if gaps:
         lines.append(f"\n**GPTQ − QAFT {_split_label(metric)}** (positive: QAFT lower), mean over models "
                      f"(per model: with its paired bootstrap 95% interval over windows):")

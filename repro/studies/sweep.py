@@ -366,8 +366,8 @@ def first_epoch_summary(records) -> str:
     lines = []
     for b in sorted(set(table.get("qaft", {})) & set(table.get("gptq", {})), reverse=True):
         info = table["qaft"][b]["info"]
-        run = next(r for r in info["runs"] if r["lr"] == info["lr"])
-        after_one = next((h["nll_test"] for h in run["history"] if h["epoch"] == 1), None)
+        run = chosen_run(info)
+        after_one = next((h["nll_test"] for h in run["history"] if h["epoch"] == 1), None) if run else None
         if after_one is None:
             continue
         gptq = table["gptq"][b]["nll_test"]
