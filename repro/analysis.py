@@ -13,7 +13,7 @@ from repro.methods import QUANTIZERS, describe
 
 
 def by_method_bits(records):
-    """``{method: {bits: record}}`` for the quantized records (FP under ``None``)."""
+    """``{method: {bits: record}}`` of ``records`` (a reference, FP or FPFT, under ``bits`` None)."""
     table = defaultdict(dict)
     for r in records:
         table[r["config"]["method"]][r["config"]["bits"]] = r

@@ -57,8 +57,7 @@ def export(model, directory, format: str = "hf", *, grid: Grid | int | None = No
     fake-quant mode, or (compressed-tensors) a grid or layer that format cannot hold, a missing or
     misshapen scale, or a weight that is not ``scale * code`` on the grid.
     """
-    if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    _check_format(format)
     linears = models.stack_linears(model)
     prepared = [name for name, module in linears.items() if is_prepared(module)]
     if prepared:  # save_pretrained would write the latent FP weights under parametrization names
@@ -86,15 +85,17 @@ def export_run(config, directory, format: str = "hf", outputs=None) -> Path:
     scales the run produced."""
     from repro import runs
 
-    if format not in FORMATS:  # before any computation
-        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    _check_format(format)  # before any computation
     if config.grid is None:
         raise ValueError(f"method {config.method!r} quantizes nothing: export the model itself with "
                          f"save_pretrained, or choose a quantizing method")
     model, tokenizer, scales = runs.quantized_model(config, outputs)
-    if format == "compressed-tensors":
-        check_compressed_tensors(model, config.grid)
     return export(model, directory, format, grid=config.grid, scales=scales, tokenizer=tokenizer)
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
 
 
 def check_compressed_tensors(model, grid: Grid | int) -> None:

@@ -128,10 +128,8 @@ def observer_comparison(records):
 
 
 def _by_method_bits(records):
-    table = defaultdict(dict)
-    for r in _quantized(records):
-        table[r["config"]["method"]][r["config"]["bits"]] = r
-    return table
+    """``analysis.by_method_bits`` of the quantized records."""
+    return analysis.by_method_bits(_quantized(records))
 
 
 METRIC_LABELS = {"nll_test": "test NLL", "nll_validation": "validation NLL",

@@ -10,12 +10,12 @@ from collections import defaultdict
 from repro import plots
 from repro.analysis import (CONTROLS, blockwise_bits, growth_law, locality, median_layer_mse, method_label, sees,
                             spectrum_records, training_budget, window_times)
-from repro.config import load_tier, make_config
+from repro.config import bit_widths, load_tier, make_config
 from repro.methods import QUANTIZERS
 from repro.methods.blockwise import DEFAULTS
 from repro.report import DASH, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
 from repro.studies import Notebook, read_records, suffix, sweep, tier_models
-from repro.uncertainty import compare
+from repro.uncertainty import compare, direction
 
 def spectrum_table(records, bits: int, model: str | None = None, seconds: bool = True) -> str:
     """Markdown: the locality spectrum at ``bits``: per method, what its objective sees, test NLL,
@@ -58,11 +58,9 @@ def cross_block_summary(records) -> str:
                 if r["config"]["method"] in ("blockwise", "qaft") and name != "block PTQ":
                     d, iv = r["nll_test"] - base["nll_test"], compare(r, base)
                     better, worse = ("helps", "hurts") if r["config"]["method"] == "blockwise" else ("lower", "higher")
-                    if iv is None:  # records without per-window NLL: the 1% rule
-                        verdict = better if d < -0.01 * base["nll_test"] else worse if d > 0.01 * base["nll_test"] \
-                            else "no effect (within 1%)"
-                    else:
-                        verdict = better if iv.high < 0 else worse if iv.low > 0 else "not distinguishable"
+                    side = direction(iv, d, 0.01 * base["nll_test"])  # without per-window NLL: the 1% rule
+                    verdict = better if side < 0 else worse if side > 0 else \
+                        "not distinguishable" if iv is not None else "no effect (within 1%)"
                     interval = "" if iv is None else f" [{iv.low:+.3f}, {iv.high:+.3f}]"
                     parts.append(f"{name} {r['nll_test']:.3f} (Δ {d:+.3f}{interval}: {verdict})")
             lines.append(f"- {model} int{bits}: block PTQ {base['nll_test']:.3f}; " + "; ".join(parts) + ".")
@@ -160,8 +158,7 @@ def configs(tier: str = "cpu", model: str | None = None, bits=None, variants=Non
     model = model or params["model"]
     section = {**params.get("cross_block", {}),
                **(params.get("model_settings") or {}).get(model, {}).get("cross_block", {})}
-    bits = section["bits"] if bits is None else bits
-    bits = [bits] if isinstance(bits, int) else list(bits)
+    bits = bit_widths(bits, section["bits"])
     variants = section["variants"] if variants is None else variants
     return [*sweep.configs(tier, model, bits, ("fp", *QUANTIZERS)),
             *(make_config("blockwise", b, tier, options=dict(v), model=model) for b in bits for v in variants)]

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from repro import plots
 from repro.analysis import grid_names, grid_of, locality, method_label
-from repro.config import load_tier, make_config
+from repro.config import bit_widths, load_tier, make_config
 from repro.methods import QUANTIZERS
 from repro.report import DASH, markdown_table, nll_cell, provenance
 from repro.studies import Notebook, landscape, read_records, suffix, tier_models
@@ -23,8 +23,7 @@ def configs(tier: str = "cpu", model: str | None = None, bits=None, granularitie
     params = load_tier(tier)
     section = params.get("granularity_study") or {}
     model = model or params["model"]
-    bits = section.get("bits", params["bits"]) if bits is None else bits
-    bits = [bits] if isinstance(bits, int) else list(bits)
+    bits = bit_widths(bits, section.get("bits", params["bits"]))
     granularities = section.get("granularities", ["channel", "group"]) if granularities is None else granularities
     spectrum = section.get("locality") or {}
 

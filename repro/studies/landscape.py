@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from repro import evaluate, models, plots, runs, store
-from repro.config import SHARED_VERSIONS, RunConfig, load_tier, make_config
+from repro.config import SHARED_VERSIONS, RunConfig, bit_widths, load_tier, make_config
 from repro.methods import QUANTIZERS
 from repro.progress import progress
 from repro.quant import quantize
@@ -145,8 +145,7 @@ def landscape(model: str | None = None, bits=None, tier: str = "cpu", outputs: P
     this process takes, so several processes share the points, and return ``None``.
     """
     opts = settings(tier, **overrides)
-    bits = opts["bits"] if bits is None else bits
-    bits = [bits] if isinstance(bits, int) else list(bits)
+    bits = bit_widths(bits, opts["bits"])
     base = make_config("fp", None, tier, model=model, corpus=corpus)
     for key, available in (("n_train", base.n_calibration), ("n_validation", base.n_eval)):
         if available is not None and opts[key] > available:

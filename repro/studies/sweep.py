@@ -16,7 +16,7 @@ from repro.methods import MAIN, QUANTIZERS
 from repro.quant import OBSERVERS
 from repro.report import DASH, MSE_READINGS, bold_min, g_cell, markdown_table, nll_cell, provenance, seconds_cell
 from repro.studies import Notebook, NoRecordsError, read_records, seeds, suffix, tier_models
-from repro.uncertainty import compare, compare_gaps, compare_layers, interval_cell, verdict
+from repro.uncertainty import compare, compare_gaps, compare_layers, direction, interval_cell, verdict
 
 
 def configs(tier: str, model: str | None = None, bits=None, methods=MAIN, **overrides) -> list:
@@ -282,9 +282,8 @@ def damping_scoring_table(records) -> str:
 def _winner(interval, a: str, b: str, a_lower: bool) -> str | None:
     """``a`` or ``b``, whichever is lower: by the interval of A − B when there is one (None when it
     holds 0), else by the plain values (``a_lower``; records without per-window or per-layer data)."""
-    if interval is None:
-        return a if a_lower else b
-    return (a if interval.high < 0 else b) if interval.excludes_zero() else None
+    side = direction(interval, -1 if a_lower else 1)
+    return None if side == 0 else a if side < 0 else b
 
 
 def misalignment_summary(records, local: str = "gptq", global_: str = "qaft") -> str:
