@@ -45,14 +45,16 @@ def code_hash(tier: str | None) -> str:
     code and settings that produced a record of that tier (recorded in it; not part of its key, see
     ``SHARED_VERSIONS``). Only the record's own tier counts, so that trimming the ``ci`` tier, which
     `make test` computes, leaves the version of ``cpu`` and ``paper`` records, which the README reports,
-    as it was; and only the parsed settings count, so that rewording a comment in a tier's YAML does not."""
+    as it was; and only the parsed settings count, so that rewording a comment (or a ``paper_deviations``
+    reason) in a tier's YAML does not."""
     digest = hashlib.sha256()
     root = Path(__file__).parent
     for path in sorted(p for pattern in COMPUTE_SOURCES for p in root.glob(pattern)):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     if tier:
-        digest.update(json.dumps(load_tier(tier), sort_keys=True, default=str).encode())
+        settings = {k: v for k, v in load_tier(tier).items() if k != "paper_deviations"}  # (prose: README table)
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:12]
 
 

@@ -42,4 +42,6 @@ def main(a: Path, b: Path) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3 or not all(Path(d, "records").is_dir() for d in sys.argv[1:]):
+        sys.exit("usage: python scripts/compare_records.py A B  (two results directories, each with records/)")
     sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2])))

@@ -353,5 +353,6 @@ def test_a_records_code_version_covers_the_code_and_its_own_tier_settings_only(t
 
     assert version_after(other, "base: ci\nn_eval: 3\n") == before  # not in its chain
     assert version_after(mine, "# a comment\nbase: base.yaml   # from cpu\nn_eval: 2\n") == before
+    assert version_after(mine, "base: base.yaml\nn_eval: 2\npaper_deviations: {n_eval: why}\n") == before
     assert version_after(base, "base: cpu\nseq_len: 64\n") != before  # a setting of its base
     assert version_after(mine, "base: base.yaml\nn_eval: 3\n") != version_after(mine, "base: base.yaml\nn_eval: 2\n")
