@@ -105,6 +105,33 @@ def test_profiles_average_out_the_gradient_and_rtn_is_compared_at_its_distance()
     assert landscape.segment_barriers(rising, 4)[0]["barrier"] == 0.0
 
 
+def test_more_directions_get_their_own_basin_section_when_cached(monkeypatch, tmp_path):
+    """``basin_directions``: R(w) over more directions than every landscape sweeps, a section of its own
+    (``basin-MODEL``) once those points are cached, beside the main one (``landscape-MODEL``)."""
+    bowl = lambda x: 4 * x ** 2 / (x ** 2 + 9)  # noqa: E731
+    two = fake_result(bowl, {4: (3.0, 5.5)}, {0.5: 4.0})
+    two.update(bits=[4], settings={"tau": 0.1, "directions": 2, "basin_directions": 3})
+    three = {**two, "settings": {**two["settings"], "directions": 3},
+             "points": two["points"] + [{**p, "spec": {**p["spec"], "seed": 2}} for p in two["points"]
+                                        if p["spec"]["kind"] == "radial" and p["spec"]["seed"] == 0]}
+    asked = []
+
+    def cached_landscape(model, bits, tier, outputs, cached_only, corpus=None, directions=None):
+        asked.append(directions)
+        return three if directions == 3 and found_three else None
+
+    monkeypatch.setattr(landscape, "cached", lambda tier, outputs: {"m": two})
+    monkeypatch.setattr(landscape, "landscape", cached_landscape)
+    found_three = False
+    assert set(landscape.sections("ci", tmp_path)) == {"landscape-m"} and asked == [3]
+    found_three = True
+    found = landscape.sections("ci", tmp_path, command="repro report")
+    assert "Basin radius over 3 directions" in found["basin-m"] and "3 of 3" in found["basin-m"]
+    assert "2 of 2" in found["landscape-m"] and "Generated from" in found["basin-m"]
+    two["settings"]["basin_directions"] = 2  # no more than every landscape sweeps: nothing to add
+    assert landscape.more_directions(two, tmp_path) is None
+
+
 def test_spearman_on_known_orders():
     assert landscape.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert landscape.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -115,6 +142,8 @@ def test_spearman_on_known_orders():
 def test_bad_landscape_settings_fail_early():
     with pytest.raises(ValueError, match="directions"):
         landscape.settings("ci", directions=0)
+    with pytest.raises(ValueError, match="basin_directions=True: an integer >= 1, or null"):
+        landscape.settings("ci", basin_directions=True)
     with pytest.raises(ValueError, match="alphas"):
         landscape.settings("ci", alphas=[0.5, 1.0])
     with pytest.raises(ValueError, match="radii"):

@@ -38,14 +38,14 @@ from repro import evaluate, models, plots, runs, store
 from repro.config import SHARED_VERSIONS, RunConfig, bit_widths, load_tier, make_config
 from repro.methods import QUANTIZERS
 from repro.progress import progress
-from repro.quant import quantize
+from repro.quant import is_int, quantize
 from repro.report import DASH, markdown_table, nll_cell
 from repro.studies import Notebook, suffix, sweep, tier_models
 
 VERSION = 1  # bump when what a point's record holds changes
 DEFAULTS = {"bits": [4], "directions": 2, "radii": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.4, 0.7, 1.0, 2.0, 3.0],
             "alphas": [0.25, 0.5, 0.75], "n_train": 8, "n_validation": 8, "methods": list(QUANTIZERS),
-            "tau": 0.1}
+            "tau": 0.1, "basin_directions": None}
 SPLITS = ("train", "validation")
 
 
@@ -59,12 +59,16 @@ def settings(tier: str = "cpu", **overrides) -> dict:
     """The landscape settings: ``DEFAULTS``, the tier's ``landscape`` section, then ``overrides``
     (``None`` values ignored): ``directions`` (random seeds, each swept at +e and -e), ``radii``
     (``lam / ||w||``), ``alphas`` (interior points of a segment), ``n_train``/``n_validation``
-    (sequences per point), ``methods``, ``bits`` (widths with segments), ``tau`` (nats, for R_tau)."""
+    (sequences per point), ``methods``, ``bits`` (widths with segments), ``tau`` (nats, for R_tau),
+    ``basin_directions`` (on request: R(w) over this many directions where their points are cached, a
+    section of its own; None: none)."""
     section = load_tier(tier).get("landscape") or {}
     out = {**DEFAULTS, **{k: v for k, v in section.items() if k != "models"},
            **{k: v for k, v in overrides.items() if v is not None}}
-    if not (isinstance(out["directions"], int) and out["directions"] >= 1):
+    if not (is_int(out["directions"]) and out["directions"] >= 1):
         raise ValueError(f"directions={out['directions']!r}: an integer >= 1")
+    if out["basin_directions"] is not None and not (is_int(out["basin_directions"]) and out["basin_directions"] >= 1):
+        raise ValueError(f"basin_directions={out['basin_directions']!r}: an integer >= 1, or null")
     if not out["radii"] or not all(r > 0 for r in out["radii"]):
         raise ValueError(f"radii={out['radii']!r}: one or more values > 0 (lambda / ||w||)")
     if not all(0 < a < 1 for a in out["alphas"]):
@@ -531,10 +535,26 @@ def cached(tier: str, outputs) -> dict:
     return {m: result for m, result in found.items() if result is not None}
 
 
+def more_directions(found: dict, outputs) -> dict | None:
+    """``found`` (a cached landscape) over its settings' ``basin_directions``, when every point of that
+    sweep is cached (computed on request: `repro batch --tier TIER --set landscape.directions=N
+    03_landscape`), else None."""
+    n = found["settings"].get("basin_directions")
+    return None if not n or n <= found["settings"]["directions"] else landscape(found["model"], found["bits"], found["tier"], outputs, cached_only=True,
+                                        corpus=found.get("corpus"), directions=n)
+
+
+def _provenance(found: dict, command: str) -> str:
+    codes = ", ".join(sorted({p.get("code", "unknown") for p in found["points"]}))
+    return (f"*Generated from {len(found['points'])} cached landscape points by `{command}`: tier {found['tier']}, "
+            f"model {found['model']}, code {codes}.*")
+
+
 def sections(tier: str, outputs, model: str | None = None, command: str = "") -> dict:
     """``landscape-MODEL`` per model of the tier's ``landscape`` section whose points are all cached:
     the segments' barriers per width, the basin radius, its test against the misalignment, RTN
-    against a random step of the same length."""
+    against a random step of the same length; ``basin-MODEL``: the basin radius and its test over the
+    tier's ``basin_directions``, where those points are cached (``more_directions``)."""
     result = {}
     for m, found in cached(tier, outputs).items():
         analysis = misalignment_vs_radius([found], outputs, compute=False)
@@ -542,8 +562,12 @@ def sections(tier: str, outputs, model: str | None = None, command: str = "") ->
             [f"int{b} segments:\n\n{barrier_table(found, b)}" for b in found["bits"]]
             + [f"Basin radius:\n\n{basin_table(found)}", radius_summary(analysis),
                f"RTN against a random step of the same length:\n\n{rtn_vs_random_table(found)}",
-               f"*Generated from {len(found['points'])} cached landscape points by `{command}`: tier {tier}, "
-               f"model {m}, code {', '.join(sorted({p.get('code', 'unknown') for p in found['points']}))}.*"])
+               _provenance(found, command)])
+        more = more_directions(found, outputs)
+        if more is not None:
+            result[f"basin-{m}"] = "\n\n".join(
+                [f"Basin radius over {more['settings']['directions']} directions:\n\n{basin_table(more)}",
+                 radius_summary(misalignment_vs_radius([more], outputs, compute=False)), _provenance(more, command)])
     return result
 
 
@@ -556,6 +580,9 @@ def figures(tier: str, outputs, model: str | None = None) -> dict:
         drawn.update({f"landscape_int{b}{end}": (lambda found=found, b=b: plots.landscape(found, b))
                       for b in found["bits"]})
         drawn[f"basin{end}"] = lambda found=found: plots.basin_fits(found)
+        more = more_directions(found, outputs)
+        if more is not None:
+            drawn[f"basin_directions{more['settings']['directions']}{end}"] = lambda more=more: plots.basin_fits(more)
         analysis = misalignment_vs_radius([found], outputs, compute=False)
         if analysis["rows"]:
             drawn[f"eta_vs_rho{end}"] = lambda analysis=analysis: plots.eta_vs_rho(analysis)
