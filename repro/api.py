@@ -6,8 +6,8 @@ are stated in ``quantize``'s docstring, and nothing is cached or recorded.
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
+from contextlib import nullcontext
 
 import torch
 
@@ -61,34 +61,26 @@ def quantize(model, tokenizer=None, method: str = "gptq", bits: int = 4, granula
     Returns what the method records (per-layer dampings, training history ...). Evaluate with
     ``repro.evaluate.nll(model, windows)``; keep with ``repro.export.export``.
     """
-    scratch = None
-    if method in ("qaft", "fpft") and "checkpoint_dir" not in options:
-        # the default resume directory is keyed by the config, which does not know your model; a fresh
-        # one, removed when the call returns (its state can only resume this call)
-        scratch = options["checkpoint_dir"] = tempfile.mkdtemp(prefix=f"repro-{method}-")
-    try:
-        return _quantize(model, tokenizer, method, bits, granularity, group_size, observer, calibration,
-                         seq_len, n_calibration, batch_size, seed, options)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _quantize(model, tokenizer, method, bits, granularity, group_size, observer, calibration, seq_len,
-              n_calibration, batch_size, seed, options) -> dict:
-    config = RunConfig(method=method, bits=bits if METHODS.get(method) is None or METHODS[method].quantizes else None,
-                       model=getattr(getattr(model, "config", None), "_name_or_path", "") or "user",
-                       observer=observer, granularity=granularity, group_size=group_size,
-                       seq_len=seq_len, n_calibration=n_calibration, batch_size=batch_size, seed=seed, options=options)
-    if calibration is None:
-        if method not in ("rtn", "fp"):
-            raise ValueError(f"method {method!r} calibrates on data: pass calibration= (text or a repro.data.Data)")
-        windows = torch.zeros(1, 2, dtype=torch.long)  # RTN reads no data
-        calibration = data_mod.Data(windows, windows, windows, "user", 2)
-    elif not isinstance(calibration, data_mod.Data):
-        if tokenizer is None:
-            raise ValueError("calibration text needs the model's tokenizer: quantize(model, tokenizer, ...)")
-        calibration = calibration_data(tokenizer, calibration, seq_len, n_calibration, seed=seed)
-    models.stack_linears(model)  # a model without a known block list fails here, with the names looked for
-    torch.manual_seed(seed)
-    return METHODS[method].run(model, calibration, config)
+    own_dir = method in ("qaft", "fpft") and "checkpoint_dir" not in options
+    # the default resume directory is keyed by the config, which does not know your model: a fresh one,
+    # removed when the call returns (its state can only resume this call)
+    with (tempfile.TemporaryDirectory(prefix=f"repro-{method}-", ignore_cleanup_errors=True) if own_dir
+          else nullcontext()) as scratch:
+        if own_dir:
+            options["checkpoint_dir"] = scratch
+        config = RunConfig(method=method, bits=bits if METHODS.get(method) is None or METHODS[method].quantizes else None,
+                           model=getattr(getattr(model, "config", None), "_name_or_path", "") or "user",
+                           observer=observer, granularity=granularity, group_size=group_size, seq_len=seq_len,
+                           n_calibration=n_calibration, batch_size=batch_size, seed=seed, options=options)
+        if calibration is None:
+            if method not in ("rtn", "fp"):
+                raise ValueError(f"method {method!r} calibrates on data: pass calibration= (text or a repro.data.Data)")
+            windows = torch.zeros(1, 2, dtype=torch.long)  # RTN reads no data
+            calibration = data_mod.Data(windows, windows, windows, "user", 2)
+        elif not isinstance(calibration, data_mod.Data):
+            if tokenizer is None:
+                raise ValueError("calibration text needs the model's tokenizer: quantize(model, tokenizer, ...)")
+            calibration = calibration_data(tokenizer, calibration, seq_len, n_calibration, seed=seed)
+        models.stack_linears(model)  # a model without a known block list fails here, with the names looked for
+        torch.manual_seed(seed)
+        return METHODS[method].run(model, calibration, config)

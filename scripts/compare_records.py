@@ -2,8 +2,8 @@
 
 For every run record (``records/<method>/*.json``) present in both, compares everything but what a
 recomputation may change without changing a result (``repro.store.comparable``): wall-clock times, the
-code version and the machine's name. Prints one line per record, ``same`` or the first differing path, and exits 1 when any differs (0 when all of at
-least one shared record agree). Use it to show that a new code version reproduces an older one's records:
+code version and the machine's name. Prints one line per record, ``same`` or the first differing path,
+and exits 1 when any differs (0 when all of at least one shared record agree). Use it to show that a new code version reproduces an older one's records:
 compute a few of them again into an empty directory (``repro run --outputs NEW ...``), then compare.
 """
 from __future__ import annotations

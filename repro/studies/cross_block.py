@@ -119,13 +119,13 @@ QAFT_CONTROLS = [sets for method, sets, _ in CONTROLS if method == "qaft"]
 
 
 # The sweep that chose the cpu tier's block-wise defaults (block PTQ, SmolLM2, int4): each entry is
-# `repro run --method blockwise --bits 4 --option KEY=VALUE ...`; the last is the tier's default.
+# `repro run --method blockwise --bits 4 --option KEY=VALUE ...` in fp32, beside the tier's default run
+# (``_sweep_configs`` adds it).
 BLOCKWISE_SWEEP_BITS = 4
 
 
-BLOCKWISE_SWEEP = [*({"window": 1, "steps": steps, "lr": lr, "mixed_precision": "no"}
-                     for steps, lr in ((32, 1e-4), (32, 3e-4), (32, 1e-3), (32, 3e-3), (16, 1e-3))),
-                   {"window": 1}]
+BLOCKWISE_SWEEP = [{"window": 1, "steps": steps, "lr": lr, "mixed_precision": "no"}
+                   for steps, lr in ((32, 1e-4), (32, 3e-4), (32, 1e-3), (32, 3e-3), (16, 1e-3))]
 # Block PTQ's learning rate at the tier's training precision, per model (Gemma 3: `repro run --method
 # blockwise --bits 4 --model gemma3-270m --option window=1 --option lr=LR`); the one at the tier's lr is
 # the tier's default run (the same record).

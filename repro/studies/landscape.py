@@ -540,8 +540,10 @@ def more_directions(found: dict, outputs) -> dict | None:
     sweep is cached (computed on request: `repro batch --tier TIER --set landscape.directions=N
     03_landscape`), else None."""
     n = found["settings"].get("basin_directions")
-    return None if not n or n <= found["settings"]["directions"] else landscape(found["model"], found["bits"], found["tier"], outputs, cached_only=True,
-                                        corpus=found.get("corpus"), directions=n)
+    if not n or n <= found["settings"]["directions"]:
+        return None
+    return landscape(found["model"], found["bits"], found["tier"], outputs, cached_only=True,
+                     corpus=found.get("corpus"), directions=n)
 
 
 def _provenance(found: dict, command: str) -> str:
